@@ -1,0 +1,20 @@
+"""Canopy height from RGB imagery: the height model, prediction, outputs and evaluation."""
+
+__version__ = "0.1.0"
+
+from canopy.errors import CanopyError  # noqa: E402
+
+
+def load_model(path_or_name, device="cpu"):
+    """Load a height model from a checkpoint path or a registered name.
+
+    Accepts HighResCanopyHeight v1 checkpoints (``SSLhuge_satellite.pth``, ``compressed_*.pth``),
+    the project's native folder/``.safetensors`` format, or a variant name such as ``tiny``
+    (random weights, for plumbing only). Returns a :class:`canopy.model.HeightModel`.
+    """
+    from canopy.model.checkpoints import load_model as _load
+
+    return _load(path_or_name, device=device)
+
+
+__all__ = ["CanopyError", "load_model", "__version__"]

@@ -1,0 +1,8 @@
+"""Errors a user can cause in the catalog layer: one line, naming the file or parameter.
+
+The ``canopy`` CLI catches :class:`CatalogError` and exits non-zero with its message.
+"""
+
+
+class CatalogError(Exception):
+    """A problem with catalog input (wrong kind of file, missing CRS, newer schema...)."""
