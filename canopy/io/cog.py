@@ -31,13 +31,15 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; make sure its folder exists."""
+def check_output_path(path: str | os.PathLike, overwrite: bool, create: bool = True) -> Path:
+    """Refuse an existing output unless ``overwrite``; make sure its folder exists (``create``)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"output '{path}' already exists (use --overwrite to replace it)")
     if path.exists() and path.is_dir():
         raise OutputError(f"output '{path}' is a folder, expected a file name ending in .tif")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output '{path}' already exists (use --overwrite to replace it)")
+    if not create:
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -1,0 +1,105 @@
+"""The ``canopy`` command line: a thin Typer app; every command calls a library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from canopy.errors import CanopyError, NoDefaultModelError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Canopy height maps from RGB imagery (ViT + DPT, HighResCanopyHeight-compatible).",
+)
+
+SAMPLE_SCENE = Path(__file__).resolve().parent / "data" / "sample_osbs_029.tif"
+
+
+@app.command()
+def predict(
+    input: Path = typer.Argument(..., help="RGB raster readable by GDAL (GeoTIFF, COG, VRT)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output COG path (.tif)."),
+    checkpoint: str = typer.Option(
+        "default", "--checkpoint", "-c",
+        help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
+             "or a random-weight variant name (micro, hrch_v1_large_random) for plumbing tests."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (bf16 autocast also works on CPU)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Model tiles per forward pass."),
+    dtype: str = typer.Option("float32", help="float32 (metres, NaN nodata) or uint8 (whole metres, nodata 255)."),
+    uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    bands: Optional[str] = typer.Option(None, help="Bands to use as R,G,B, e.g. 1,2,3 for an RGBN image."),
+    crs: Optional[str] = typer.Option(None, help="CRS for a raster without one, e.g. EPSG:32617."),
+    scale: Optional[Tuple[float, float]] = typer.Option(None, help="MIN MAX: map non-uint8 data linearly to 0..255."),
+    stride: Optional[int] = typer.Option(None, help="Model-tile stride in pixels (default: tile size × 3/4)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Predict canopy height for one raster and write a Cloud Optimized GeoTIFF (+ QGIS .qml)."""
+    from canopy.io.cog import check_output_path
+    from canopy.io.imagery import open_raster
+    from canopy.model.checkpoints import load_model
+    from canopy.predict.raster import PredictOptions, predict_raster, resolve_device
+
+    # cheap checks first: a big checkpoint takes a while to load
+    open_raster(input).close()
+    check_output_path(output, overwrite, create=False)
+    dev = resolve_device(device)
+    if precision not in ("fp32", "bf16"):
+        raise CanopyError(f"--precision must be fp32 or bf16, got '{precision}'")
+    model = load_model(checkpoint, device=dev)
+    if not model.cfg.trained:
+        typer.echo(f"warning: '{checkpoint}' has random weights; its output is not canopy height",
+                   err=True)
+    opts = PredictOptions(device=device, precision=precision, batch_size=batch_size, dtype=dtype,
+                          uncertainty=uncertainty, overwrite=overwrite, bands=bands, crs=crs,
+                          scale=scale, stride=stride, progress=not quiet)
+    out = predict_raster(input, output, model, opts)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Output folder."),
+    checkpoint: str = typer.Option("default", "--checkpoint", "-c", help="Model to run (default: the bundled trained model)."),
+):
+    """Run the main job on the bundled real sample scene (NEON OSBS, Florida, 0.1 m RGB)."""
+    from canopy.model.checkpoints import load_model
+    from canopy.predict.raster import PredictOptions, predict_raster
+
+    typer.echo(f"sample scene: {SAMPLE_SCENE.name} (NEON AOP RGB, OSBS Florida, CC0)")
+    try:
+        model = load_model(checkpoint)
+    except NoDefaultModelError:
+        typer.echo(
+            "No trained default model is bundled yet, so the demo has no canopy heights to show.\n"
+            "Run it with released weights instead:\n"
+            "  canopy demo --checkpoint /path/to/SSLhuge_satellite.pth\n"
+            "(HighResCanopyHeight v1 checkpoints: s3://dataforgood-fb-data/forests/v1/models/)"
+        )
+        return
+    out = output / "sample_chm.tif"
+    predict_raster(SAMPLE_SCENE, out, model, PredictOptions(overwrite=True, uncertainty=True))
+    typer.echo(f"wrote {out} (and {out.with_suffix('.qml').name}); open it in QGIS")
+
+
+def main() -> None:
+    try:
+        from data_catalog.errors import CatalogError
+    except ImportError:  # pragma: no cover - the package ships both
+        CatalogError = CanopyError
+    try:
+        app()
+    except (CanopyError, CatalogError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

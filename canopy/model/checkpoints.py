@@ -1,0 +1,248 @@
+"""One place that maps checkpoint files to a :class:`HeightModel` (timm's ``checkpoint_filter_fn`` idea).
+
+Formats:
+
+* **HRCH v1 float** (``SSLhuge_satellite.pth``): ``{'state_dict': {backbone.*, decode_head.*}}``,
+  loaded strictly.
+* **HRCH v1 compressed** (``compressed_SSLlarge.pth``, ``compressed_SSLhuge*.pth``): a state dict
+  of a ``quantize_dynamic`` model: every ``nn.Linear`` is stored as packed int8 params
+  (``…_packed_params._packed_params`` = (qweight, bias), plus ``scale``/``zero_point``). We
+  dequantise those to float ``weight``/``bias`` so the model also runs on GPU and in bf16.
+* **native**: a folder with ``model.safetensors`` + ``config.json`` (+ ``MODEL_CARD.md``), or a
+  single ``.safetensors`` whose metadata holds the config.
+
+The architecture is read from the tensors' shapes, never from the file name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from canopy.errors import CheckpointError, NoDefaultModelError
+from canopy.model.config import HeightModelConfig, hrch_config, micro_config
+from canopy.model.dpt import DPTConfig
+from canopy.model.height_model import HeightModel
+from ssl_backbone.vit import ViTConfig, default_out_indices
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_MODEL_DIR = WEIGHTS_DIR / "default"
+
+# Random-weight variants, for plumbing and speed tests only (config.trained is False).
+RANDOM_VARIANTS = {
+    "micro": micro_config,
+    "hrch_v1_large_random": lambda: _untrained(hrch_config("large")),
+    "hrch_v1_huge_random": lambda: _untrained(hrch_config("huge")),
+}
+
+
+def _untrained(cfg: HeightModelConfig) -> HeightModelConfig:
+    cfg.trained = False
+    cfg.name += "_random"
+    return cfg
+
+
+def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# state-dict filters
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    """Drop wrappers some tools add around the HRCH keys (Lightning's ``chm_module_.``, DDP's ``module.``)."""
+    for prefix in ("chm_module_.", "module.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def dequantize_state_dict(sd: dict) -> dict:
+    """Turn dynamic-int8 Linear entries into float ``weight``/``bias``; leave everything else."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("._packed_params._packed_params"):
+            base = key[: -len("._packed_params._packed_params")]
+            weight, bias = value[0], value[1]
+            out[f"{base}.weight"] = weight.dequantize() if weight.is_quantized else weight.float()
+            if bias is not None:
+                out[f"{base}.bias"] = bias.float()
+        elif key.endswith("._packed_params.dtype") or re.search(r"\.(scale|zero_point)$", key):
+            continue  # quantisation bookkeeping of a packed Linear: no float counterpart
+        elif isinstance(value, torch.Tensor) and value.is_quantized:
+            out[key] = value.dequantize()
+        else:
+            out[key] = value
+    return out
+
+
+def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
+    """Build the architecture from tensor shapes (HRCH layout)."""
+    try:
+        cls = sd["backbone.cls_token"]
+        pos = sd["backbone.pos_embed"]
+        patch = sd["backbone.patch_embed.proj.weight"]
+        heads_w = sd["decode_head.conv_depth.head.4.weight"]
+        hidden_w = sd["decode_head.conv_depth.head.2.weight"]
+        fusion_w = sd["decode_head.project.conv.weight"]
+        post = tuple(int(sd[f"decode_head.reassemble_blocks.projects.{i}.conv.weight"].shape[0])
+                     for i in range(4))
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{source or 'checkpoint'}: not a canopy height model (missing key {exc.args[0]}); "
+            "expected backbone.* and decode_head.* entries"
+        ) from None
+    embed_dim = int(cls.shape[-1])
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    mlp_hidden = int(sd["backbone.blocks.0.mlp.fc1.weight"].shape[0])
+    backbone = ViTConfig(
+        embed_dim=embed_dim, depth=depth, num_heads=max(1, embed_dim // 64),
+        patch_size=int(patch.shape[-1]), pos_grid=grid, mlp_ratio=mlp_hidden / embed_dim,
+        qkv_bias="backbone.blocks.0.attn.qkv.bias" in sd,
+        layerscale_init=1.0 if "backbone.blocks.0.ls1.gamma" in sd else None,
+        out_indices=default_out_indices(depth),
+    )
+    decoder = DPTConfig(
+        post_process_channels=post, channels=int(fusion_w.shape[0]),
+        head_hidden=int(hidden_w.shape[0]), n_bins=int(heads_w.shape[0]),
+    )
+    size = {1024: "large", 1280: "huge"}.get(embed_dim)
+    name = f"hrch_v1_{size}" if size and depth in (24, 32) else f"vit{embed_dim}x{depth}_dpt"
+    return HeightModelConfig(name=name, version="1", backbone=backbone, decoder=decoder,
+                             source=source)
+
+
+def load_state_dict_strict(model: HeightModel, sd: dict, source: str) -> None:
+    """Strict load with one readable error listing missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"mismatched shapes: {show(mismatched)}")
+        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(parts))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def _read_torch_checkpoint(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-torch files
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: no state dict inside")
+    return _strip_prefixes(obj)
+
+
+def load_hrch_checkpoint(path: Path, device="cpu") -> HeightModel:
+    sd = _read_torch_checkpoint(path)
+    compressed = any("_packed_params" in k for k in sd)
+    if compressed:
+        sd = dequantize_state_dict(sd)
+    cfg = infer_config(sd, source=path.name)
+    cfg.source = f"{path.name} ({'dynamic-int8, dequantised' if compressed else 'float'})"
+    model = HeightModel(cfg)
+    load_state_dict_strict(model, sd, str(path))
+    return model.to(device).eval()
+
+
+def _native_paths(path: Path) -> tuple[Path, Path | None]:
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            raise CheckpointError(f"{path}: folder holds no model.safetensors")
+        return weights, path / "config.json"
+    sibling = path.with_suffix(".json")
+    return path, sibling if sibling.exists() else None
+
+
+def load_native(path: Path, device="cpu") -> HeightModel:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights, config_path = _native_paths(path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(weights))
+    except Exception as exc:
+        raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
+    if config_path is not None and config_path.exists():
+        cfg_dict = json.loads(config_path.read_text())
+    elif "config" in meta:
+        cfg_dict = json.loads(meta["config"])
+    else:
+        raise CheckpointError(f"{weights}: no config.json beside it and none in its metadata")
+    try:
+        cfg = HeightModelConfig.from_dict(cfg_dict)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path or weights}: {exc}") from None
+    model = HeightModel(cfg)
+    load_state_dict_strict(model, sd, str(weights))
+    return model.to(device).eval()
+
+
+def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str | None = None) -> Path:
+    """Write ``model.safetensors`` (config also in its metadata) + ``config.json`` (+ card)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_json = model.cfg.to_json()
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / ".model.safetensors.partial"
+    save_file(sd, str(tmp), metadata={"config": cfg_json, "format": "canopy-height"})
+    (out / "config.json").write_text(cfg_json + "\n")
+    if model_card:
+        (out / "MODEL_CARD.md").write_text(model_card)
+    os.replace(tmp, out / "model.safetensors")
+    return out
+
+
+def load_model(path_or_name, device="cpu") -> HeightModel:
+    """Checkpoint path (HRCH .pth, native folder or .safetensors) or a registered name."""
+    if isinstance(path_or_name, str) and path_or_name in RANDOM_VARIANTS:
+        torch.manual_seed(0)  # random variants are reproducible plumbing, nothing more
+        return HeightModel(RANDOM_VARIANTS[path_or_name]()).to(device).eval()
+    if path_or_name in (None, "default"):
+        if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+            return load_native(DEFAULT_MODEL_DIR, device)
+        raise NoDefaultModelError(
+            "no trained default model is bundled yet; pass --checkpoint PATH "
+            "(e.g. the HighResCanopyHeight v1 SSLhuge_satellite.pth or compressed_SSLlarge.pth)"
+        )
+    path = Path(path_or_name)
+    if not path.exists():
+        names = ", ".join(sorted(RANDOM_VARIANTS))
+        raise CheckpointError(f"checkpoint '{path}' not found (random-weight variants: {names})")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_native(path, device)
+    return load_hrch_checkpoint(path, device)

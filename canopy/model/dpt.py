@@ -1,0 +1,158 @@
+"""DPT decoder (Ranftl et al. 2021) with the 256-bin height head of the HighResCanopyHeight release.
+
+Module names mirror the released checkpoints' ``decode_head.*`` keys (``reassemble_blocks``,
+``convs``, ``fusion_blocks``, ``project``, ``conv_depth.head``) so v1 weights load strictly with
+no key renaming. Shapes and order follow ../shared/specs/hrch_compat.md §1.2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DPTConfig:
+    post_process_channels: tuple[int, int, int, int] = (128, 256, 512, 1024)
+    channels: int = 256  # fusion width
+    head_hidden: int = 32  # HRCH HeadDepth: channels -> channels//2 -> 32 -> n_bins
+    n_bins: int = 256
+    min_depth: float = 0.001  # bin centres: linspace(min_depth, max_depth, n_bins)
+    max_depth: float = 10.0
+    output_scale: float = 10.0  # HRCH multiplies the expected bin value by 10: metres in [0.01, 100]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["post_process_channels"] = list(self.post_process_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DPTConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown decoder config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "post_process_channels" in d:
+            d["post_process_channels"] = tuple(d["post_process_channels"])
+        return cls(**d)
+
+
+class ConvUnit(nn.Module):
+    """A conv with an optional ReLU before or after it; holds ``.conv`` (checkpoint key layout)."""
+
+    def __init__(self, cin, cout, k, *, stride=1, padding=0, bias=True, act: str | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        if self.act == "pre":
+            x = F.relu(x)
+        x = self.conv(x)
+        if self.act == "post":
+            x = F.relu(x)
+        return x
+
+
+class ReassembleBlocks(nn.Module):
+    """Token maps + CLS readout ('project') → four maps at ×4, ×2, ×1, ×½ of the patch grid."""
+
+    def __init__(self, embed_dim: int, out_channels):
+        super().__init__()
+        self.projects = nn.ModuleList([ConvUnit(embed_dim, c, 1) for c in out_channels])
+        c0, c1, _, c3 = out_channels
+        self.resize_layers = nn.ModuleList([
+            nn.ConvTranspose2d(c0, c0, kernel_size=4, stride=4),
+            nn.ConvTranspose2d(c1, c1, kernel_size=2, stride=2),
+            nn.Identity(),
+            nn.Conv2d(c3, c3, kernel_size=3, stride=2, padding=1),
+        ])
+        self.readout_projects = nn.ModuleList(
+            [nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.GELU()) for _ in out_channels]
+        )
+
+    def forward(self, taps):
+        out = []
+        for i, (x, cls) in enumerate(taps):
+            b, d, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)  # [B, hw, D]
+            readout = cls.unsqueeze(1).expand_as(tokens)
+            tokens = self.readout_projects[i](torch.cat([tokens, readout], dim=-1))
+            x = tokens.transpose(1, 2).reshape(b, d, h, w)
+            out.append(self.resize_layers[i](self.projects[i](x)))
+        return out
+
+
+class PreActResidualConvUnit(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = ConvUnit(ch, ch, 3, padding=1, bias=False, act="pre")
+        self.conv2 = ConvUnit(ch, ch, 3, padding=1, bias=False, act="pre")
+
+    def forward(self, x):
+        return x + self.conv2(self.conv1(x))
+
+
+class FeatureFusionBlock(nn.Module):
+    def __init__(self, ch: int, with_skip: bool = True):
+        super().__init__()
+        self.res_conv_unit1 = PreActResidualConvUnit(ch) if with_skip else None
+        self.res_conv_unit2 = PreActResidualConvUnit(ch)
+        self.project = ConvUnit(ch, ch, 1, bias=True)
+
+    def forward(self, x, skip=None):
+        if skip is not None:
+            if skip.shape != x.shape:
+                skip = F.interpolate(skip, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + self.res_conv_unit1(skip)
+        x = self.res_conv_unit2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.project(x)
+
+
+class Upsample2x(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+class HeadDepth(nn.Module):
+    def __init__(self, ch: int, hidden: int, n_bins: int):
+        super().__init__()
+        # indices 0, 2, 4 hold weights, as in the released checkpoints
+        self.head = nn.Sequential(
+            nn.Conv2d(ch, ch // 2, 3, padding=1),
+            Upsample2x(),
+            nn.Conv2d(ch // 2, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, n_bins, 1),
+        )
+
+    def forward(self, x):
+        return self.head(x)
+
+
+class DPTHead(nn.Module):
+    """Four tapped ViT outputs → per-pixel logits over height bins, at input resolution."""
+
+    def __init__(self, embed_dim: int, cfg: DPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.reassemble_blocks = ReassembleBlocks(embed_dim, cfg.post_process_channels)
+        self.convs = nn.ModuleList(
+            [ConvUnit(c, cfg.channels, 3, padding=1, bias=False) for c in cfg.post_process_channels]
+        )
+        self.fusion_blocks = nn.ModuleList(
+            [FeatureFusionBlock(cfg.channels, with_skip=i > 0) for i in range(4)]
+        )
+        self.project = ConvUnit(cfg.channels, cfg.channels, 3, padding=1, bias=True, act="post")
+        self.conv_depth = HeadDepth(cfg.channels, cfg.head_hidden, cfg.n_bins)
+
+    def forward(self, taps) -> torch.Tensor:
+        x = [conv(f) for conv, f in zip(self.convs, self.reassemble_blocks(taps))]
+        out = self.fusion_blocks[0](x[-1])
+        for i in range(1, len(self.fusion_blocks)):
+            out = self.fusion_blocks[i](out, x[-(i + 1)])
+        return self.conv_depth(self.project(out))

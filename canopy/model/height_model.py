@@ -1,0 +1,96 @@
+"""The height model: DINOv2-style ViT backbone (timm) + DPT decoder + 256-bin head → metres."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from canopy.model.bins import bin_centres, bin_probabilities, expected_height, height_spread
+from canopy.model.config import HeightModelConfig
+from canopy.model.dpt import DPTHead
+from ssl_backbone.vit import DinoViT
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA; fp32 runs without autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class HeightModel(nn.Module):
+    """``backbone`` and ``decode_head`` match the released checkpoints' top-level key prefixes."""
+
+    def __init__(self, cfg: HeightModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = DinoViT(cfg.backbone)
+        self.decode_head = DPTHead(cfg.backbone.embed_dim, cfg.decoder)
+        d = cfg.decoder
+        self.register_buffer("bin_centres", bin_centres(d.n_bins, d.min_depth, d.max_depth),
+                             persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bin_centres.device
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8-valued RGB [B,3,H,W] (any dtype, 0..255) → normalised float32."""
+        return (rgb.float() - self.pixel_mean) / self.pixel_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised [B,3,H,W] → bin logits [B,K,H,W] (cropped back to H×W)."""
+        h, w = x.shape[-2:]
+        logits = self.decode_head(self.backbone.forward_taps(x))
+        return logits[..., :h, :w]
+
+    def heights(self, logits: torch.Tensor, with_std: bool = False):
+        probs = bin_probabilities(logits)
+        scale = self.cfg.decoder.output_scale
+        height = expected_height(probs, self.bin_centres, scale)
+        return (height, height_spread(probs, self.bin_centres, scale)) if with_std else height
+
+    @torch.no_grad()
+    def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
+        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
+        rgb = rgb.to(self.device)
+        with autocast_context(self.device, precision):
+            logits = self(self.normalize(rgb))
+        return self.heights(logits, with_std=with_std)
+
+    @torch.no_grad()
+    def predict(self, images, precision: str = "fp32", batch_size: int = 8, with_std: bool = False):
+        """Canopy height in metres.
+
+        * numpy ``H×W×3`` uint8 → numpy ``H×W`` float32. Images larger than one model tile are
+          cut into overlapping tiles and blended (no seams), exactly as ``canopy predict`` does.
+        * tensor ``B×3×H×W`` (uint8 values) → tensor ``B×H×W`` float32, one forward pass.
+
+        With ``with_std`` a (height, spread) pair is returned; spread is the standard deviation of
+        the head's distribution over height bins, in metres.
+        """
+        self.eval()
+        if isinstance(images, np.ndarray):
+            if images.ndim != 3 or images.shape[2] != 3:
+                raise ValueError(f"expected an H×W×3 RGB array, got shape {images.shape}")
+            from canopy.predict.blend import predict_array
+
+            out = predict_array(self, np.moveaxis(images, 2, 0), precision=precision,
+                                batch_size=batch_size, with_std=with_std)
+            return (out[0], out[1]) if with_std else out[0]
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected a B×3×H×W tensor, got shape {tuple(images.shape)}")
+            return self.predict_tensor(images, precision=precision, with_std=with_std)
+        raise TypeError("images must be a numpy H×W×3 array or a torch B×3×H×W tensor")

@@ -1,0 +1,179 @@
+"""Overlapping model tiles and tapered blending weights: seam-free by construction.
+
+Tiles of ``T`` pixels start every ``S`` pixels on a lattice (``origin + k·S``). Each tile's
+prediction is weighted by a raised-cosine taper that rises over the overlap ``R = T − S`` and is
+flat in the middle; with a regular lattice the tapers of neighbours sum to one (cos² + sin²), so
+the blend is a partition of unity and no pixel is dominated by a tile edge, where a ViT's border
+artefacts live. A flat average of overlaps makes seams worse (geo.md §4.1).
+
+A pixel covered by one tile only (a raster edge) gets exactly that tile's value, because the
+weighted sum is divided by the summed weights: a 256×256 input is one unmodified tile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+DEFAULT_OVERLAP_FRACTION = 0.25  # 64 px of a 256 px tile, as the HRCH notebook
+
+
+def default_stride(tile_size: int) -> int:
+    return tile_size - int(round(tile_size * DEFAULT_OVERLAP_FRACTION))
+
+
+def taper_1d(tile_size: int, stride: int) -> np.ndarray:
+    """Raised-cosine ramps over the overlap at both ends, 1 in the middle; never exactly 0."""
+    ramp = tile_size - stride
+    w = np.ones(tile_size, dtype=np.float64)
+    if ramp > 0:
+        i = np.arange(ramp, dtype=np.float64)
+        rise = np.sin(0.5 * math.pi * (i + 0.5) / ramp) ** 2
+        w[:ramp] = rise
+        w[-ramp:] = rise[::-1]
+    return w
+
+
+def blend_weights(tile_size: int, stride: int) -> np.ndarray:
+    w = taper_1d(tile_size, stride)
+    return np.outer(w, w).astype(np.float32)
+
+
+def tile_starts(length: int, tile_size: int, stride: int, origin: int = 0) -> list[int]:
+    """Starts ``origin + k·stride`` of every tile that touches ``[0, length)``.
+
+    The first start is the lattice point at or before 0, so tiles may hang over either end;
+    the caller pads. With ``origin=0`` and ``length <= tile_size`` this is one tile at 0.
+    """
+    first = origin + math.floor((0 - origin) / stride) * stride
+    starts = []
+    s = first
+    while s < length:
+        if s + tile_size > 0:
+            starts.append(s)
+        if s + tile_size >= length:
+            break
+        s += stride
+    return starts
+
+
+def fill_colour(model) -> np.ndarray:
+    """The input normalisation mean in 0..255: a masked pixel becomes 0 after normalisation."""
+    return np.round(np.asarray(model.cfg.mean, dtype=np.float64) * 255.0).astype(np.uint8)
+
+
+def _pad_image(img: np.ndarray, valid: np.ndarray, pad: tuple[int, int, int, int], mode: str,
+               fill: np.ndarray):
+    top, bottom, left, right = pad
+    if not any(pad):
+        return img, valid
+    if mode == "reflect" and min(img.shape[1:]) > 1:
+        # reflect needs pad < size; repeat in steps for tiny rasters
+        out = img
+        while any(pad):
+            step = [min(p, s - 1) for p, s in zip(pad, (out.shape[1], out.shape[1], out.shape[2], out.shape[2]))]
+            out = np.pad(out, ((0, 0), (step[0], step[1]), (step[2], step[3])), mode="reflect")
+            pad = tuple(p - s for p, s in zip(pad, step))
+        img_p = out
+    else:
+        img_p = np.empty((3, img.shape[1] + top + bottom, img.shape[2] + left + right), np.uint8)
+        img_p[:] = fill[:, None, None]
+        img_p[:, top:top + img.shape[1], left:left + img.shape[2]] = img
+    valid_p = np.zeros((img_p.shape[1], img_p.shape[2]), bool)
+    valid_p[top:top + valid.shape[0], left:left + valid.shape[1]] = valid
+    return img_p, valid_p
+
+
+def iter_batches(items: list, batch_size: int) -> Iterator[list]:
+    for i in range(0, len(items), batch_size):
+        yield items[i:i + batch_size]
+
+
+def predict_array(
+    model,
+    image: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    precision: str = "fp32",
+    batch_size: int = 8,
+    with_std: bool = False,
+    stride: int | None = None,
+    origin: tuple[int, int] = (0, 0),
+    pad_mode: str = "reflect",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blend overlapping model tiles over a ``3×H×W`` uint8 image.
+
+    Returns ``(height, spread)`` float32 ``H×W`` arrays in metres, NaN where ``valid`` is False
+    (``spread`` is None unless ``with_std``). Tiles with no valid pixel are skipped. ``origin``
+    (row, col) anchors the tile lattice, so a caller cutting a big raster into cells can keep one
+    lattice for all of them. ``progress`` is called with the number of tiles done per batch.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a 3×H×W image, got {image.shape}")
+    tile = model.cfg.tile_size
+    stride = stride or default_stride(tile)
+    if not 0 < stride <= tile:
+        raise ValueError(f"stride must be in (0, {tile}], got {stride}")
+    _, h, w = image.shape
+    valid = np.ones((h, w), bool) if valid is None else valid.astype(bool)
+    fill = fill_colour(model)
+    image = np.where(valid[None], image, fill[:, None, None]).astype(np.uint8)
+
+    rows = tile_starts(h, tile, stride, origin[0])
+    cols = tile_starts(w, tile, stride, origin[1])
+    top, left = max(0, -rows[0]), max(0, -cols[0])
+    bottom = max(0, rows[-1] + tile - h)
+    right = max(0, cols[-1] + tile - w)
+    img_p, valid_p = _pad_image(image, valid, (top, bottom, left, right), pad_mode, fill)
+    # padded pixels were never observed: keep them out of the model's input statistics
+    if pad_mode != "reflect":
+        img_p = np.where(valid_p[None], img_p, fill[:, None, None]).astype(np.uint8)
+
+    ph, pw = img_p.shape[1:]
+    # float64 accumulators: a pixel seen by one tile only comes back bit-identical after /weight
+    num = np.zeros((ph, pw), np.float64)
+    num_std = np.zeros((ph, pw), np.float64) if with_std else None
+    den = np.zeros((ph, pw), np.float64)
+    weight = blend_weights(tile, stride).astype(np.float64)
+
+    tiles = [(r + top, c + left) for r in rows for c in cols
+             if valid_p[r + top:r + top + tile, c + left:c + left + tile].any()]
+    device = model.device
+    for batch in iter_batches(tiles, batch_size):
+        x = np.stack([img_p[:, r:r + tile, c:c + tile] for r, c in batch])
+        out = model.predict_tensor(torch.from_numpy(x).to(device), precision=precision,
+                                   with_std=with_std)
+        hgt, sd = (out if with_std else (out, None))
+        hgt = hgt.float().cpu().numpy()
+        sd = sd.float().cpu().numpy() if sd is not None else None
+        for i, (r, c) in enumerate(batch):
+            num[r:r + tile, c:c + tile] += weight * hgt[i]
+            den[r:r + tile, c:c + tile] += weight
+            if with_std:
+                num_std[r:r + tile, c:c + tile] += weight * sd[i]
+        if progress is not None:
+            progress(len(batch))
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        height = (num / den)[top:top + h, left:left + w]
+        spread = (num_std / den)[top:top + h, left:left + w] if with_std else None
+    height[~valid] = np.nan
+    if spread is not None:
+        spread[~valid] = np.nan
+    return height.astype(np.float32), (spread.astype(np.float32) if spread is not None else None)
+
+
+def count_tiles(valid: np.ndarray, tile_size: int, stride: int, origin=(0, 0)) -> int:
+    h, w = valid.shape
+    rows = tile_starts(h, tile_size, stride, origin[0])
+    cols = tile_starts(w, tile_size, stride, origin[1])
+    n = 0
+    for r in rows:
+        for c in cols:
+            if valid[max(r, 0):max(r + tile_size, 0), max(c, 0):max(c + tile_size, 0)].any():
+                n += 1
+    return n

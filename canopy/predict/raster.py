@@ -1,0 +1,117 @@
+"""``canopy predict`` for one raster: read → model grid → blended tiles → COG."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import canopy
+from canopy.errors import InputError, OutputError
+from canopy.io.cog import check_output_path, write_cog
+from canopy.io.imagery import read_rgb_on_grid
+from canopy.predict.blend import count_tiles, default_stride, predict_array
+
+DTYPES = ("float32", "uint8")
+UINT8_NODATA = 255
+
+
+@dataclass
+class PredictOptions:
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 8
+    dtype: str = "float32"
+    uncertainty: bool = False
+    overwrite: bool = False
+    bands: str | None = None
+    crs: str | None = None
+    scale: tuple[float, float] | None = None
+    stride: int | None = None
+    progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device must be cpu or cuda, got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(device)
+
+
+def to_output_dtype(height: np.ndarray, dtype: str) -> tuple[np.ndarray, float | int]:
+    """float32 metres with NaN nodata, or uint8 whole metres with nodata 255 (as the Meta maps)."""
+    if dtype == "float32":
+        return height.astype(np.float32), float("nan")
+    if dtype == "uint8":
+        out = np.full(height.shape, UINT8_NODATA, np.uint8)
+        ok = np.isfinite(height)
+        out[ok] = np.clip(np.rint(height[ok]), 0, UINT8_NODATA - 1).astype(np.uint8)
+        return out, UINT8_NODATA
+    raise InputError(f"--dtype must be one of {DTYPES}, got '{dtype}'")
+
+
+def output_tags(model, opts: PredictOptions, source: str, resampling: str, stride: int,
+                origin=(0, 0)) -> dict[str, str]:
+    cfg = model.cfg
+    return {
+        "CANOPY_SOFTWARE": f"canopy-height {canopy.__version__}",
+        "CANOPY_MODEL": cfg.name,
+        "CANOPY_MODEL_VERSION": cfg.version,
+        "CANOPY_MODEL_SOURCE": cfg.source,
+        "CANOPY_MODEL_TRAINED": str(cfg.trained).lower(),
+        "CANOPY_GSD": f"{cfg.gsd:g}",
+        "CANOPY_PRECISION": opts.precision,
+        "CANOPY_SOURCE_IMAGE": source,
+        "CANOPY_RESAMPLING": resampling,
+        "CANOPY_TILE_SIZE": str(cfg.tile_size),
+        "CANOPY_TILE_STRIDE": str(stride),
+        "CANOPY_TILE_ORIGIN_ROW": str(origin[0]),
+        "CANOPY_TILE_ORIGIN_COL": str(origin[1]),
+    }
+
+
+def predict_raster(input_path, output_path, model, opts: PredictOptions | None = None) -> Path:
+    """Predict canopy height for one GDAL-readable RGB raster and write a COG (+ .qml)."""
+    opts = opts or PredictOptions()
+    if opts.dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {DTYPES}, got '{opts.dtype}'")
+    output_path = Path(output_path)
+    if Path(input_path).resolve() == output_path.resolve():
+        raise OutputError("output path is the input path; choose another -o")
+    if not str(output_path).lower().endswith((".tif", ".tiff")):
+        raise OutputError(f"output '{output_path}' must end in .tif (a Cloud Optimized GeoTIFF)")
+    check_output_path(output_path, opts.overwrite, create=False)  # fail before any compute
+
+    img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
+                           scale=opts.scale)
+    stride = opts.stride or default_stride(model.cfg.tile_size)
+    n_tiles = count_tiles(img.valid, model.cfg.tile_size, stride)
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_tiles, unit="tile", desc=Path(input_path).name, file=sys.stderr,
+                   leave=False, disable=None)
+    try:
+        height, spread = predict_array(
+            model, img.rgb, img.valid, precision=opts.precision, batch_size=opts.batch_size,
+            with_std=opts.uncertainty, stride=stride, progress=bar.update if bar else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    data, nodata = to_output_dtype(height, opts.dtype)
+    descriptions, bands = ["canopy_height"], [data]
+    if spread is not None:
+        spread_out, _ = to_output_dtype(spread, opts.dtype)
+        bands.append(spread_out)
+        descriptions.append("canopy_height_std")
+    tags = output_tags(model, opts, Path(input_path).name, img.resampling, stride)
+    return write_cog(output_path, np.stack(bands), crs=img.crs, transform=img.transform,
+                     nodata=nodata, descriptions=descriptions, units="m", tags=tags,
+                     overwrite=opts.overwrite)
