@@ -100,7 +100,7 @@ def heights_with_nan(
 
 
 def _crs_of(ds: rasterio.DatasetReader, path: str, override: str | CRS | None) -> CRS:
-    if ds.crs is not None and ds.crs.is_valid:
+    if ds.crs:  # an empty CRS object is falsy
         return ds.crs
     if override is None:
         raise CatalogError(f"{path}: file has no CRS; pass crs= (or --crs EPSG:xxxx)")

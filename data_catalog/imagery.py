@@ -143,7 +143,7 @@ def ground_sample_distance_m(description: RasterDescription) -> float | None:
 
 
 def _choose_crs(path: str, file_crs: CRS | None, override: str | None) -> tuple[CRS, bool]:
-    if file_crs is not None and file_crs.is_valid:
+    if file_crs:  # an empty CRS object is falsy
         if override is not None and crs_to_text(override) != crs_to_text(file_crs):
             log.warning("%s: has CRS %s; --crs %s applies only to files without one", path, crs_to_text(file_crs), override)
         return file_crs, False

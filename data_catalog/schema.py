@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from shapely.geometry.base import BaseGeometry
 
 from data_catalog.errors import CatalogError
@@ -166,8 +168,14 @@ def float_or_none(value: Any) -> float | None:
 
 
 def int_or_none(value: Any) -> int | None:
+    """Ints stay exact (nanosecond mtimes do not survive a trip through float64)."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
     number = float_or_none(value)
     return None if number is None else int(number)
+
 
 
 def nodata_to_text(nodata: float | None) -> str | None:

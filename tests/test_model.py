@@ -1,0 +1,228 @@
+"""The height model: HRCH v1 state-dict layout, architecture from shapes, the three loaders."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from canopy.errors import CheckpointError, NoDefaultModelError
+from canopy.model import HeightModel, hrch_config, micro_config
+from canopy.model.checkpoints import (infer_config, load_model, save_native)
+
+
+def meta_state_dict(cfg):
+    with torch.device("meta"):
+        return HeightModel(cfg).state_dict()
+
+
+@pytest.mark.parametrize("size,D,c,depth", [("large", 1024, (128, 256, 512, 1024), 24),
+                                            ("huge", 1280, (160, 320, 640, 1280), 32)])
+def test_state_dict_matches_released_layout(size, D, c, depth):
+    sd = meta_state_dict(hrch_config(size))
+    expect = {
+        "backbone.cls_token": (1, 1, D), "backbone.pos_embed": (1, 197, D),
+        "backbone.mask_token": (1, D), "backbone.patch_embed.proj.weight": (D, 3, 16, 16),
+        "backbone.blocks.0.attn.qkv.weight": (3 * D, D), "backbone.blocks.0.attn.qkv.bias": (3 * D,),
+        "backbone.blocks.0.ls1.gamma": (D,), "backbone.blocks.0.ls2.gamma": (D,),
+        "backbone.blocks.0.mlp.fc1.weight": (4 * D, D), "backbone.blocks.0.mlp.fc2.weight": (D, 4 * D),
+        f"backbone.blocks.{depth - 1}.norm2.bias": (D,), "backbone.norm.weight": (D,),
+        "decode_head.reassemble_blocks.readout_projects.0.0.weight": (D, 2 * D),
+        "decode_head.reassemble_blocks.projects.3.conv.weight": (c[3], D, 1, 1),
+        "decode_head.reassemble_blocks.resize_layers.0.weight": (c[0], c[0], 4, 4),
+        "decode_head.reassemble_blocks.resize_layers.1.weight": (c[1], c[1], 2, 2),
+        "decode_head.reassemble_blocks.resize_layers.3.weight": (c[3], c[3], 3, 3),
+        "decode_head.convs.2.conv.weight": (256, c[2], 3, 3),
+        "decode_head.fusion_blocks.0.project.conv.weight": (256, 256, 1, 1),
+        "decode_head.fusion_blocks.1.res_conv_unit1.conv1.conv.weight": (256, 256, 3, 3),
+        "decode_head.fusion_blocks.3.res_conv_unit2.conv2.conv.weight": (256, 256, 3, 3),
+        "decode_head.project.conv.weight": (256, 256, 3, 3),
+        "decode_head.conv_depth.head.0.weight": (128, 256, 3, 3),
+        "decode_head.conv_depth.head.2.weight": (32, 128, 3, 3),
+        "decode_head.conv_depth.head.4.weight": (256, 32, 1, 1),
+    }
+    for key, shape in expect.items():
+        assert tuple(sd[key].shape) == shape, key
+    # what the release does not have
+    assert "decode_head.fusion_blocks.0.res_conv_unit1.conv1.conv.weight" not in sd
+    assert "decode_head.convs.0.conv.bias" not in sd
+    assert not any(k.startswith(("backbone.head", "backbone.fc_norm", "backbone.reg_token")) for k in sd)
+    assert "decode_head.reassemble_blocks.resize_layers.2.weight" not in sd
+    n_blocks = len({k.split(".")[2] for k in sd if k.startswith("backbone.blocks.")})
+    assert n_blocks == depth
+    n_params = sum(math.prod(v.shape) for k, v in sd.items() if k.startswith("backbone."))
+    assert abs(n_params / 1e6 - {"large": 303, "huge": 631}[size]) < 3
+
+
+@pytest.mark.parametrize("size", ["large", "huge"])
+def test_architecture_is_read_from_shapes(size):
+    cfg = infer_config(meta_state_dict(hrch_config(size)), source="renamed.pth")
+    ref = hrch_config(size)
+    assert cfg.backbone == ref.backbone
+    assert cfg.decoder == ref.decoder
+    assert cfg.name == ref.name
+
+
+def reference_hrch_taps(model, x):
+    """Independent re-statement of the released backbone's forward (DINOv2 ViT, no timm):
+    manual attention, LayerScale, and the position table resized with
+    interpolate(scale_factor=(h+0.1)/n, bicubic, align_corners=True, recompute_scale_factor=True)."""
+    sd = model.backbone.state_dict()
+    cfg = model.cfg.backbone
+    D, heads, p = cfg.embed_dim, cfg.num_heads, cfg.patch_size
+    B, _, H, W = x.shape
+    h, w = H // p, W // p
+    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+    tok = tok.flatten(2).transpose(1, 2)
+    tok = torch.cat([sd["cls_token"].expand(B, -1, -1), tok], 1)
+    pos = sd["pos_embed"]
+    n = int(math.sqrt(pos.shape[1] - 1))
+    grid = pos[:, 1:].reshape(1, n, n, D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic",
+                         align_corners=True, recompute_scale_factor=True)
+    pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], 1)
+    z = tok + pos
+    taps = []
+    for i in range(cfg.depth):
+        g = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        y = F.layer_norm(z, (D,), g("norm1.weight"), g("norm1.bias"), eps=1e-6)
+        qkv = F.linear(y, g("attn.qkv.weight"), g("attn.qkv.bias"))
+        qkv = qkv.reshape(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * (D // heads) ** -0.5, qkv[1], qkv[2]
+        att = (q @ k.transpose(-2, -1)).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, -1, D)
+        z = z + g("ls1.gamma") * F.linear(y, g("attn.proj.weight"), g("attn.proj.bias"))
+        y = F.layer_norm(z, (D,), g("norm2.weight"), g("norm2.bias"), eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, g("mlp.fc1.weight"), g("mlp.fc1.bias"))),
+                     g("mlp.fc2.weight"), g("mlp.fc2.bias"))
+        z = z + g("ls2.gamma") * y
+        if i in cfg.out_indices:
+            taps.append((z[:, 1:].reshape(B, h, w, D).permute(0, 3, 1, 2), z[:, 0]))
+    return taps
+
+
+def test_timm_backbone_computes_the_released_backbone():
+    torch.manual_seed(0)
+    model = HeightModel(micro_config()).eval()
+    with torch.no_grad():  # make the pos table non-trivial so the interpolation matters
+        model.backbone.pos_embed.normal_(0, 1)
+        x = torch.randn(2, 3, 256, 256)
+        ours = model.backbone.forward_taps(x)
+        ref = reference_hrch_taps(model, x)
+    for (a, ca), (b, cb) in zip(ours, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(ca, cb, atol=2e-4, rtol=1e-4)
+
+
+def test_heights_follow_hrch_bins():
+    model = HeightModel(micro_config())
+    K = model.cfg.decoder.n_bins
+    logits = torch.zeros(1, K, 1, 1)
+    # all-zero logits: uniform over linspace(0.001, 10) ×10 → ≈ 50 m
+    assert model.heights(logits).item() == pytest.approx(10 * (0.001 + 10) / 2, rel=1e-5)
+    logits[0, 0] = 1e6  # all mass on the first bin → 0.01 m
+    assert model.heights(logits).item() == pytest.approx(0.01, abs=1e-3)
+    h, s = model.heights(logits, with_std=True)
+    # the +0.1 floor leaves a thin tail over all bins: a confident pixel still spreads ~0.15 m
+    assert 0.05 < s.item() < 0.2
+    h, s = model.heights(torch.zeros(1, K, 1, 1), with_std=True)
+    # uniform over [0.01, 100] m: std = range / sqrt(12)
+    assert s.item() == pytest.approx(10 * (10 - 0.001) / math.sqrt(12), rel=0.02)
+
+
+def test_normalisation_is_part_of_the_model():
+    model = load_model("micro")
+    assert model.cfg.mean == (0.420, 0.411, 0.296)
+    assert model.cfg.std == (0.213, 0.156, 0.143)
+    x = torch.full((1, 3, 2, 2), 255 * 0.420)
+    assert model.normalize(x)[0, 0].abs().max() < 1e-5
+
+
+def test_predict_api_numpy_and_tensor(micro_model, rgb_array):
+    img = np.moveaxis(rgb_array(300, 280), 0, 2)
+    out = micro_model.predict(img)
+    assert out.shape == (300, 280) and out.dtype == np.float32 and np.isfinite(out).all()
+    t = torch.from_numpy(np.moveaxis(img[:256, :256], 2, 0)[None].copy())
+    out_t = micro_model.predict(t)
+    assert tuple(out_t.shape) == (1, 256, 256)
+    # one tile, two routes, same numbers
+    np.testing.assert_array_equal(micro_model.predict(np.ascontiguousarray(img[:256, :256])),
+                                  out_t[0].numpy())
+    h, s = micro_model.predict(t, with_std=True)
+    assert (s >= 0).all()
+
+
+def test_float_checkpoint_loads_strictly(tmp_path, micro_model, rgb_array):
+    sd = micro_model.state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "some_name.pth")
+    loaded = load_model(tmp_path / "some_name.pth")
+    x = torch.from_numpy(rgb_array(256, 256)[None])
+    torch.testing.assert_close(loaded.predict(x), micro_model.predict(x), atol=0, rtol=0)
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path, micro_model):
+    sd = dict(micro_model.state_dict())
+    sd.pop("backbone.blocks.1.attn.proj.bias")
+    sd["decode_head.extra.weight"] = torch.zeros(1)
+    sd["backbone.mask_token"] = torch.zeros(1, 7)
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "backbone.blocks.1.attn.proj.bias" in msg
+    assert "decode_head.extra.weight" in msg
+    assert "backbone.mask_token (1, 7)" in msg
+
+
+def test_not_a_height_model_checkpoint(tmp_path):
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="not a canopy height model"):
+        load_model(tmp_path / "resnet.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(tmp_path / "junk.pth")
+
+
+def test_compressed_dynamic_int8_checkpoint(tmp_path, micro_model, rgb_array):
+    """The v1 compressed_* files are quantize_dynamic state dicts; we dequantise them to float."""
+    quantized = torch.ao.quantization.quantize_dynamic(
+        micro_model, {torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d}, dtype=torch.qint8)
+    sd = quantized.state_dict()
+    assert any(k.endswith("_packed_params._packed_params") for k in sd)
+    torch.save(sd, tmp_path / "compressed_SSLsomething.pth")
+    loaded = load_model(tmp_path / "compressed_SSLsomething.pth")
+    assert "dequantised" in loaded.cfg.source
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.from_numpy(rgb_array(256, 256)[None])
+    ref_q = quantized(micro_model.normalize(x))
+    ours = loaded(loaded.normalize(x))
+    # same int8 weights, float activations: tiny differences from activation quantisation only
+    assert (loaded.heights(ours) - micro_model.heights(ref_q)).abs().max() < 0.05
+    # and it now runs in bf16 too (the int8 modules themselves are CPU/fp32-only)
+    h_bf16 = loaded.predict(x, precision="bf16")
+    assert torch.isfinite(h_bf16).all()
+
+
+def test_native_roundtrip_and_config(tmp_path, micro_model, rgb_array):
+    out = save_native(micro_model, tmp_path / "m", model_card="# micro\n")
+    assert (out / "config.json").exists() and (out / "MODEL_CARD.md").exists()
+    loaded = load_model(out)
+    assert loaded.cfg == micro_model.cfg
+    x = torch.from_numpy(rgb_array(256, 256)[None])
+    torch.testing.assert_close(loaded.predict(x), micro_model.predict(x), atol=0, rtol=0)
+    # the single .safetensors file carries its config in its metadata
+    (out / "config.json").unlink()
+    assert load_model(out / "model.safetensors").cfg == micro_model.cfg
+    (out / "config.json").write_text('{"name": "x", "colour": "blue"}')
+    with pytest.raises(CheckpointError, match="unknown model config keys"):
+        load_model(out)
+
+
+def test_no_default_model_yet():
+    with pytest.raises(NoDefaultModelError, match="no trained default model is bundled yet"):
+        load_model("default")

@@ -1,0 +1,195 @@
+"""``canopy predict`` on one raster: real NEON/drone imagery in several UTM zones, generated rasters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from canopy.io.cog import cog_problems
+from canopy.predict.raster import PredictOptions, predict_raster
+from tests.conftest import shared, write_raster
+
+REAL_SCENES = [
+    ("rgb_chm_pairs/neon_osbs_029/OSBS_029.tif", 32617),  # 0.1 m, nodata 255
+    ("rgb_chm_pairs/neon_bart_041/BART_041.tif", 32619),
+    ("rgb_only/2018_SJER_3_252000_4107000_image_477.tif", 32611),  # non-square pixels
+    ("rgb_chm_pairs/kootenay_bc_drone/kootenayOrtho_from_rda.tif", 32611),  # 0.5 m, no nodata
+]
+
+
+def run_cli(*args, capsys=None):
+    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
+    from canopy import cli
+
+    argv = sys.argv
+    sys.argv = ["canopy", *map(str, args)]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+@pytest.mark.parametrize("rel,epsg", REAL_SCENES)
+def test_real_scene_output_matches_input_footprint(tmp_path, micro_model, rel, epsg):
+    src = shared(*rel.split("/"))
+    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(progress=False))
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert b.crs.to_epsg() == epsg == a.crs.to_epsg()
+        assert b.res == pytest.approx((0.6, 0.6))
+        # same upper-left corner; the grid covers the input and overhangs by less than a pixel
+        assert b.bounds.left == pytest.approx(a.bounds.left, abs=1e-6)
+        assert b.bounds.top == pytest.approx(a.bounds.top, abs=1e-6)
+        assert 0 <= b.bounds.right - a.bounds.right < 0.6
+        assert 0 <= a.bounds.bottom - b.bounds.bottom < 0.6
+        assert b.descriptions == ("canopy_height",) and b.units == ("m",)
+        assert np.isnan(b.nodata)
+        heights = b.read(1)
+        assert np.isfinite(heights).mean() > 0.9
+        assert b.tags()["CANOPY_RESAMPLING"] == "average"
+    assert cog_problems(out) == []
+    assert out.with_suffix(".qml").read_text().count("<item ") == 5
+
+
+def test_one_tile_at_model_gsd_is_the_model_output(tmp_path, micro_model, rgb_array):
+    """A 256×256 raster already at 0.6 m reaches the model as one unmodified tile."""
+    rgb = rgb_array(256, 256)
+    src = write_raster(tmp_path / "tile.tif", rgb)
+    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(progress=False))
+    expected = micro_model.predict(torch.from_numpy(rgb[None]))[0].numpy()
+    with rasterio.open(out) as ds:
+        assert ds.tags()["CANOPY_RESAMPLING"] == "none"
+        assert ds.transform == Affine(0.6, 0, 400000.0, 0, -0.6, 3280000.0)
+        np.testing.assert_array_equal(ds.read(1), expected)
+
+
+def test_large_output_has_average_overviews_and_uint8(tmp_path, micro_model, rgb_array):
+    src = write_raster(tmp_path / "big.tif", rgb_array(1100, 1030))
+    out = predict_raster(src, tmp_path / "big_chm.tif", micro_model,
+                         PredictOptions(progress=False, dtype="uint8", batch_size=16))
+    with rasterio.open(out) as ds:
+        assert ds.overviews(1) == [2, 4]  # down to smaller than one 512 block
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255
+        assert ds.profile["blockxsize"] == 512 and ds.compression.name == "deflate"
+    assert cog_problems(out) == []
+
+
+def test_nodata_stays_nodata_and_uncertainty_band(tmp_path, micro_model, rgb_array):
+    rgb = rgb_array(300, 300)
+    rgb[:, :, :100] = 0
+    src = write_raster(tmp_path / "nd.tif", rgb, nodata=0)
+    out = predict_raster(src, tmp_path / "nd_chm.tif", micro_model,
+                         PredictOptions(progress=False, uncertainty=True))
+    with rasterio.open(out) as ds:
+        assert ds.count == 2 and ds.descriptions == ("canopy_height", "canopy_height_std")
+        h, s = ds.read(1), ds.read(2)
+    assert np.isnan(h[:, :100]).all() and np.isfinite(h[:, 100:]).all()
+    assert np.isnan(s[:, :100]).all() and (s[:, 100:] >= 0).all()
+
+
+def test_bf16_close_to_fp32(tmp_path, micro_model, rgb_array):
+    src = write_raster(tmp_path / "t.tif", rgb_array(300, 300))
+    a = predict_raster(src, tmp_path / "a.tif", micro_model, PredictOptions(progress=False))
+    b = predict_raster(src, tmp_path / "b.tif", micro_model,
+                       PredictOptions(progress=False, precision="bf16"))
+    with rasterio.open(a) as da, rasterio.open(b) as db:
+        diff = np.abs(da.read(1) - db.read(1))
+        assert db.tags()["CANOPY_PRECISION"] == "bf16"
+    assert np.nanmax(diff) < 2.0
+
+
+def test_geographic_input_is_mapped_in_utm(tmp_path, micro_model, rgb_array):
+    t = Affine(0.6 / 111320, 0, -81.9, 0, -0.6 / 110900, 29.7)
+    src = write_raster(tmp_path / "geo.tif", rgb_array(200, 200), crs="EPSG:4326", transform=t)
+    with pytest.warns(UserWarning, match="geographic"):
+        out = predict_raster(src, tmp_path / "geo_chm.tif", micro_model, PredictOptions(progress=False))
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 32617
+        assert ds.res == pytest.approx((0.6, 0.6))
+
+
+def test_band_selection_and_scaling(tmp_path, micro_model, rgb_array):
+    rgbn = np.concatenate([rgb_array(256, 256), rgb_array(256, 256)[:1]]).astype(np.uint16) * 10
+    src = write_raster(tmp_path / "rgbn.tif", rgbn)
+    out = predict_raster(src, tmp_path / "o.tif", micro_model,
+                         PredictOptions(progress=False, bands="1,2,3", scale=(0, 2550)))
+    expected = micro_model.predict(torch.from_numpy((rgbn[:3] // 10).astype(np.uint8)[None]))[0]
+    with rasterio.open(out) as ds:
+        np.testing.assert_allclose(ds.read(1), expected.numpy(), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: one line, non-zero exit, no output file
+
+
+@pytest.fixture
+def good_rgb(tmp_path, rgb_array):
+    return write_raster(tmp_path / "good.tif", rgb_array(64, 64))
+
+
+def _bad_cases(tmp_path, rgb_array, micro_model):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    nocrs = write_raster(tmp_path / "nocrs.tif", rgb_array(64, 64), crs=None)
+    two = write_raster(tmp_path / "two.tif", rgb_array(64, 64)[:2])
+    u16 = write_raster(tmp_path / "u16.tif", rgb_array(64, 64).astype(np.uint16))
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
+    wrong = tmp_path / "wrong_arch.pth"
+    sd = dict(micro_model.state_dict())
+    sd["decode_head.conv_depth.head.4.weight"] = torch.zeros(5, 16, 1, 1)
+    torch.save({"state_dict": sd}, wrong)
+    good = write_raster(tmp_path / "ok.tif", rgb_array(64, 64))
+    return [
+        ([tmp_path / "missing.tif"], "cannot read raster"),
+        ([text], "cannot read raster"),
+        ([nocrs], "has no CRS"),
+        ([two], "has 2 band(s)"),
+        ([u16], "--scale"),
+        ([empty], "no valid pixels"),
+        ([good, "--checkpoint", wrong], "mismatched shapes"),
+        ([good, "--checkpoint", tmp_path / "nope.pth"], "not found"),
+        ([good, "--device", "tpu"], "--device"),
+    ]
+
+
+def test_bad_inputs_one_line_nonzero_no_output(tmp_path, rgb_array, micro_model, capsys):
+    for args, needle in _bad_cases(tmp_path, rgb_array, micro_model):
+        out = tmp_path / "out" / "chm.tif"
+        checkpoint = [] if "--checkpoint" in map(str, args) else ["--checkpoint", "micro"]
+        code, _, err = run_cli("predict", *args, "-o", out, "-q", *checkpoint, capsys=capsys)
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
+        assert code == 2, (args, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, err)
+        assert not out.exists() and not list(tmp_path.glob("out/*.tif"))
+
+
+def test_existing_output_needs_overwrite(tmp_path, good_rgb, capsys):
+    out = tmp_path / "chm.tif"
+    assert run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", capsys=capsys)[0] == 0
+    before = out.stat().st_mtime_ns
+    code, _, err = run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", capsys=capsys)
+    assert code == 2 and "already exists" in err and out.stat().st_mtime_ns == before
+    code, _, err = run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", "--overwrite",
+                           capsys=capsys)
+    assert code == 0
+
+
+def test_console_script_end_to_end(tmp_path, good_rgb):
+    """The installed ``canopy`` entry point, as a user runs it (progress bar on stderr)."""
+    out = tmp_path / "e2e.tif"
+    res = subprocess.run([sys.executable, "-m", "canopy.cli", "predict", str(good_rgb), "-o",
+                          str(out), "--checkpoint", "micro", "--uncertainty"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and out.exists() and out.with_suffix(".qml").exists()
+    assert "random weights" in res.stderr
