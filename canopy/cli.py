@@ -20,8 +20,14 @@ SAMPLE_SCENE = Path(__file__).resolve().parent / "data" / "sample_osbs_029.tif"
 
 @app.command()
 def predict(
-    input: Path = typer.Argument(..., help="RGB raster readable by GDAL (GeoTIFF, COG, VRT)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output COG path (.tif)."),
+    input: Optional[Path] = typer.Argument(None, help="RGB raster readable by GDAL (GeoTIFF, COG, VRT)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output COG path (.tif), or a folder with --aoi."),
+    aoi: Optional[str] = typer.Option(None, "--aoi", help="Area of interest: a vector file, WKT, 'minx,miny,maxx,maxy' (lon/lat) or a place name ('California', 'São Paulo'). Switches to the tiled state-scale engine."),
+    imagery: Optional[Path] = typer.Option(None, "--imagery", help="With --aoi: a folder of rasters, a VRT/raster, or a catalog .parquet."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="With --aoi: address of a running dask scheduler (default: a local cluster)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --aoi: worker processes of the local cluster (default 1)."),
+    cell_size: int = typer.Option(4096, "--cell-size", min=64, help="With --aoi: output cell size in pixels."),
+    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1, help="With --aoi: torch threads per worker."),
     checkpoint: str = typer.Option(
         "default", "--checkpoint", "-c",
         help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
@@ -38,7 +44,14 @@ def predict(
     stride: Optional[int] = typer.Option(None, help="Model-tile stride in pixels (default: tile size × 3/4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Predict canopy height for one raster and write a Cloud Optimized GeoTIFF (+ QGIS .qml)."""
+    """Predict canopy height for one raster (a COG + QGIS .qml), or with --aoi over an area of
+    interest (a folder of COG cells, a mosaic, an overview, a STAC collection; resumable)."""
+    if aoi is not None:
+        return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
+                            dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
+                            torch_threads, quiet)
+    if input is None:
+        raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
     from canopy.io.imagery import open_raster
     from canopy.model.checkpoints import load_model
@@ -59,6 +72,30 @@ def predict(
                           scale=scale, stride=stride, progress=not quiet)
     out = predict_raster(input, output, model, opts)
     typer.echo(f"wrote {out}")
+
+
+def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size, dtype,
+                 uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet):
+    from canopy.predict.engine import JobSpec, predict_aoi
+    from canopy.predict.raster import resolve_device
+
+    if imagery is None:
+        raise CanopyError("--aoi needs --imagery (a folder, a raster/VRT or a catalog .parquet)")
+    if precision not in ("fp32", "bf16"):
+        raise CanopyError(f"--precision must be fp32 or bf16, got '{precision}'")
+    if dtype not in ("float32", "uint8"):
+        raise CanopyError(f"--dtype must be float32 or uint8, got '{dtype}'")
+    resolve_device(device)
+    job = JobSpec(checkpoint=str(checkpoint), device=device, precision=precision,
+                  batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
+                  torch_threads=torch_threads)
+    summary = predict_aoi(aoi, imagery, output, job, cell_px=cell_size, scheduler=scheduler,
+                          workers=workers, overwrite=overwrite, progress=not quiet)
+    typer.echo(
+        f"{summary.cells_done} cell(s) written, {summary.cells_skipped} already done, "
+        f"{summary.cells_empty} without data, in {summary.seconds:.1f} s; "
+        f"mosaic: {summary.mosaic if summary.mosaic else 'none (no cell had data)'}"
+    )
 
 
 @app.command()

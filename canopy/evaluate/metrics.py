@@ -165,6 +165,8 @@ def block_mean_pairs(pred: np.ndarray, ref: np.ndarray, block: int = BLOCK_SIZE,
     """
     pred = np.asarray(pred, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
+    if pred.ndim != 2:  # blocks need a raster; 1-D samples have none
+        return np.empty(0), np.empty(0)
     valid = np.isfinite(pred) & np.isfinite(ref)
     pm, share = block_means(pred, valid, block)
     rm, _ = block_means(ref, valid, block)
@@ -353,8 +355,9 @@ def summarize(pred: np.ndarray, ref: np.ndarray, std: np.ndarray | None = None, 
 
 @dataclass(frozen=True)
 class TileLattice:
-    """Model tiles of ``size`` px starting at ``origin + k·stride`` (k any integer), per axis,
-    in the prediction raster's own pixel grid."""
+    """Model tiles of ``size`` px starting at ``origin + k·stride`` (k = 0, 1, 2, …) along each
+    axis, in the prediction raster's own pixel grid. The origin is the first tile's start (≤ 0
+    when the tiler pads the raster)."""
 
     size: int
     stride: int
@@ -369,12 +372,11 @@ class TileLattice:
 def tile_border_positions(length: int, size: int, stride: int, origin: int) -> np.ndarray:
     """Pixel-edge positions p (0 < p < length) where a model tile starts or ends.
 
-    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride and end at
-    start + size.
+    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride (k ≥ 0) while
+    the start is inside the raster, and end at start + size.
     """
-    k_lo = math.floor((0 - size - origin) / stride) - 1
-    k_hi = math.ceil((length - origin) / stride) + 1
-    starts = origin + stride * np.arange(k_lo, k_hi + 1)
+    n_tiles = max(0, math.ceil((length - origin) / stride))
+    starts = origin + stride * np.arange(n_tiles)
     edges = np.concatenate([starts, starts + size])
     edges = edges[(edges > 0) & (edges < length)]
     return np.unique(edges)
@@ -416,21 +418,23 @@ def edge_sums(pred: np.ndarray, lattice: TileLattice, row_off: int = 0, col_off:
     """Edge sums of a window of the prediction whose top-left pixel is (row_off, col_off).
 
     ``raster_shape`` is the full raster's (height, width): borders are only those strictly inside
-    the raster. ``pair_rows`` limits vertical pairs to those whose upper pixel is in the first
-    ``pair_rows`` rows, so windows read with one row of overlap count every pair once.
+    the raster. ``pair_rows`` says the window owns only its first ``pair_rows`` rows (the rest is
+    overlap read for the vertical pairs): horizontal pairs are taken on owned rows and vertical
+    pairs whose upper pixel is owned, so windows read with one row of overlap count every pair once.
     """
     a = np.asarray(pred, dtype=np.float64)
     h, w = a.shape
     full_h, full_w = raster_shape if raster_shape else (row_off + h, col_off + w)
     cols = tile_border_positions(full_w, lattice.size, lattice.stride, lattice.origin_col)
     rows = tile_border_positions(full_h, lattice.size, lattice.stride, lattice.origin_row)
+    owned = h if pair_rows is None else min(pair_rows, h)
     out = EdgeSums()
     if w > 1:
         # Pair (c, c+1) in window coordinates crosses a border at raster position col_off + c + 1.
         across = np.isin(col_off + np.arange(1, w), cols)
-        out += _pair_sums(a[:, 1:] - a[:, :-1], np.broadcast_to(across, (h, w - 1)))
-    if h > 1:
-        n = h - 1 if pair_rows is None else min(pair_rows, h - 1)
+        out += _pair_sums(a[:owned, 1:] - a[:owned, :-1], np.broadcast_to(across, (owned, w - 1)))
+    n = min(owned, h - 1)
+    if n > 0:
         across = np.isin(row_off + np.arange(1, n + 1), rows)
         out += _pair_sums(a[1:n + 1] - a[:n], np.broadcast_to(across[:, None], (n, w)))
     return out

@@ -246,3 +246,35 @@ def load_model(path_or_name, device="cpu") -> HeightModel:
     if path.is_dir() or path.suffix == ".safetensors":
         return load_native(path, device)
     return load_hrch_checkpoint(path, device)
+
+
+def load_config(path_or_name) -> HeightModelConfig:
+    """The model's configuration without building the model (cheap for any size)."""
+    if isinstance(path_or_name, str) and path_or_name in RANDOM_VARIANTS:
+        return RANDOM_VARIANTS[path_or_name]()
+    if path_or_name in (None, "default"):
+        path_or_name = DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").exists() else None
+        if path_or_name is None:
+            load_model("default")  # raises the plain "no trained default model" error
+    path = Path(path_or_name)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    if path.is_dir() or path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        weights, config_path = _native_paths(path)
+        if config_path is not None and config_path.exists():
+            return HeightModelConfig.from_dict(json.loads(config_path.read_text()))
+        with safe_open(str(weights), framework="pt") as f:
+            return HeightModelConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    try:  # mmap: shapes only, the tensors are not read
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        obj = None
+    if obj is None:
+        return load_hrch_checkpoint(path).cfg
+    sd = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
+    sd = _strip_prefixes(sd)
+    if any("_packed_params" in k for k in sd):
+        sd = dequantize_state_dict(sd)
+    return infer_config(sd, source=path.name)

@@ -103,6 +103,7 @@ def predict_array(
     stride: int | None = None,
     origin: tuple[int, int] = (0, 0),
     pad_mode: str = "reflect",
+    fixed_batch: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Blend overlapping model tiles over a ``3×H×W`` uint8 image.
@@ -110,7 +111,8 @@ def predict_array(
     Returns ``(height, spread)`` float32 ``H×W`` arrays in metres, NaN where ``valid`` is False
     (``spread`` is None unless ``with_std``). Tiles with no valid pixel are skipped. ``origin``
     (row, col) anchors the tile lattice, so a caller cutting a big raster into cells can keep one
-    lattice for all of them. ``progress`` is called with the number of tiles done per batch.
+    lattice for all of them. ``fixed_batch`` pads the last batch to ``batch_size`` so results do
+    not depend on batch composition. ``progress`` is called with the number of tiles done per batch.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a 3×H×W image, got {image.shape}")
@@ -145,9 +147,15 @@ def predict_array(
     device = model.device
     for batch in iter_batches(tiles, batch_size):
         x = np.stack([img_p[:, r:r + tile, c:c + tile] for r, c in batch])
+        if fixed_batch and len(batch) < batch_size:
+            # Every forward pass sees exactly batch_size tiles: BLAS kernels are chosen by shape,
+            # and a different shape can change a tile's result in the last bits. Padding keeps a
+            # tile's value independent of which other tiles share its batch (seam-free cells).
+            x = np.concatenate([x, np.repeat(x[:1], batch_size - len(batch), axis=0)])
         out = model.predict_tensor(torch.from_numpy(x).to(device), precision=precision,
                                    with_std=with_std)
         hgt, sd = (out if with_std else (out, None))
+        hgt, sd = hgt[:len(batch)], (sd[:len(batch)] if sd is not None else None)
         hgt = hgt.float().cpu().numpy()
         sd = sd.float().cpu().numpy() if sd is not None else None
         for i, (r, c) in enumerate(batch):

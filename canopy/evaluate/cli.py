@@ -1,0 +1,87 @@
+"""The ``evaluate`` and ``synth`` commands. Thin: each parses options and calls one library
+function; user errors (canopy.errors) propagate to the main CLI, which prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def evaluate_command(
+    paths: Annotated[list[Path], typer.Argument(
+        help="The prediction (COG or VRT), optionally followed by more reference CHMs "
+             "(so `--reference /data/*.tif` works with a shell glob).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write.")],
+    reference: Annotated[Optional[list[Path]], typer.Option(
+        "--reference", "-r", help="Reference CHM raster; repeat or list several.")] = None,
+    gedi: Annotated[Optional[Path], typer.Option(
+        help="GEDI shots (GeoParquet or GeoJSON points with an rh95 or rh98 column).")] = None,
+    gedi_rh: Annotated[Optional[str], typer.Option(
+        "--gedi-rh", help="RH column to compare with (default rh95 if present, else rh98).")] = None,
+    gedi_percentile: Annotated[Optional[float], typer.Option(
+        help="Percentile of predicted heights in each footprint (default: the RH column's).")] = None,
+    reference_crs: Annotated[Optional[str], typer.Option(
+        help="CRS of reference rasters that carry none, e.g. EPSG:32617.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+) -> None:
+    """Score a canopy-height map against lidar CHMs (and GEDI): metrics.json and PNG figures."""
+    from canopy.errors import InputError
+    from canopy.evaluate.report import EvaluationConfig, evaluate
+
+    if not paths:
+        raise InputError("give the prediction raster to evaluate")
+    prediction, extra = paths[0], paths[1:]
+    refs = list(reference or []) + list(extra)
+    config = EvaluationConfig(gedi_rh_column=gedi_rh, gedi_percentile=gedi_percentile)
+    result = evaluate(prediction, refs, out, gedi=gedi, reference_crs=reference_crs,
+                      overwrite=overwrite, config=config)
+    o = result["pooled"]["overall"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    typer.echo(f"{len(result['references'])} reference(s), {o['n']:,} pixels: MAE {f(o['mae'])} m, "
+               f"RMSE {f(o['rmse'])} m, bias {f(o['bias'])} m, R² {f(o['r2'])}, "
+               f"block-R² {f(o['block_r2'])}")
+    edge = result["edge_error"]
+    if "edge_error" in edge:
+        typer.echo(f"edge error {f(edge['edge_error'])} (1.0 = invisible tile seams)")
+    if result["gedi"]:
+        g = result["gedi"]
+        typer.echo(f"GEDI: {g['n']} shots, MAE {f(g['mae'])} m, bias {f(g['bias'])} m")
+    typer.echo(f"report: {out}/metrics.json")
+
+
+def synth_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the scene into.")],
+    area_km2: Annotated[float, typer.Option(help="Scene area (square), km².")] = 4.0,
+    gsd: Annotated[float, typer.Option(help="Ground sample distance, m.")] = 0.6,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same scene).")] = 0,
+    sun_elevation: Annotated[float, typer.Option(help="Sun elevation, degrees (5–90).")] = 45.0,
+    sun_azimuth: Annotated[float, typer.Option(
+        help="Sun azimuth, degrees clockwise from north.")] = 135.0,
+    crs: Annotated[str, typer.Option(help="Projected CRS of the scene.")] = "EPSG:32617",
+    origin: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Top-left corner X Y in the CRS (default 500000 4000000).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace files in a non-empty folder.")] = False,
+) -> None:
+    """Write a procedural scene with exact ground truth (SYNTHETIC: never real data)."""
+    import time
+
+    from canopy.synth import synth_scene
+
+    t0 = time.perf_counter()
+    paths = synth_scene(out, area_km2=area_km2, gsd=gsd, seed=seed, sun_elevation=sun_elevation,
+                        sun_azimuth=sun_azimuth, crs=crs, origin=origin, overwrite=overwrite)
+    for name in ("rgb", "chm", "gedi", "readme"):
+        typer.echo(f"{name}: {paths[name]}")
+    typer.echo(f"synthetic scene written in {time.perf_counter() - t0:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` and ``synth`` commands to ``app``."""
+    app.command("evaluate")(evaluate_command)
+    app.command("synth")(synth_command)

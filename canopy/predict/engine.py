@@ -1,0 +1,293 @@
+"""State-scale prediction: one Dask task per output cell, resumable, seam-free.
+
+The driver (this process) resolves the AOI into grid cells (grid.py), indexes the imagery,
+and submits one task per unfinished cell to a ``dask.distributed`` cluster (a LocalCluster by
+default, or ``--scheduler ADDRESS``). Each task reads only the imagery window its cell needs plus
+the halo of model tiles that overlap it, runs the blended model tiles, masks pixels outside the
+AOI or without imagery, and writes ``cells/{id}.tif`` atomically. The driver appends each result
+to the manifest as it arrives, then builds the mosaic, overview, STAC collection and style.
+
+The model is loaded once per worker process (a module-level cache keyed by checkpoint and
+device), never shipped with tasks. A state is ~10⁵ cells, so tasks are submitted in a bounded
+window rather than as one giant graph (geo.md §4.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from rasterio.features import geometry_mask
+
+import canopy
+from canopy.errors import InputError
+from canopy.io.cog import write_cog
+from canopy.predict.blend import default_stride, predict_array
+from canopy.predict.grid import Cell, cells_for_aoi, tile_window
+from canopy.predict.manifest import Manifest, check_or_write_run, sha256_file
+from canopy.predict.raster import to_output_dtype
+from canopy.predict.sources import Scene, index_imagery, read_mosaic, scenes_for_window
+
+CELLS_DIR = "cells"
+DEFAULT_CELL_PX = 4096
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every cell task needs besides its cell (small, pickled per task)."""
+    checkpoint: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 8
+    dtype: str = "float32"
+    uncertainty: bool = False
+    stride: int | None = None
+    torch_threads: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+_MODELS: dict = {}
+
+
+def worker_model(job: JobSpec):
+    """The model for this worker process, loaded on first use and kept."""
+    key = (job.checkpoint, job.device)
+    if key not in _MODELS:
+        import torch
+
+        from canopy.model.checkpoints import load_model
+
+        if job.torch_threads:
+            torch.set_num_threads(job.torch_threads)
+        _MODELS.clear()  # one model per worker: never two big ones side by side
+        _MODELS[key] = load_model(job.checkpoint, device=job.device)
+    return _MODELS[key]
+
+
+def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, out_dir: str) -> dict:
+    """Predict one output cell and write its COG; returns the manifest record."""
+    t0 = time.time()
+    model = worker_model(job)
+    tile = model.cfg.tile_size
+    stride = job.stride or default_stride(tile)
+    dr, dc, nr, nc = tile_window(cell, tile, stride)
+    window_transform = cell.transform * cell.transform.translation(dc, dr)
+    record = {"id": cell.id, "epsg": cell.epsg, "host": socket.gethostname()}
+    rgb, valid, used = read_mosaic(scenes, cell.crs, window_transform, (nr, nc), cell.gsd)
+    if not valid[-dr:-dr + cell.cell_px, -dc:-dc + cell.cell_px].any():
+        return {**record, "status": "empty", "reason": "no imagery", "seconds": time.time() - t0}
+
+    height, spread = predict_array(model, rgb, valid, precision=job.precision,
+                                   batch_size=job.batch_size, with_std=job.uncertainty,
+                                   stride=stride, origin=(0, 0), pad_mode="fill",
+                                   fixed_batch=True)
+    crop = (slice(-dr, -dr + cell.cell_px), slice(-dc, -dc + cell.cell_px))
+    height = height[crop]
+    spread = spread[crop] if spread is not None else None
+    outside = geometry_mask([shapely.from_wkb(aoi_wkb)], out_shape=height.shape,
+                            transform=cell.transform, invert=False)
+    height[outside] = np.nan
+    if spread is not None:
+        spread[outside] = np.nan
+    if not np.isfinite(height).any():
+        return {**record, "status": "empty", "reason": "outside AOI", "seconds": time.time() - t0}
+
+    data, nodata = to_output_dtype(height, job.dtype)
+    bands, desc = [data], ["canopy_height"]
+    if spread is not None:
+        bands.append(to_output_dtype(spread, job.dtype)[0])
+        desc.append("canopy_height_std")
+    dates = sorted(d for d in (s.datetime for s in scenes if s.path in used) if d)
+    cfg = model.cfg
+    tags = {
+        "CANOPY_SOFTWARE": f"canopy-height {canopy.__version__}",
+        "CANOPY_MODEL": cfg.name, "CANOPY_MODEL_VERSION": cfg.version,
+        "CANOPY_MODEL_TRAINED": str(cfg.trained).lower(), "CANOPY_GSD": f"{cfg.gsd:g}",
+        "CANOPY_PRECISION": job.precision, "CANOPY_CELL": cell.id,
+        "CANOPY_SOURCE_IMAGES": ";".join(Path(p).name for p in used),
+        "CANOPY_TILE_SIZE": str(tile), "CANOPY_TILE_STRIDE": str(stride),
+        "CANOPY_TILE_ORIGIN_ROW": str(dr % stride), "CANOPY_TILE_ORIGIN_COL": str(dc % stride),
+    }
+    if dates:
+        tags["CANOPY_IMAGERY_DATES"] = f"{dates[0]}/{dates[-1]}"
+    rel = f"{CELLS_DIR}/{cell.id}.tif"
+    path = write_cog(Path(out_dir) / rel, np.stack(bands), crs=cell.crs, transform=cell.transform,
+                     nodata=nodata, descriptions=desc, units="m", tags=tags, overwrite=True,
+                     qml=False)
+    return {**record, "status": "done", "path": rel, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path), "sources": used,
+            "datetime_start": dates[0] if dates else None,
+            "datetime_end": dates[-1] if dates else None,
+            "seconds": round(time.time() - t0, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver side
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    cells_total: int
+    cells_done: int
+    cells_skipped: int
+    cells_empty: int
+    seconds: float
+    mosaic: Path | None
+    dashboard: str | None
+
+
+def _aoi_sha(geom) -> str:
+    return hashlib.sha256(shapely.to_wkb(shapely.normalize(geom), hex=False)).hexdigest()
+
+
+def _imagery_sha(scenes: list[Scene]) -> str:
+    h = hashlib.sha256()
+    for s in sorted(scenes, key=lambda s: s.path):
+        st = os.stat(s.path)
+        h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _model_identity(checkpoint: str) -> tuple[str, str]:
+    from canopy.model.checkpoints import RANDOM_VARIANTS, DEFAULT_MODEL_DIR, load_model
+
+    path = Path(checkpoint)
+    if checkpoint in RANDOM_VARIANTS:
+        return checkpoint, checkpoint
+    if checkpoint in ("default", None):
+        path = DEFAULT_MODEL_DIR
+        load_model("default")  # raises the plain "no trained default model" error
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.exists():
+        raise InputError(f"checkpoint '{checkpoint}' not found")
+    st = weights.stat()
+    return str(path.resolve()), hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def connect(scheduler: str | None, workers: int | None, threads: int | None):
+    """A Client on ``scheduler``, or on a new LocalCluster of worker processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"scheduler '{scheduler}' did not answer ({type(exc).__name__})") from None
+    n = workers or 1
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=40)
+    return Client(cluster)
+
+
+def predict_aoi(
+    aoi,
+    imagery,
+    out_dir,
+    job: JobSpec,
+    *,
+    cell_px: int = DEFAULT_CELL_PX,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_in_flight: int | None = None,
+) -> RunSummary:
+    """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest."""
+    from data_catalog.aoi import resolve_aoi
+
+    from canopy.model.checkpoints import load_config
+    from canopy.predict.mosaic import finish_outputs
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    area = resolve_aoi(aoi)
+    scenes = index_imagery(imagery)
+    coverage = shapely.union_all([s.footprint for s in scenes])
+    if not area.geometry.intersects(coverage):
+        raise InputError(f"the AOI '{area.name}' does not intersect any of the {len(scenes)} imagery scene(s)")
+
+    model_ref, model_sha = _model_identity(job.checkpoint)
+    cfg = load_config(job.checkpoint)
+    stride = job.stride or default_stride(cfg.tile_size)
+    job = JobSpec(**{**asdict(job), "stride": stride})
+    run = {
+        "format": 1, "software": f"canopy-height {canopy.__version__}",
+        "aoi": area.name, "aoi_sha256": _aoi_sha(area.geometry), "model": cfg.name,
+        "model_ref": model_ref, "model_sha256": model_sha, "gsd": cfg.gsd, "cell_px": cell_px,
+        "stride": stride, "dtype": job.dtype, "precision": job.precision,
+        "uncertainty": job.uncertainty, "imagery_sha256": _imagery_sha(scenes),
+        "imagery": sorted(s.path for s in scenes), "trained": cfg.trained,
+    }
+    resumed = check_or_write_run(out_dir, run, overwrite)
+    manifest = Manifest.load(out_dir) if resumed else Manifest(out_dir)
+    if not resumed:
+        manifest.path.unlink(missing_ok=True)
+
+    from shapely.strtree import STRtree
+
+    tree = STRtree([s.footprint for s in scenes])
+    cells = cells_for_aoi(area.geometry.intersection(coverage.buffer(1e-6)), cfg.gsd, cell_px)
+    todo, skipped = [], 0
+    for cell, geom in cells:
+        if manifest.is_finished(cell.id):
+            skipped += 1
+            continue
+        dr, dc, nr, nc = tile_window(cell, cfg.tile_size, stride)
+        wt = cell.transform * cell.transform.translation(dc, dr)
+        hit = scenes_for_window(scenes, cell.crs, wt, (nr, nc), tree)
+        aoi_wkb = shapely.to_wkb(geom.intersection(shapely.box(*cell.bounds)))
+        todo.append((cell, aoi_wkb, hit))
+
+    client = connect(scheduler, workers, job.torch_threads)
+    dashboard = getattr(client, "dashboard_link", None)
+    if progress and dashboard:
+        print(f"Dask dashboard: {dashboard}", file=sys.stderr)
+    done = empty = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), initial=skipped, unit="cell", file=sys.stderr, disable=None)
+    try:
+        from distributed import as_completed
+
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+        window = max_in_flight or 2 * n_workers
+        pending = iter(todo)
+        futures = as_completed()
+        for _ in range(window):
+            item = next(pending, None)
+            if item is None:
+                break
+            futures.add(client.submit(predict_cell, *item, job, str(out_dir), pure=False))
+        for fut in futures:
+            rec = fut.result()
+            manifest.append(rec)
+            done += rec["status"] == "done"
+            empty += rec["status"] == "empty"
+            if bar is not None:
+                bar.update(1)
+            item = next(pending, None)
+            if item is not None:
+                futures.add(client.submit(predict_cell, *item, job, str(out_dir), pure=False))
+    finally:
+        if bar is not None:
+            bar.close()
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and scheduler is None:
+            cluster.close()
+
+    mosaic = finish_outputs(out_dir, manifest, run, area)
+    return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard)

@@ -1,0 +1,105 @@
+"""Run manifest: what a run is (``run.json``) and which cells are done (``manifest.jsonl``).
+
+One writer (the driver) appends one JSON line per finished cell and fsyncs it, so a killed run
+loses at most the cells in flight. Resume trusts a 'done' line only if its file is there with the
+recorded size and sha256: a truncated or corrupt cell is redone, not trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from canopy.errors import OutputError
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.jsonl"
+RUN_FORMAT = 1
+# fields that change the output bytes: a run that differs in any of them is another run
+IDENTITY_KEYS = ("format", "aoi_sha256", "model", "model_sha256", "gsd", "cell_px", "stride",
+                 "dtype", "precision", "uncertainty", "imagery_sha256")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_or_write_run(out_dir: Path, run: dict, overwrite: bool) -> bool:
+    """Write ``run.json``; refuse a folder holding another run's manifest unless ``overwrite``.
+    Returns True when this is a resume of the same run."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        same = all(old.get(k) == run.get(k) for k in IDENTITY_KEYS)
+        if same:
+            return True
+        if not overwrite:
+            diff = [k for k in IDENTITY_KEYS if old.get(k) != run.get(k)]
+            raise OutputError(
+                f"'{out_dir}' holds a different run (differs in: {', '.join(diff)}); "
+                "use --overwrite to replace it or choose another -o"
+            )
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputError(f"'{out_dir}' is not empty and holds no canopy run; use --overwrite or another -o")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return False
+
+
+@dataclass
+class Manifest:
+    out_dir: Path
+    records: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / MANIFEST_FILE
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "Manifest":
+        m = cls(out_dir)
+        if m.path.exists():
+            for line in m.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: that cell is simply redone
+                m.records[rec["id"]] = rec
+        return m
+
+    def append(self, record: dict) -> None:
+        self.records[record["id"]] = record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def is_finished(self, cell_id: str) -> bool:
+        """Done and its file intact, or known to be empty (no imagery / outside the AOI)."""
+        rec = self.records.get(cell_id)
+        if rec is None:
+            return False
+        if rec.get("status") == "empty":
+            return True
+        if rec.get("status") != "done":
+            return False
+        path = self.out_dir / rec["path"]
+        try:
+            if path.stat().st_size != rec["bytes"]:
+                return False
+        except OSError:
+            return False
+        return sha256_file(path) == rec["sha256"]

@@ -1,0 +1,273 @@
+"""After the cells: one mosaic layer, a low-resolution overview COG, a STAC collection, the style.
+
+* ``mosaic.vrt`` when every cell shares one CRS, else ``mosaic.gti.gpkg`` (GDAL's GTI tile index,
+  which reprojects cells of other UTM zones on the fly); per-zone ``mosaic_{epsg}.vrt`` always.
+* ``overview.tif``: the whole run averaged to a coarse GSD (a power-of-two multiple of the model
+  GSD, at most ~16k px on a side) in the CRS of the zone holding most cells. A mosaic of
+  thousands of cells without it is several times slower to draw zoomed out (geo.md §2.6); the
+  VRT/GTI point to it as their overview.
+* ``stac/collection.json`` with one item per cell (pystac).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform_bounds
+
+from canopy.io.cog import write_cog
+from canopy.io.qml import write_qml
+
+OVERVIEW_MAX_PX = 16384
+
+
+def _done(manifest) -> list[dict]:
+    return sorted((r for r in manifest.records.values() if r.get("status") == "done"),
+                  key=lambda r: r["id"])
+
+
+def _cell_grid(out_dir: Path, records: list[dict]):
+    """Union bounds and profile of a list of same-CRS cells."""
+    bounds = []
+    for r in records:
+        with rasterio.open(out_dir / r["path"]) as ds:
+            bounds.append(ds.bounds)
+            profile = ds.profile
+            descriptions = ds.descriptions
+    left = min(b.left for b in bounds)
+    bottom = min(b.bottom for b in bounds)
+    right = max(b.right for b in bounds)
+    top = max(b.top for b in bounds)
+    return (left, bottom, right, top), profile, descriptions
+
+
+def _nodata_xml(nodata) -> str:
+    if nodata is None:
+        return ""
+    return "nan" if isinstance(nodata, float) and math.isnan(nodata) else f"{nodata:g}"
+
+
+def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path | None = None) -> Path:
+    """A VRT over same-CRS cells (written by hand: rasterio has no buildvrt and the cells sit on
+    one pixel lattice, so each source is a plain offset copy)."""
+    (left, bottom, right, top), profile, descriptions = _cell_grid(out_dir, records)
+    res = profile["transform"].a
+    width = int(round((right - left) / res))
+    height = int(round((top - bottom) / res))
+    crs = CRS.from_user_input(profile["crs"])
+    nod = _nodata_xml(profile["nodata"])
+    bands = []
+    for b in range(1, profile["count"] + 1):
+        sources = []
+        for r in records:
+            with rasterio.open(out_dir / r["path"]) as ds:
+                xoff = int(round((ds.bounds.left - left) / res))
+                yoff = int(round((top - ds.bounds.top) / res))
+                w, h = ds.width, ds.height
+            rel = os.path.relpath(out_dir / r["path"], vrt_path.parent)
+            sources.append(
+                f'    <ComplexSource><SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>'
+                f"<SourceBand>{b}</SourceBand>"
+                f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                f'<DstRect xOff="{xoff}" yOff="{yoff}" xSize="{w}" ySize="{h}"/>'
+                f"<NODATA>{nod}</NODATA></ComplexSource>"
+            )
+        ov = ""
+        if overview is not None:
+            rel_ov = os.path.relpath(overview, vrt_path.parent)
+            ov = (f'    <Overview><SourceFilename relativeToVRT="1">{escape(rel_ov)}</SourceFilename>'
+                  f"<SourceBand>{b}</SourceBand></Overview>\n")
+        bands.append(
+            f'  <VRTRasterBand dataType="{_gdal_type(profile["dtype"])}" band="{b}">\n'
+            f"    <NoDataValue>{nod}</NoDataValue>\n"
+            f"    <Description>{escape(descriptions[b - 1] or '')}</Description>\n"
+            f"    <UnitType>m</UnitType>\n{ov}" + "\n".join(sources) + "\n  </VRTRasterBand>"
+        )
+    xml = (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(crs.to_wkt())}</SRS>\n"
+        f"  <GeoTransform>{left!r}, {res!r}, 0, {top!r}, 0, {-res!r}</GeoTransform>\n"
+        + "\n".join(bands) + "\n</VRTDataset>\n"
+    )
+    tmp = vrt_path.with_name(f".{vrt_path.name}.partial")
+    tmp.write_text(xml)
+    os.replace(tmp, vrt_path)
+    return vrt_path
+
+
+def _gdal_type(dtype: str) -> str:
+    return {"float32": "Float32", "uint8": "Byte"}[dtype]
+
+
+def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float) -> Path:
+    """Average every cell into one coarse COG in EPSG ``epsg`` (cells of other zones reprojected)."""
+    boxes = []
+    for r in records:
+        with rasterio.open(out_dir / r["path"]) as ds:
+            boxes.append(transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21))
+            dtype, nodata, count = ds.dtypes[0], ds.nodata, ds.count
+            descriptions = ds.descriptions
+    left = min(b[0] for b in boxes)
+    bottom = min(b[1] for b in boxes)
+    right = max(b[2] for b in boxes)
+    top = max(b[3] for b in boxes)
+    factor = 16
+    while max(right - left, top - bottom) / (gsd * factor) > OVERVIEW_MAX_PX:
+        factor *= 2
+    res = gsd * factor
+    left, top = math.floor(left / res) * res, math.ceil(top / res) * res
+    width = max(1, math.ceil((right - left) / res))
+    height = max(1, math.ceil((top - bottom) / res))
+    transform = Affine(res, 0, left, 0, -res, top)
+    acc = np.zeros((count, height, width), np.float64)
+    wsum = np.zeros((count, height, width), np.float64)
+    for r in records:
+        with rasterio.open(out_dir / r["path"]) as ds:
+            # read from the cell's own overviews at about the target resolution
+            shape = (max(1, ds.height // factor), max(1, ds.width // factor))
+            src = ds.read(out_shape=(count, *shape), resampling=Resampling.average, masked=True)
+            src_t = ds.transform * Affine.scale(ds.width / shape[1], ds.height / shape[0])
+            for b in range(count):
+                dst = np.full((height, width), np.nan, np.float32)
+                reproject(src[b].filled(np.nan).astype(np.float32), dst, src_transform=src_t,
+                          src_crs=ds.crs, dst_transform=transform, dst_crs=f"EPSG:{epsg}",
+                          src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.average)
+                ok = np.isfinite(dst)
+                acc[b][ok] += dst[ok]
+                wsum[b][ok] += 1
+    with np.errstate(invalid="ignore"):
+        mean = np.where(wsum > 0, acc / np.maximum(wsum, 1), np.nan)
+    if dtype == "uint8":
+        data = np.where(np.isfinite(mean), np.clip(np.rint(mean), 0, 254), nodata).astype(np.uint8)
+    else:
+        data = mean.astype(np.float32)
+    return write_cog(out_dir / "overview.tif", data, crs=f"EPSG:{epsg}", transform=transform,
+                     nodata=nodata, descriptions=[d or "canopy_height" for d in descriptions],
+                     units="m", tags={"CANOPY_OVERVIEW_FACTOR": str(factor)}, overwrite=True)
+
+
+def write_gti(out_dir: Path, records: list[dict], epsg: int, gsd: float, overview: Path) -> Path:
+    """GDAL tile index (GPKG) over cells of any CRS, in EPSG ``epsg``, with the overview COG."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    rows = []
+    for r in records:
+        with rasterio.open(out_dir / r["path"]) as ds:
+            b = transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21)
+            dtype, nodata, count = ds.dtypes[0], ds.nodata, ds.count
+        rows.append({"location": r["path"], "cell": r["id"], "geometry": box(*b)})
+    frame = gpd.GeoDataFrame(rows, crs=f"EPSG:{epsg}")
+    path = out_dir / "mosaic.gti.gpkg"
+    tmp = out_dir / ".mosaic.partial.gti.gpkg"
+    tmp.unlink(missing_ok=True)
+    meta = {"LOCATION_FIELD": "location", "RESX": repr(gsd), "RESY": repr(gsd),
+            "BAND_COUNT": str(count), "DATA_TYPE": _gdal_type(dtype),
+            "NODATA": _nodata_xml(nodata), "OVERVIEW_0_DATASET": overview.name,
+            "SRS": f"EPSG:{epsg}"}
+    frame.to_file(tmp, layer="tiles", driver="GPKG", layer_metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
+    import datetime as dt
+
+    import pystac
+    from shapely.geometry import box, mapping
+
+    stac_dir = out_dir / "stac"
+    collection = pystac.Collection(
+        id=f"canopy-height-{run['aoi_sha256'][:12]}",
+        description=f"Canopy height (m) over {area.name}, model {run['model']}, "
+                    f"{run['gsd']} m GSD, {run['dtype']}",
+        extent=pystac.Extent(pystac.SpatialExtent([list(area.geometry.bounds)]),
+                             pystac.TemporalExtent([[None, None]])),
+        license="CC-BY-4.0" if run.get("trained") else "other",
+    )
+    dates = []
+    for r in records:
+        with rasterio.open(out_dir / r["path"]) as ds:
+            west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
+            shape, transform, bounds = [ds.height, ds.width], list(ds.transform)[:6], list(ds.bounds)
+        start, end = r.get("datetime_start"), r.get("datetime_end")
+        props = {
+            "gsd": run["gsd"], "proj:code": f"EPSG:{r['epsg']}", "proj:shape": shape,
+            "proj:transform": transform, "proj:bbox": bounds,
+            "canopy:model": run["model"], "canopy:model_sha256": run["model_sha256"],
+            "canopy:cell": r["id"], "canopy:software": run["software"],
+            "canopy:source_scenes": [Path(s).name for s in r.get("sources", [])],
+        }
+        parsed = [_parse_date(d) for d in (start, end)]
+        if all(parsed):
+            props["start_datetime"], props["end_datetime"] = (p.isoformat() for p in parsed)
+            dates += parsed
+            when = None
+        else:
+            when = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        item = pystac.Item(id=r["id"], geometry=mapping(box(west, south, east, north)),
+                           bbox=[west, south, east, north], datetime=when, properties=props)
+        item.add_asset("data", pystac.Asset(
+            href=os.path.relpath(out_dir / r["path"], stac_dir / r["id"]),
+            media_type=pystac.MediaType.COG, roles=["data"], title="canopy height (m)"))
+        collection.add_item(item)
+    if dates:
+        collection.extent.temporal = pystac.TemporalExtent([[min(dates), max(dates)]])
+    collection.normalize_hrefs(str(stac_dir))
+    collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    return stac_dir / "collection.json"
+
+
+def _parse_date(text):
+    import datetime as dt
+
+    if not text:
+        return None
+    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d",
+                "%Y:%m:%d %H:%M:%S"):
+        try:
+            d = dt.datetime.strptime(text, fmt)
+            return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+def finish_outputs(out_dir: Path, manifest, run: dict, area) -> Path | None:
+    """Mosaic, overview, STAC and style for the finished cells; returns the main mosaic path."""
+    records = _done(manifest)
+    if not records:
+        return None
+    by_zone = Counter(r["epsg"] for r in records)
+    main_epsg = by_zone.most_common(1)[0][0]
+    overview = write_overview(out_dir, records, main_epsg, run["gsd"])
+    for epsg in by_zone:
+        write_vrt(out_dir, [r for r in records if r["epsg"] == epsg],
+                  out_dir / f"mosaic_{epsg}.vrt", overview if epsg == main_epsg else None)
+    if len(by_zone) == 1:
+        main = write_vrt(out_dir, records, out_dir / "mosaic.vrt", overview)
+    else:
+        main = write_gti(out_dir, records, main_epsg, run["gsd"], overview)
+    nodata = 255 if run["dtype"] == "uint8" else float("nan")
+    for target in (main, overview, *(out_dir / f"mosaic_{e}.vrt" for e in by_zone)):
+        write_qml(_qml_path(target), nodata=nodata, dtype=run["dtype"])
+    write_stac(out_dir, records, run, area)
+    summary = {"cells_done": len(records), "zones": sorted(by_zone), "mosaic": main.name,
+               "overview": overview.name}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return main
+
+
+def _qml_path(p: Path) -> Path:
+    # QGIS looks for the layer's file name with its last suffix replaced by .qml
+    return p.with_suffix(".qml")
