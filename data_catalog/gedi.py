@@ -89,16 +89,18 @@ def _beam_groups(h5: h5py.File) -> list[str]:
     return sorted(k for k in h5.keys() if k.startswith("BEAM") and isinstance(h5[k], h5py.Group))
 
 
-def _check_is_l2a(h5: h5py.File, path) -> list[str]:
+def _beams_with_shots(h5: h5py.File, path) -> list[str]:
+    """The BEAM groups holding shots; refuses files that are not L2A or beams missing a core field."""
     product = _product_name(h5)
-    beams = _beam_groups(h5)
     if product is not None and product != "GEDI_L2A":
         raise CatalogError(f"{path}: not a GEDI L2A granule (product {product})")
-    if not beams:
-        raise CatalogError(f"{path}: not a GEDI L2A granule (no BEAMxxxx groups)")
-    missing = [name for name in _REQUIRED if name not in h5[beams[0]]]
-    if missing:
-        raise CatalogError(f"{path}: not a GEDI L2A granule ({beams[0]} lacks {', '.join(missing)})")
+    beams = [name for name in _beam_groups(h5) if "shot_number" in h5[name]]  # subsets may hold empty beams
+    if not beams and product is None:
+        raise CatalogError(f"{path}: not a GEDI L2A granule (no BEAMxxxx groups with shots)")
+    for name in beams:
+        missing = [field for field in _REQUIRED if field not in h5[name]]
+        if missing:
+            raise CatalogError(f"{path}: not a GEDI L2A granule ({name} lacks {', '.join(missing)})")
     return beams
 
 
@@ -166,11 +168,8 @@ def read_gedi_l2a(path: str | os.PathLike) -> gpd.GeoDataFrame:
     except OSError:
         raise CatalogError(f"{path}: not an HDF5 file, so not a GEDI L2A granule") from None
     with h5:
-        beams = _check_is_l2a(h5, path)
         frames = []
-        for name in beams:
-            if "shot_number" not in h5[name]:  # an empty beam in a subset
-                continue
+        for name in _beams_with_shots(h5, path):
             try:
                 frames.append(_read_beam(h5[name], name))
             except (KeyError, ValueError) as exc:
