@@ -5,7 +5,6 @@ Only metadata is read here (no pixels), so describing a 10 GB mosaic costs one f
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import warnings
@@ -21,8 +20,6 @@ from shapely.geometry import Polygon
 
 from data_catalog.errors import CatalogError
 from data_catalog.schema import crs_to_text
-
-log = logging.getLogger(__name__)
 
 #: Relative difference between pixel width and height above which pixels count as non-square.
 #: 1e-3 ignores float noise in geotransforms but catches the 0.5 % of the NEON SJER tile.
@@ -71,7 +68,7 @@ class RasterDescription:
     def native_polygon(self) -> Polygon:
         """The raster's outline in its own CRS, from the four corners (exact for rotated grids)."""
         corners = [(0, 0), (self.width, 0), (self.width, self.height), (0, self.height)]
-        return Polygon([self.transform * corner for corner in corners])
+        return Polygon([self.transform @ corner for corner in corners])
 
     @property
     def crs_text(self) -> str | None:
@@ -123,7 +120,6 @@ def warn_if_non_square(description: RasterDescription) -> None:
             f"{description.path}: non-square pixels {res_x:.6g} x {res_y:.6g} "
             f"({description.crs_text}); resampling to a square grid will stretch it"
         )
-        log.warning(message)
         warnings.warn(message, NonSquarePixelWarning, stacklevel=3)
 
 
@@ -145,7 +141,7 @@ def ground_sample_distance_m(description: RasterDescription) -> float | None:
 def _choose_crs(path: str, file_crs: CRS | None, override: str | None) -> tuple[CRS, bool]:
     if file_crs:  # an empty CRS object is falsy
         if override is not None and crs_to_text(override) != crs_to_text(file_crs):
-            log.warning("%s: has CRS %s; --crs %s applies only to files without one", path, crs_to_text(file_crs), override)
+            warnings.warn(f"{path}: has CRS {crs_to_text(file_crs)}; --crs {override} applies only to files without one", stacklevel=4)
         return file_crs, False
     if override is None:
         raise CatalogError(f"{path}: file has no CRS; pass --crs EPSG:xxxx (the CRS its coordinates are in)")

@@ -96,14 +96,21 @@ class AssetRecord:
         return json.loads(self.extra)
 
     def same_content(self, other: AssetRecord) -> bool:
-        """Equal in everything but the ``added`` timestamp (what idempotent re-adds compare)."""
+        """Equal but for ``added`` and ``mtime_ns``: what makes a re-add a no-op.
+
+        The mtime is only a cache key for the checksum; a file rewritten with identical bytes
+        (e.g. a re-ingested GEDI partition) is the same asset.
+        """
         return _comparable(self) == _comparable(other)
+
+
+_NOT_CONTENT = ("added", "mtime_ns")
 
 
 def _comparable(record: AssetRecord) -> tuple:
     values = []
     for f in fields(record):
-        if f.name == "added":
+        if f.name in _NOT_CONTENT:
             continue
         value = getattr(record, f.name)
         if isinstance(value, BaseGeometry):

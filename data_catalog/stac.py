@@ -13,7 +13,6 @@ asset was catalogued and ``canopy:datetime_source = "catalogued"``, which import
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,8 +36,6 @@ from data_catalog.schema import (
     iso_utc,
     parse_iso,
 )
-
-log = logging.getLogger(__name__)
 
 PREFIX = "canopy"
 _MEDIA_TYPES = {
@@ -77,6 +74,7 @@ def export_stac(catalog: Catalog, out_dir: str | Path, collection_id: str = "can
         description=f"Assets of the canopy catalog {catalog.path.name}",
         extent=_extent(records),
         license="other",
+        summaries=_summaries(records),
     )
     collection.add_items(items)
     out_dir = Path(out_dir).expanduser().resolve()
@@ -166,6 +164,15 @@ def _extent(records: list[AssetRecord]) -> pystac.Extent:
     return pystac.Extent(pystac.SpatialExtent([[minx, miny, maxx, maxy]]), pystac.TemporalExtent([interval]))
 
 
+def _summaries(records: list[AssetRecord]) -> pystac.Summaries:
+    """What a client filters on before opening Items: kinds, ground sample distances, CRSs."""
+    gsds = {round(r.extra_dict["gsd_m"], 4) for r in records if r.extra_dict.get("gsd_m")}
+    codes = {r.crs for r in records if r.crs and r.crs.startswith("EPSG:")}
+    return pystac.Summaries(
+        {f"{PREFIX}:kind": sorted({r.kind for r in records}), "gsd": sorted(gsds), "proj:code": sorted(codes)}
+    )
+
+
 def _media_type(path: str) -> str | None:
     return _MEDIA_TYPES.get(Path(path.split("?")[0]).suffix.lower())
 
@@ -210,16 +217,15 @@ def read_stac_items(stac_path: Path) -> list[pystac.Item]:
 
 
 def record_for_item(item: pystac.Item, stac_path: Path) -> AssetRecord | None:
-    picked = _pick_raster_asset(item)
-    if picked is None:
+    asset = _pick_raster_asset(item)
+    if asset is None:
         warnings.warn(f"{stac_path}: item {item.id!r} has no raster asset; skipped", stacklevel=3)
         return None
-    asset = picked
     location = _resolve_href(asset.href, item, stac_path)
     kind = item.properties.get(f"{PREFIX}:kind")
     kind = kind if kind in _RASTER_KINDS else "imagery"
-    projection = ProjectionExtension.ext(item) if ProjectionExtension.has_extension(item) else None
-    stac_crs = _projection_crs(projection)
+    fields = _extension_fields(item, asset)
+    stac_crs = _projection_crs(fields)
     start, end = _item_time(item)
     if not is_url(location) and Path(location).is_file():
         describe = describe_chm if kind == "chm" else describe_imagery
@@ -229,48 +235,55 @@ def record_for_item(item: pystac.Item, stac_path: Path) -> AssetRecord | None:
     else:
         if not is_url(location):
             warnings.warn(f"{location}: not found; row made from STAC metadata of item {item.id!r}", stacklevel=3)
-        record = _record_from_metadata(kind, location, item, asset, projection, stac_crs, stac_path)
+        record = _record_from_metadata(kind, location, item, fields, stac_crs, stac_path)
     if start is not None:  # a date stated in STAC beats one guessed from TIFF tags
         record.datetime, record.start_datetime, record.end_datetime = iso_utc(start), iso_utc(start), iso_utc(end)
     return record
 
 
+def _extension_fields(item: pystac.Item, asset: pystac.Asset) -> dict[str, Any]:
+    """proj:* and raster:* fields from the Item and the asset (the asset's win), read as plain keys.
+
+    Read whether or not the Item declares the extension: many producers forget to, and rio-stac
+    writes projection v1.1 (``proj:epsg``) where pystac expects v2 (``proj:code``).
+    """
+    merged = {k: v for k, v in item.properties.items() if k.startswith(("proj:", "raster:"))}
+    merged.update({k: v for k, v in asset.extra_fields.items() if k.startswith(("proj:", "raster:"))})
+    return merged
+
+
 def _record_from_metadata(
-    kind: str,
-    location: str,
-    item: pystac.Item,
-    asset: pystac.Asset,
-    projection: ProjectionExtension | None,
-    crs: str | None,
-    stac_path: Path,
+    kind: str, location: str, item: pystac.Item, fields: dict[str, Any], crs: str | None, stac_path: Path
 ) -> AssetRecord:
     if item.geometry is None:
         raise CatalogError(f"{stac_path}: item {item.id!r} has no geometry and its file is not local")
     geometry = shape(item.geometry)
-    shape_hw = projection.shape if projection else None
-    transform = projection.transform if projection else None
-    native_bounds = projection.bbox if projection and projection.bbox else list(geometry.bounds)
-    bands = RasterExtension.ext(asset).bands if RasterExtension.has_extension(item) else None
-    res = abs(transform[0]) if transform else item.common_metadata.gsd
-    first_band = bands[0] if bands else None
-    nodata = first_band.nodata if first_band else None
-    extra = {"stac_item": item.id, "stac_source": str(stac_path), "gsd_m": item.common_metadata.gsd}
+    shape_hw = fields.get("proj:shape")
+    transform = fields.get("proj:transform")
+    native_bounds = fields.get("proj:bbox") or list(geometry.bounds)
+    bands = fields.get("raster:bands") or []
+    gsd = item.common_metadata.gsd
+    res_x = abs(float(transform[0])) if transform else gsd
+    res_y = abs(float(transform[4])) if transform else gsd
+    first_band = bands[0] if bands else {}
+    nodata = first_band.get("nodata")
+    extra: dict[str, Any] = {"stac_item": item.id, "stac_source": str(stac_path), "gsd_m": gsd}
     if transform:
-        extra["transform"] = list(transform)[:6]
+        extra["transform"] = [float(v) for v in transform[:6]]
     return AssetRecord(
         asset_id=asset_id_for(location),
         kind=kind,
         path=location,
         geometry=geometry,
         crs=crs,
-        native_bounds=tuple(float(v) for v in native_bounds[:4]) if len(native_bounds) >= 4 else tuple(geometry.bounds),
-        res_x=res,
-        res_y=abs(transform[4]) if transform else res,
-        width=shape_hw[1] if shape_hw else None,
-        height=shape_hw[0] if shape_hw else None,
-        bands=len(bands) if bands else None,
-        band_info=json.dumps([{"index": i + 1, "dtype": b.data_type.value if b.data_type else None} for i, b in enumerate(bands or [])]),
-        dtype=first_band.data_type.value if first_band and first_band.data_type else None,
+        native_bounds=tuple(float(v) for v in native_bounds[:2] + native_bounds[-2:]),
+        res_x=res_x,
+        res_y=res_y,
+        width=int(shape_hw[1]) if shape_hw else None,
+        height=int(shape_hw[0]) if shape_hw else None,
+        bands=len(bands) or None,
+        band_info=json.dumps([{"index": i + 1, "dtype": b.get("data_type"), "nodata": b.get("nodata")} for i, b in enumerate(bands)]),
+        dtype=first_band.get("data_type"),
         nodata=None if nodata is None else str(nodata),
         checksum=None,
         extra=json.dumps(extra, sort_keys=True),
@@ -303,12 +316,15 @@ def _resolve_href(href: str, item: pystac.Item, stac_path: Path) -> str:
     return canonical_location(base / href)
 
 
-def _projection_crs(projection: ProjectionExtension | None) -> str | None:
-    if projection is None:
-        return None
-    for candidate in (projection.code, projection.wkt2, projection.projjson and json.dumps(projection.projjson)):
-        if candidate:
-            return crs_to_text(candidate)
+def _projection_crs(fields: dict[str, Any]) -> str | None:
+    if fields.get("proj:code"):
+        return crs_to_text(fields["proj:code"])
+    if fields.get("proj:epsg"):
+        return crs_to_text(f"EPSG:{fields['proj:epsg']}")
+    if fields.get("proj:wkt2"):
+        return crs_to_text(fields["proj:wkt2"])
+    if fields.get("proj:projjson"):
+        return crs_to_text(json.dumps(fields["proj:projjson"]))
     return None
 
 
