@@ -52,9 +52,9 @@ _CROP_COLOURS = np.array([[0.36, 0.55, 0.21], [0.48, 0.58, 0.25], [0.70, 0.62, 0
 _ROOF_COLOURS = np.array([[0.55, 0.26, 0.20], [0.52, 0.52, 0.52], [0.26, 0.26, 0.29],
                           [0.80, 0.79, 0.76], [0.45, 0.33, 0.25]])
 _ROAD_COLOURS = np.array([[0.40, 0.40, 0.41], [0.60, 0.57, 0.51]])  # asphalt, gravel
-_SOIL = np.array([0.50, 0.42, 0.32])
-_DRY_GRASS = np.array([0.55, 0.52, 0.34])
-_GREEN_GRASS = np.array([0.33, 0.43, 0.22])
+_SOIL = np.array([0.50, 0.42, 0.32], np.float32)
+_DRY_GRASS = np.array([0.55, 0.52, 0.34], np.float32)
+_GREEN_GRASS = np.array([0.33, 0.43, 0.22], np.float32)
 _SHADOW_TINT = np.array([0.90, 0.96, 1.12])  # shadows are lit by blue skylight only
 
 _AMBIENT = 0.38        # share of light that is diffuse skylight (what remains in shadow)
@@ -96,9 +96,12 @@ def _value_noise_grid(x: np.ndarray, y: np.ndarray, cell: float, key: int) -> np
     ly = np.arange(iy.min(), iy.max() + 2)
     lattice = _hash_u01(lx[None, :], ly[:, None], key)  # small: one value per cell corner
     cx, cy = ix - lx[0], iy - ly[0]
-    top = lattice[np.ix_(cy, cx)] * (1 - fx) + lattice[np.ix_(cy, cx + 1)] * fx
-    bottom = lattice[np.ix_(cy + 1, cx)] * (1 - fx) + lattice[np.ix_(cy + 1, cx + 1)] * fx
-    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+    # Bilinear interpolation is separable: along x on the lattice rows, then whole-row gathers.
+    along_x = lattice[:, cx] * (1 - fx) + lattice[:, cx + 1] * fx
+    out = along_x[cy]
+    out *= (1 - fy)[:, None]
+    out += along_x[cy + 1] * fy[:, None]
+    return out
 
 
 def _value_noise_points(x: np.ndarray, y: np.ndarray, cell: float, key: int) -> np.ndarray:
@@ -112,9 +115,15 @@ def _value_noise_points(x: np.ndarray, y: np.ndarray, cell: float, key: int) -> 
 
 
 def _fractal_grid(x, y, cells: Sequence[float], key: int) -> np.ndarray:
+    """Octaves of value noise (cell sizes in metres, each half the weight of the last), in [0, 1)."""
     weights = [0.5 ** i for i in range(len(cells))]
-    out = sum(w * _value_noise_grid(x, y, c, key + i) for i, (w, c) in enumerate(zip(weights, cells)))
-    return out / sum(weights)
+    total = sum(weights)
+    out = None
+    for i, (w, c) in enumerate(zip(weights, cells)):
+        octave = _value_noise_grid(x, y, c, key + i)
+        octave *= np.float32(w / total)
+        out = octave if out is None else np.add(out, octave, out=out)
+    return out
 
 
 def _fractal_points(x, y, cells: Sequence[float], key: int) -> np.ndarray:
@@ -353,7 +362,8 @@ def _plan_buildings(w: float, h: float, rng: np.random.Generator, cfg: LayoutCon
             if polys and len(STRtree(polys).query(poly.buffer(3.0), predicate="intersects")):
                 continue
             height = float(rng.uniform(3.0, 9.0) if rng.random() < 0.85 else rng.uniform(9, 18))
-            buildings.append(Building(poly, height, tuple(_ROOF_COLOURS[int(rng.integers(len(_ROOF_COLOURS)))])))
+            roof = _ROOF_COLOURS[int(rng.integers(len(_ROOF_COLOURS)))]
+            buildings.append(Building(poly, height, tuple(roof)))
             polys.append(poly)
     return buildings
 
@@ -536,6 +546,105 @@ def _crown_illumination(dsm: np.ndarray, gsd: float, sun: Sun) -> np.ndarray:
     return np.clip(n_dot_l / math.sin(e), 0.0, 1.6).astype(np.float32)
 
 
+def _ground_colour(x: np.ndarray, y: np.ndarray, fine: np.ndarray, seed: int) -> np.ndarray:
+    """Soil, dry and green grass mixed at several scales; darker litter inside forest stands."""
+    f32 = np.float32
+    a = np.clip((_fractal_grid(x, y, (60.0, 20.0, 6.0), _key(seed, 21)) - f32(0.3)) * f32(2.5), 0, 1)
+    b = np.clip((_fractal_grid(x, y, (35.0, 9.0, 2.0), _key(seed, 22)) - f32(0.35)) * f32(2.5), 0, 1)
+    forest = np.clip((_fractal_grid(x, y, (320.0, 130.0, 55.0), _key(seed, 11)) - f32(0.45)) * 4, 0, 1)
+    shade = (1 - f32(0.35) * forest) * (f32(0.93) + f32(0.14) * fine)
+    colour = np.empty((3,) + a.shape, np.float32)
+    for ch in range(3):
+        grass = _DRY_GRASS[ch] * (1 - b) + _GREEN_GRASS[ch] * b
+        colour[ch] = (_SOIL[ch] * (1 - a) + grass * a) * shade
+    return colour
+
+
+def _paint_fields(layout: SceneLayout, win: _Window, gsd: float, seed: int, x: np.ndarray,
+                  y: np.ndarray, colour: np.ndarray, chm: np.ndarray, landcover: np.ndarray) -> None:
+    """Crop height (≤ 1.5 m) with row texture; colour striped along the rows."""
+    fid = _rasterize_index([f.polygon for f in layout.fields], win, gsd)
+    m = fid > 0
+    if not m.any():
+        return
+    k = fid[m] - 1
+    crop_h = np.array([f.crop_height for f in layout.fields], np.float32)[k]
+    angle = np.array([f.row_angle for f in layout.fields])[k]
+    spacing = np.array([f.row_spacing for f in layout.fields])[k]
+    rr, cc = np.nonzero(m)
+    u = x[cc] * np.cos(angle) + y[rr] * np.sin(angle)
+    stripe = (0.5 + 0.5 * np.sin(2 * np.pi * u / spacing)).astype(np.float32)
+    patch = _fractal_grid(x, y, (15.0, 4.0), _key(seed, 24))[m]
+    chm[m] = np.clip(crop_h * (0.9 + 0.1 * stripe) * (0.9 + 0.2 * patch), 0, 1.5)
+    fcol = np.array([f.colour for f in layout.fields], np.float32)[k].T
+    colour[:, m] = fcol * ((0.88 + 0.2 * stripe) * (0.9 + 0.2 * patch))[None]
+    landcover[m] = FIELD
+
+
+def _paint_roads(layout: SceneLayout, win: _Window, gsd: float, fine: np.ndarray,
+                 colour: np.ndarray, chm: np.ndarray, landcover: np.ndarray) -> None:
+    """Roads are 0 m and drawn over fields."""
+    rid = _rasterize_index([r.line.buffer(r.width / 2) for r in layout.roads], win, gsd)
+    m = rid > 0
+    if not m.any():
+        return
+    rcol = np.array([r.colour for r in layout.roads], np.float32)[rid[m] - 1].T
+    colour[:, m] = rcol * (0.94 + 0.12 * fine[m])[None]
+    chm[m] = 0.0
+    landcover[m] = ROAD
+
+
+def _paint_trees(layout: SceneLayout, win: _Window, gsd: float, seed: int, x: np.ndarray,
+                 y: np.ndarray, fine: np.ndarray, colour: np.ndarray, chm: np.ndarray,
+                 landcover: np.ndarray) -> None:
+    """Crowns overwrite ground, fields and road edges wherever they are higher."""
+    top, owner = _stamp_trees(layout.trees, win, gsd)
+    crown = top > chm
+    if not crown.any():
+        return
+    chm[crown] = top[crown]
+    landcover[crown] = TREE
+    clump = _fractal_grid(x, y, (1.6, 0.6), _key(seed, 25))[crown]
+    tcol = layout.trees.colour.astype(np.float32)[owner[crown]].T
+    colour[:, crown] = tcol * ((0.75 + 0.45 * clump) * (0.9 + 0.2 * fine[crown]))[None]
+
+
+def _paint_buildings(layout: SceneLayout, win: _Window, gsd: float, fine: np.ndarray,
+                     colour: np.ndarray, chm: np.ndarray, dsm: np.ndarray,
+                     landcover: np.ndarray) -> None:
+    """Buildings are in the surface model (they cast shadows) but 0 m in the canopy height model."""
+    bid = _rasterize_index([b.polygon for b in layout.buildings], win, gsd)
+    m = bid > 0
+    if not m.any():
+        return
+    k = bid[m] - 1
+    dsm[m] = np.array([b.height for b in layout.buildings], np.float32)[k]
+    chm[m] = 0.0
+    landcover[m] = BUILDING
+    bcol = np.array([b.colour for b in layout.buildings], np.float32)[k].T
+    colour[:, m] = bcol * (0.96 + 0.08 * fine[m])[None]
+
+
+def _light_and_sensor(colour: np.ndarray, dsm: np.ndarray, landcover: np.ndarray,
+                      inner: tuple[slice, slice], rows: np.ndarray, cols: np.ndarray, gsd: float,
+                      seed: int, sun: Sun, max_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Direct sun (shaded by crown slopes, removed in cast shadows) plus skylight, then slight
+    blur and noise and 8-bit quantisation. Returns (rgb uint8, shadow) over ``inner``."""
+    shadow = _cast_shadows(dsm, inner, max_shift, gsd, sun)
+    direct = _crown_illumination(dsm[inner], gsd, sun)
+    direct[landcover[inner] != TREE] = 1.0
+    light = np.float32(_AMBIENT) + np.float32(1 - _AMBIENT) * direct * ~shadow
+    img = colour[:, inner[0], inner[1]] * light[None]
+    for ch in range(3):
+        img[ch][shadow] *= np.float32(_SHADOW_TINT[ch])
+    img = ndimage.gaussian_filter(img, sigma=(0, _BLUR_SIGMA_PX, _BLUR_SIGMA_PX), mode="nearest")
+    noise = _hash_u01(cols[inner[1]][None, :], rows[inner[0]][:, None], _key(seed, 26)) - 0.5
+    img += (noise * np.float32(_NOISE_SIGMA * math.sqrt(12)))[None]
+    img *= 255.0
+    np.rint(img, out=img)
+    return np.clip(img, 0, 255).astype(np.uint8), shadow
+
+
 def _render_window(layout: SceneLayout, win: _Window, gsd: float, seed: int, sun: Sun,
                    max_shift: int) -> dict[str, np.ndarray]:
     """Render a padded window; returns arrays over the window's inner part (halo removed)."""
@@ -544,89 +653,23 @@ def _render_window(layout: SceneLayout, win: _Window, gsd: float, seed: int, sun
     cols = np.arange(win.c0, win.c1)
     x = (cols + 0.5) * gsd
     y = (rows + 0.5) * gsd
+    fine = _hash_u01(cols[None, :], rows[:, None], _key(seed, 23))  # per-pixel texture
 
-    # Ground: soil, dry and green grass mixed at several scales; darker litter inside forest.
-    g1 = _fractal_grid(x, y, (60.0, 20.0, 6.0), _key(seed, 21))
-    g2 = _fractal_grid(x, y, (35.0, 9.0, 2.0), _key(seed, 22))
-    forestness = np.clip((_fractal_grid(x, y, (320.0, 130.0, 55.0), _key(seed, 11)) - 0.45) * 4, 0, 1)
-    a = np.clip((g1 - 0.3) * 2.5, 0, 1)[None]
-    b = np.clip((g2 - 0.35) * 2.5, 0, 1)[None]
-    colour = (_SOIL[:, None, None] * (1 - a) + (_DRY_GRASS[:, None, None] * (1 - b) +
-                                                 _GREEN_GRASS[:, None, None] * b) * a)
-    colour = (colour * (1 - 0.35 * forestness)[None]).astype(np.float32)
-    fine = _hash_u01(cols[None, :], rows[:, None], _key(seed, 23))
-    colour *= (0.93 + 0.14 * fine)[None]
-
+    colour = _ground_colour(x, y, fine, seed)
     chm = np.zeros((h, w), np.float32)
-    dsm = np.zeros((h, w), np.float32)
     landcover = np.full((h, w), GROUND, np.uint8)
+    _paint_fields(layout, win, gsd, seed, x, y, colour, chm, landcover)
+    _paint_roads(layout, win, gsd, fine, colour, chm, landcover)
+    _paint_trees(layout, win, gsd, seed, x, y, fine, colour, chm, landcover)
+    dsm = chm.copy()
+    _paint_buildings(layout, win, gsd, fine, colour, chm, dsm, landcover)
+    del fine
 
-    # Fields: crop height with row texture (≤ 1.5 m), colour with stripes along the rows.
-    fid = _rasterize_index([f.polygon for f in layout.fields], win, gsd)
-    if fid.any():
-        m = fid > 0
-        k = fid[m] - 1
-        crop_h = np.array([f.crop_height for f in layout.fields])[k]
-        angle = np.array([f.row_angle for f in layout.fields])[k]
-        spacing = np.array([f.row_spacing for f in layout.fields])[k]
-        xx, yy = np.meshgrid(x, y)
-        u = xx[m] * np.cos(angle) + yy[m] * np.sin(angle)
-        stripe = 0.5 + 0.5 * np.sin(2 * np.pi * u / spacing)
-        patch = _fractal_grid(x, y, (15.0, 4.0), _key(seed, 24))[m]
-        chm[m] = np.clip(crop_h * (0.9 + 0.1 * stripe) * (0.9 + 0.2 * patch), 0, 1.5)
-        fcol = np.array([f.colour for f in layout.fields])[k].T
-        colour[:, m] = fcol * (0.88 + 0.2 * stripe)[None] * (0.9 + 0.2 * patch)[None]
-        landcover[m] = FIELD
-
-    # Roads (0 m), drawn over fields.
-    rid = _rasterize_index([r.line.buffer(r.width / 2) for r in layout.roads], win, gsd)
-    if rid.any():
-        m = rid > 0
-        rcol = np.array([r.colour for r in layout.roads])[rid[m] - 1].T
-        colour[:, m] = rcol * (0.94 + 0.12 * fine[m])[None]
-        chm[m] = 0.0
-        landcover[m] = ROAD
-
-    # Trees: crowns overwrite ground, fields and road edges wherever they are higher.
-    top, owner = _stamp_trees(layout.trees, win, gsd)
-    crown = top > chm
-    if crown.any():
-        chm[crown] = top[crown]
-        landcover[crown] = TREE
-        clump = _fractal_grid(x, y, (1.6, 0.6), _key(seed, 25))[crown]
-        tcol = layout.trees.colour[owner[crown]].T
-        colour[:, crown] = tcol * (0.75 + 0.45 * clump)[None] * (0.9 + 0.2 * fine[crown])[None]
-
-    # Buildings: in the surface model (they cast shadows) but 0 m in the canopy height model.
-    dsm[:] = chm
-    bid = _rasterize_index([b.polygon for b in layout.buildings], win, gsd)
-    if bid.any():
-        m = bid > 0
-        dsm[m] = np.array([b.height for b in layout.buildings])[bid[m] - 1]
-        chm[m] = 0.0
-        landcover[m] = BUILDING
-        bcol = np.array([b.colour for b in layout.buildings])[bid[m] - 1].T
-        colour[:, m] = bcol * (0.96 + 0.08 * fine[m])[None]
-
-    # Light: direct sun (shaded by the crown's slope, removed in cast shadows) plus skylight.
-    halo = max_shift + _BLUR_HALO_PX
     inner = (slice(max_shift, h - max_shift), slice(max_shift, w - max_shift))
-    shadow = _cast_shadows(dsm, inner, max_shift, gsd, sun)
-    direct = _crown_illumination(dsm[inner], gsd, sun)
-    direct = np.where(landcover[inner] == TREE, direct, 1.0)
-    light = _AMBIENT + (1 - _AMBIENT) * direct * ~shadow
-    tint = np.where(shadow[None], _SHADOW_TINT[:, None, None], 1.0)
-    img = colour[:, inner[0], inner[1]] * light[None] * tint
-
-    # Sensor: slight blur and noise, then 8-bit quantisation.
-    img = ndimage.gaussian_filter(img, sigma=(0, _BLUR_SIGMA_PX, _BLUR_SIGMA_PX), mode="nearest")
-    ir = rows[inner[0]]
-    ic = cols[inner[1]]
-    noise = _hash_u01(ic[None, :], ir[:, None], _key(seed, 26)) - 0.5
-    img += (noise * (_NOISE_SIGMA * math.sqrt(12)))[None]
-    rgb = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-
+    rgb, shadow = _light_and_sensor(colour, dsm, landcover, inner, rows, cols, gsd, seed, sun,
+                                    max_shift)
     b = _BLUR_HALO_PX
+    halo = max_shift + b
     core = (slice(halo, h - halo), slice(halo, w - halo))
     return {
         "rgb": rgb[:, b:-b, b:-b],

@@ -355,9 +355,13 @@ def summarize(pred: np.ndarray, ref: np.ndarray, std: np.ndarray | None = None, 
 
 @dataclass(frozen=True)
 class TileLattice:
-    """Model tiles of ``size`` px starting at ``origin + k·stride`` (k = 0, 1, 2, …) along each
-    axis, in the prediction raster's own pixel grid. The origin is the first tile's start (≤ 0
-    when the tiler pads the raster)."""
+    """Model tiles of ``size`` px starting at ``origin + k·stride`` for every integer k, along
+    each axis, in the prediction raster's own pixel grid.
+
+    Every tile of the lattice that overlaps the raster counts, as the state-scale engine tiles a
+    cell (``canopy/predict/grid.py::tile_window``); the origin may be any lattice point, e.g. the
+    phase ``offset % stride`` that the engine writes.
+    """
 
     size: int
     stride: int
@@ -372,11 +376,12 @@ class TileLattice:
 def tile_border_positions(length: int, size: int, stride: int, origin: int) -> np.ndarray:
     """Pixel-edge positions p (0 < p < length) where a model tile starts or ends.
 
-    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride (k ≥ 0) while
-    the start is inside the raster, and end at start + size.
+    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride (k ∈ ℤ) and
+    end at start + size; only tiles overlapping [0, length) can put a border inside.
     """
-    n_tiles = max(0, math.ceil((length - origin) / stride))
-    starts = origin + stride * np.arange(n_tiles)
+    k_lo = math.floor((-size - origin) / stride)       # last tile ending at or before 0, or earlier
+    k_hi = math.ceil((length - origin) / stride)       # first tile starting at or after length
+    starts = origin + stride * np.arange(k_lo, k_hi + 1)
     edges = np.concatenate([starts, starts + size])
     edges = edges[(edges > 0) & (edges < length)]
     return np.unique(edges)

@@ -132,7 +132,7 @@ def _parse_crs(value, what: str):
 def _is_georeferenced(src) -> bool:
     from affine import Affine
 
-    return src.transform != Affine.identity() or src.gcps[0] or src.rpcs
+    return bool(src.transform != Affine.identity() or src.gcps[0] or src.rpcs)
 
 
 def _band_indexes(src) -> tuple[int, int | None]:
