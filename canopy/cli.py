@@ -123,7 +123,27 @@ def demo(
     typer.echo(f"wrote {out} (and {out.with_suffix('.qml').name}); open it in QGIS")
 
 
+def _register_subcommands() -> None:
+    from data_catalog.cli import app as catalog_app
+
+    from canopy.evaluate.cli import register as register_evaluate
+
+    app.add_typer(catalog_app, name="catalog",
+                  help="Spatial index of imagery, lidar CHMs/point clouds and GEDI shots.")
+    register_evaluate(app)
+
+
+_register_subcommands()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     try:
         from data_catalog.errors import CatalogError
     except ImportError:  # pragma: no cover - the package ships both

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 import shapely
 from rasterio.features import geometry_mask
 
@@ -81,7 +82,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     tile = model.cfg.tile_size
     stride = job.stride or default_stride(tile)
     dr, dc, nr, nc = tile_window(cell, tile, stride)
-    window_transform = cell.transform * cell.transform.translation(dc, dr)
+    window_transform = cell.transform @ Affine.translation(dc, dr)
     record = {"id": cell.id, "epsg": cell.epsg, "host": socket.gethostname()}
     rgb, valid, used = read_mosaic(scenes, cell.crs, window_transform, (nr, nc), cell.gsd)
     if not valid[-dr:-dr + cell.cell_px, -dc:-dc + cell.cell_px].any():
@@ -202,8 +203,13 @@ def predict_aoi(
     overwrite: bool = False,
     progress: bool = True,
     max_in_flight: int | None = None,
+    client=None,
 ) -> RunSummary:
-    """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest."""
+    """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest.
+
+    ``client`` (a ``distributed.Client``) is used as is and left open; otherwise one is made
+    from ``scheduler`` or a new LocalCluster and closed at the end.
+    """
     from data_catalog.aoi import resolve_aoi
 
     from canopy.model.checkpoints import load_config
@@ -244,12 +250,13 @@ def predict_aoi(
             skipped += 1
             continue
         dr, dc, nr, nc = tile_window(cell, cfg.tile_size, stride)
-        wt = cell.transform * cell.transform.translation(dc, dr)
+        wt = cell.transform @ Affine.translation(dc, dr)
         hit = scenes_for_window(scenes, cell.crs, wt, (nr, nc), tree)
         aoi_wkb = shapely.to_wkb(geom.intersection(shapely.box(*cell.bounds)))
         todo.append((cell, aoi_wkb, hit))
 
-    client = connect(scheduler, workers, job.torch_threads)
+    own_client = client is None
+    client = connect(scheduler, workers, job.torch_threads) if own_client else client
     dashboard = getattr(client, "dashboard_link", None)
     if progress and dashboard:
         print(f"Dask dashboard: {dashboard}", file=sys.stderr)
@@ -284,10 +291,11 @@ def predict_aoi(
     finally:
         if bar is not None:
             bar.close()
-        cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None and scheduler is None:
-            cluster.close()
+        if own_client:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and scheduler is None:
+                cluster.close()
 
     mosaic = finish_outputs(out_dir, manifest, run, area)
     return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard)

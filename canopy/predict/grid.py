@@ -26,7 +26,6 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry import box
-from shapely.ops import transform as shp_transform
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ def _to_zone(epsg: int) -> Transformer:
 def project_geometry(geom_4326, epsg: int):
     t = _to_zone(epsg)
     # densify first: long straight lon/lat edges are curves in UTM
-    return shp_transform(t.transform, shapely.segmentize(geom_4326, 0.01))
+    return shapely.transform(shapely.segmentize(geom_4326, 0.01),
+                             lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
 
 
 def cells_for_aoi(aoi_4326, gsd: float, cell_px: int) -> list[tuple[Cell, object]]:

@@ -136,10 +136,11 @@ def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float) ->
             # read from the cell's own overviews at about the target resolution
             shape = (max(1, ds.height // factor), max(1, ds.width // factor))
             src = ds.read(out_shape=(count, *shape), resampling=Resampling.average, masked=True)
-            src_t = ds.transform * Affine.scale(ds.width / shape[1], ds.height / shape[0])
+            src = src.astype(np.float32)  # uint8 cells: NaN marks nodata while averaging
+            src_t = ds.transform @ Affine.scale(ds.width / shape[1], ds.height / shape[0])
             for b in range(count):
                 dst = np.full((height, width), np.nan, np.float32)
-                reproject(src[b].filled(np.nan).astype(np.float32), dst, src_transform=src_t,
+                reproject(src[b].filled(np.nan), dst, src_transform=src_t,
                           src_crs=ds.crs, dst_transform=transform, dst_crs=f"EPSG:{epsg}",
                           src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.average)
                 ok = np.isfinite(dst)

@@ -1,0 +1,268 @@
+"""State-scale engine (``canopy predict --aoi``): grid, seam-free cells, Dask, resume, mosaics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.windows import from_bounds
+from shapely.geometry import box
+
+from canopy.errors import InputError, OutputError
+from canopy.predict.engine import JobSpec, predict_aoi
+from canopy.predict.grid import Cell, cells_for_aoi, tile_window
+from tests.conftest import shared, write_raster
+
+JOB = JobSpec(checkpoint="micro", batch_size=4)
+OSBS = ("rgb_chm_pairs", "neon_osbs_029", "OSBS_029.tif")
+OSBS_AOI = "-81.9900,29.6924,-81.9897,29.69265"
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A real dask.distributed LocalCluster with 2 worker processes, shared by this module."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=40)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def read_common(a_path, b_path, band=1):
+    with rasterio.open(a_path) as a, rasterio.open(b_path) as b:
+        left, right = max(a.bounds.left, b.bounds.left), min(a.bounds.right, b.bounds.right)
+        bottom, top = max(a.bounds.bottom, b.bounds.bottom), min(a.bounds.top, b.bounds.top)
+        A = a.read(band, window=from_bounds(left, bottom, right, top, a.transform))
+        B = b.read(band, window=from_bounds(left, bottom, right, top, b.transform))
+    return A, B
+
+
+# ------------------------------------------------------------------------------- grid
+
+
+def test_grid_is_anchored_and_stable():
+    aoi = box(-121.5, 38.5, -121.45, 38.55)
+    a = [c.id for c, _ in cells_for_aoi(aoi, 0.6, 4096)]
+    b = [c.id for c, _ in cells_for_aoi(box(-121.48, 38.5, -121.45, 38.53), 0.6, 4096)]
+    assert a == sorted(set(a), key=a.index) and set(b) <= set(a)  # neighbours share cells
+    cell = Cell(32610, 256, 1736, 4096, 0.6)
+    assert cell.bounds[0] == pytest.approx(256 * 4096 * 0.6)
+    assert cell.transform.a == 0.6 and cell.id == "32610_E0256_N1736"
+
+
+def test_state_spanning_two_zones_gets_cells_in_each():
+    from data_catalog.aoi import resolve_aoi
+
+    ca = resolve_aoi("California").geometry
+    cells = cells_for_aoi(ca, 0.6, 65536)  # coarse cells keep this fast
+    assert {c.epsg for c, _ in cells} == {32610, 32611}
+    sp = resolve_aoi("São Paulo").geometry
+    assert {c.epsg for c, _ in cells_for_aoi(sp, 0.6, 65536)} == {32722, 32723}
+
+
+def test_tile_window_holds_exactly_the_overlapping_tiles():
+    cell = Cell(32617, 10, 20, 500, 0.6)
+    dr, dc, nr, nc = tile_window(cell, 256, 192)
+    r0, c0 = cell.pixel_origin
+    assert (r0 + dr) % 192 == 0 and (c0 + dc) % 192 == 0  # window starts on the tile lattice
+    assert r0 + dr + 256 > r0 and r0 + dr - 192 + 256 <= r0  # first tile touches, the one before not
+    assert (nr - 256) % 192 == 0 and r0 + dr + nr - 256 < r0 + 500 <= r0 + dr + nr
+
+
+# ------------------------------------------------------------------------------- seam-free
+
+
+def test_two_cell_sizes_give_identical_arrays(tmp_path, client):
+    src = shared(*OSBS)
+    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", JOB, cell_px=64, client=client, progress=False)
+    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", JOB, cell_px=100, client=client, progress=False)
+    assert a.cells_done == 4 and b.cells_done == 2
+    A, B = read_common(a.mosaic, b.mosaic)
+    assert np.isfinite(A).sum() > 2000
+    np.testing.assert_array_equal(A, B)
+
+
+def test_outputs_of_a_run(tmp_path, client):
+    src = shared(*OSBS)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", JOB, cell_px=64, client=client, progress=False)
+    out = tmp_path / "o"
+    with rasterio.open(s.mosaic) as m:
+        assert m.crs.to_epsg() == 32617 and m.res == (0.6, 0.6)
+        assert m.overviews(1), "the mosaic must point to the overview COG"
+        h = m.read(1)
+        # pixels outside the imagery footprint or the AOI are nodata, never 0 m
+        assert np.isnan(h).any() and np.isfinite(h).any()
+    with rasterio.open(out / "overview.tif") as ov:
+        assert ov.res[0] == pytest.approx(0.6 * 16)
+    for cell in (out / "cells").glob("*.tif"):
+        with rasterio.open(cell) as ds:
+            assert ds.descriptions == ("canopy_height",) and ds.units == ("m",)
+            assert ds.tags()["CANOPY_CELL"] == cell.stem
+    collection = json.loads((out / "stac" / "collection.json").read_text())
+    items = [ln for ln in collection["links"] if ln["rel"] == "item"]
+    assert len(items) == s.cells_done == 4
+    item = json.loads((out / "stac" / items[0]["href"]).resolve().read_text())
+    assert item["properties"]["proj:code"] == "EPSG:32617"
+    assert item["properties"]["canopy:model"] == "micro"
+    assert item["properties"]["canopy:source_scenes"] == ["OSBS_029.tif"]
+    assert (out / "mosaic.qml").exists() and (out / "run.json").exists()
+
+
+def test_aoi_outside_polygon_is_nodata(tmp_path, client):
+    src = shared(*OSBS)
+    # a triangle: half of its bounding box is outside the polygon
+    tri = "POLYGON ((-81.9900 29.6924, -81.9897 29.6924, -81.9900 29.69265, -81.9900 29.6924))"
+    s = predict_aoi(tri, src, tmp_path / "t", JOB, cell_px=128, client=client, progress=False)
+    with rasterio.open(s.mosaic) as m:
+        h = m.read(1)
+        rows, cols = np.nonzero(np.isfinite(h))
+    # finite pixels form a lower-left triangle: the upper-right corner is nodata
+    assert np.isfinite(h).any()
+    assert not np.isfinite(h[rows.min(), cols.max()])
+
+
+# ------------------------------------------------------------------------------- real states, mixed CRSs
+
+
+def test_california_boundary_with_real_imagery(tmp_path, client):
+    src = shared("rgb_only", "2018_SJER_3_252000_4107000_image_477.tif")
+    s = predict_aoi("California", src, tmp_path / "ca", JOB, cell_px=128, client=client,
+                    progress=False)
+    assert s.cells_done >= 1
+    with rasterio.open(s.mosaic) as m:
+        assert m.crs.to_epsg() == 32611
+
+
+def _sao_paulo_scenes(folder: Path, rgb_array):
+    """Two generated scenes in São Paulo state, in UTM 22S and 23S, overlapping the 48° W meridian."""
+    folder.mkdir()
+    from pyproj import Transformer
+
+    for epsg in (32722, 32723):
+        x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(-48.0, -23.6)
+        t = Affine(0.5, 0, x - 60, 0, -0.5, y + 60)
+        write_raster(folder / f"scene_{epsg}.tif", rgb_array(240, 240), crs=f"EPSG:{epsg}", transform=t)
+    return folder
+
+
+def test_sao_paulo_mixed_crs_imagery_two_zones(tmp_path, client, rgb_array):
+    imagery = _sao_paulo_scenes(tmp_path / "img", rgb_array)
+    s = predict_aoi("São Paulo", imagery, tmp_path / "sp", JOB, cell_px=128, client=client,
+                    progress=False)
+    out = tmp_path / "sp"
+    assert s.mosaic.name == "mosaic.gti.gpkg"
+    assert (out / "mosaic_32722.vrt").exists() and (out / "mosaic_32723.vrt").exists()
+    with rasterio.open(s.mosaic) as m:  # GDAL's GTI driver reads cells of both zones
+        assert np.isfinite(m.read(1, out_shape=(1, 64, 64))).any()
+
+
+# ------------------------------------------------------------------------------- resume
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "canopy.cli", "predict", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "cells").glob("*.tif"))}
+
+
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, rgb_array):
+    src = write_raster(tmp_path / "scene.tif", rgb_array(400, 400),
+                       transform=Affine(0.6, 0, 404000.2, 0, -0.6, 3285000.4))
+    aoi = "-81.99,29.68,-81.97,29.70"
+    args = ["--aoi", aoi, "--imagery", src, "-c", "micro", "--cell-size", "64", "-q",
+            "--batch-size", "4"]
+    full = _cli(*args, "-o", tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+
+    run = _cli(*args, "-o", tmp_path / "killed", start_new_session=True)
+    manifest = tmp_path / "killed" / "manifest.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and its worker processes, mid-run
+    run.wait()
+    n_before = len(manifest.read_text().splitlines())
+    expected = _files(tmp_path / "full")
+    assert 5 <= n_before < len(expected), "the kill must land part-way"
+    assert not (tmp_path / "killed" / "mosaic.vrt").exists()
+
+    again = _cli(*args, "-o", tmp_path / "killed")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert "already done" in out
+    assert _files(tmp_path / "killed") == expected
+
+    # a truncated cell and a corrupted one (same size) are redone, not trusted
+    cells = sorted((tmp_path / "killed" / "cells").glob("*.tif"))
+    cells[0].write_bytes(cells[0].read_bytes()[:100])
+    data = bytearray(cells[1].read_bytes())
+    data[-10] ^= 0xFF
+    cells[1].write_bytes(bytes(data))
+    again = _cli(*args, "-o", tmp_path / "killed")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert out.startswith("2 cell(s) written")
+    assert _files(tmp_path / "killed") == expected
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(tmp_path, client, rgb_array):
+    src = shared(*OSBS)
+    with pytest.raises(InputError, match="does not intersect any"):
+        predict_aoi("Nevada", src, tmp_path / "x", JOB, client=client, progress=False)
+    from data_catalog.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="empty"):
+        predict_aoi("POLYGON EMPTY", src, tmp_path / "x", JOB, client=client, progress=False)
+    with pytest.raises(InputError, match="does not exist"):
+        predict_aoi(OSBS_AOI, tmp_path / "nope", tmp_path / "x", JOB, client=client, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_invalid_aoi_is_repaired_and_said(tmp_path, client):
+    src = shared(*OSBS)
+    bowtie = ("POLYGON ((-81.9900 29.6924, -81.9897 29.69265, -81.9897 29.6924, "
+              "-81.9900 29.69265, -81.9900 29.6924))")
+    from data_catalog.aoi import AOIRepairWarning
+
+    with pytest.warns(AOIRepairWarning):
+        s = predict_aoi(bowtie, src, tmp_path / "r", JOB, cell_px=128, client=client, progress=False)
+    assert s.cells_done >= 1
+
+
+def test_other_runs_manifest_needs_overwrite(tmp_path, client):
+    src = shared(*OSBS)
+    predict_aoi(OSBS_AOI, src, tmp_path / "o", JOB, cell_px=128, client=client, progress=False)
+    other = JobSpec(checkpoint="micro", batch_size=4, dtype="uint8")
+    with pytest.raises(OutputError, match="different run.*dtype"):
+        predict_aoi(OSBS_AOI, src, tmp_path / "o", other, cell_px=128, client=client, progress=False)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", other, cell_px=128, client=client,
+                    progress=False, overwrite=True)
+    with rasterio.open(s.mosaic) as m:
+        assert m.dtypes[0] == "uint8"
+
+
+def test_scheduler_that_does_not_answer(tmp_path):
+    src = shared(*OSBS)
+    with pytest.raises(InputError, match="did not answer"):
+        predict_aoi(OSBS_AOI, src, tmp_path / "s", JOB, cell_px=128,
+                    scheduler="tcp://127.0.0.1:9", progress=False)
