@@ -193,3 +193,20 @@ def test_console_script_end_to_end(tmp_path, good_rgb):
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and out.exists() and out.with_suffix(".qml").exists()
     assert "random weights" in res.stderr
+
+
+def test_edge_error_tags_describe_the_tiles_actually_run(tmp_path, micro_model, rgb_array):
+    """canopy evaluate finds tile borders from the tags: exactly the tiles predict cut."""
+    from canopy.evaluate.metrics import tile_border_positions
+    from canopy.evaluate.report import lattice_from_tags
+
+    src = write_raster(tmp_path / "t.tif", rgb_array(500, 300))
+    out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions(progress=False))
+    with rasterio.open(out) as ds:
+        tags = ds.tags()
+    assert (tags["CANOPY_TILE_COUNT_ROW"], tags["CANOPY_TILE_COUNT_COL"]) == ("3", "2")
+    lattice = lattice_from_tags(tags)
+    assert (lattice.count_row, lattice.count_col, lattice.stride) == (3, 2, 192)
+    # rows: tiles at 0, 192, 384 (the last one padded past 500) → borders 192, 256, 384, 448
+    assert list(tile_border_positions(500, 256, 192, 0, 3)) == [192, 256, 384, 448]
+    assert list(tile_border_positions(300, 256, 192, 0, 2)) == [192, 256]

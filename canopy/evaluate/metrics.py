@@ -367,18 +367,28 @@ class TileLattice:
     stride: int
     origin_col: int = 0
     origin_row: int = 0
+    # When set, only tiles k = 0..count-1 exist along that axis (a single-raster prediction
+    # computes tiles from its first pixel on, not the whole lattice: CANOPY_TILE_COUNT_* tags).
+    count_col: int | None = None
+    count_row: int | None = None
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.stride <= 0:
             raise ValueError("tile size and stride must be positive")
 
 
-def tile_border_positions(length: int, size: int, stride: int, origin: int) -> np.ndarray:
+def tile_border_positions(length: int, size: int, stride: int, origin: int,
+                          count: int | None = None) -> np.ndarray:
     """Pixel-edge positions p (0 < p < length) where a model tile starts or ends.
 
-    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride (k ∈ ℤ) and
-    end at start + size; only tiles overlapping [0, length) can put a border inside.
+    A border at p lies between pixels p − 1 and p. Tiles start at origin + k·stride (k ∈ ℤ, or
+    k = 0..count−1 when ``count`` is given) and end at start + size; only tiles overlapping
+    [0, length) can put a border inside.
     """
+    if count is not None:
+        starts = origin + stride * np.arange(count)
+        edges = np.concatenate([starts, starts + size])
+        return np.unique(edges[(edges > 0) & (edges < length)])
     k_lo = math.floor((-size - origin) / stride)       # last tile ending at or before 0, or earlier
     k_hi = math.ceil((length - origin) / stride)       # first tile starting at or after length
     starts = origin + stride * np.arange(k_lo, k_hi + 1)
@@ -430,8 +440,10 @@ def edge_sums(pred: np.ndarray, lattice: TileLattice, row_off: int = 0, col_off:
     a = np.asarray(pred, dtype=np.float64)
     h, w = a.shape
     full_h, full_w = raster_shape if raster_shape else (row_off + h, col_off + w)
-    cols = tile_border_positions(full_w, lattice.size, lattice.stride, lattice.origin_col)
-    rows = tile_border_positions(full_h, lattice.size, lattice.stride, lattice.origin_row)
+    cols = tile_border_positions(full_w, lattice.size, lattice.stride, lattice.origin_col,
+                                 lattice.count_col)
+    rows = tile_border_positions(full_h, lattice.size, lattice.stride, lattice.origin_row,
+                                 lattice.count_row)
     owned = h if pair_rows is None else min(pair_rows, h)
     out = EdgeSums()
     if w > 1:

@@ -300,8 +300,10 @@ def lattice_from_tags(tags: dict) -> TileLattice | None:
         stride = int(tags["CANOPY_TILE_STRIDE"])
     except (KeyError, ValueError):
         return None
+    counts = [int(tags[k]) if tags.get(k) else None
+              for k in ("CANOPY_TILE_COUNT_COL", "CANOPY_TILE_COUNT_ROW")]
     return TileLattice(size, stride, int(tags.get("CANOPY_TILE_ORIGIN_COL", 0) or 0),
-                       int(tags.get("CANOPY_TILE_ORIGIN_ROW", 0) or 0))
+                       int(tags.get("CANOPY_TILE_ORIGIN_ROW", 0) or 0), *counts)
 
 
 def prediction_edge_error(src, lattice: TileLattice, windows: Sequence = (),
@@ -723,7 +725,8 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
                                "(model-tile lattice unknown)"}
         else:
             e, scope = prediction_edge_error(src, lattice, windows, config.edge_error_max_pixels)
-            edge = {**e, "scope": scope, "lattice": asdict(lattice)}
+            edge = {**e, "scope": scope,
+                    "lattice": {k: v for k, v in asdict(lattice).items() if v is not None}}
 
         gedi_result = None
         if gedi:

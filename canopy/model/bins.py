@@ -22,8 +22,27 @@ def bin_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True)
 
 
+def bin_moments(logits: torch.Tensor, centres: torch.Tensor, with_second: bool = False):
+    """First (and second) moment of the bin distribution, [B, H, W] each, in bin units.
+
+    Σ_k p_k b_k with p_k = (r_k + ε)/Σ(r + ε), r = relu(l), is (Σ r_k b_k + ε Σ b) / (Σ r + ε K):
+    one pass over the logits instead of materialising the normalised [B, K, H, W] tensor
+    (the head's output is 256 values per pixel: this matters at state scale).
+    """
+    r = torch.relu(logits.float())
+    k = centres.numel()
+    denom = r.sum(dim=1) + BIN_EPS * k
+    first = (torch.einsum("bkhw,k->bhw", r, centres) + BIN_EPS * centres.sum()) / denom
+    if not with_second:
+        return first, None
+    c2 = centres * centres
+    second = (torch.einsum("bkhw,k->bhw", r, c2) + BIN_EPS * c2.sum()) / denom
+    return first, second
+
+
 def expected_height(probs: torch.Tensor, centres: torch.Tensor, scale: float) -> torch.Tensor:
-    """[B, K, H, W] → [B, H, W] metres: scale · Σ p_k b_k, clipped at 0 as the reference does."""
+    """[B, K, H, W] probabilities → [B, H, W] metres: scale · Σ p_k b_k, clipped at 0 as the
+    reference does."""
     return torch.relu(torch.einsum("bkhw,k->bhw", probs, centres) * scale)
 
 
@@ -32,3 +51,13 @@ def height_spread(probs: torch.Tensor, centres: torch.Tensor, scale: float) -> t
     mu = torch.einsum("bkhw,k->bhw", probs, centres)
     second = torch.einsum("bkhw,k->bhw", probs, centres * centres)
     return torch.sqrt(torch.clamp(second - mu * mu, min=0.0)) * scale
+
+
+def heights_from_logits(logits: torch.Tensor, centres: torch.Tensor, scale: float,
+                        with_std: bool = False):
+    """Metres (and spread in metres) straight from logits, via :func:`bin_moments`."""
+    first, second = bin_moments(logits, centres, with_second=with_std)
+    height = torch.relu(first * scale)
+    if not with_std:
+        return height
+    return height, torch.sqrt(torch.clamp(second - first * first, min=0.0)) * scale

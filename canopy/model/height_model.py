@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from canopy.model.bins import bin_centres, bin_probabilities, expected_height, height_spread
+from canopy.model.bins import bin_centres, heights_from_logits
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTHead
 from ssl_backbone.vit import DinoViT
@@ -56,10 +56,18 @@ class HeightModel(nn.Module):
         return logits[..., :h, :w]
 
     def heights(self, logits: torch.Tensor, with_std: bool = False):
-        probs = bin_probabilities(logits)
-        scale = self.cfg.decoder.output_scale
-        height = expected_height(probs, self.bin_centres, scale)
-        return (height, height_spread(probs, self.bin_centres, scale)) if with_std else height
+        """Bin logits → metres [B,H,W] (and the distribution's spread in metres)."""
+        return heights_from_logits(logits, self.bin_centres, self.cfg.decoder.output_scale,
+                                   with_std=with_std)
+
+    def prepare_for_inference(self, precision: str) -> "HeightModel":
+        """On a GPU with bf16, keep the weights in bf16 so autocast stops re-casting ~1 GB of
+        fp32 weights every forward pass. Buffers (bin centres, normalisation) stay fp32."""
+        self.eval()
+        if precision == "bf16" and self.device.type == "cuda":
+            self.backbone.to(torch.bfloat16)
+            self.decode_head.to(torch.bfloat16)
+        return self
 
     @torch.no_grad()
     def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):

@@ -71,7 +71,7 @@ def worker_model(job: JobSpec):
         if job.torch_threads:
             torch.set_num_threads(job.torch_threads)
         _MODELS.clear()  # one model per worker: never two big ones side by side
-        _MODELS[key] = load_model(job.checkpoint, device=job.device)
+        _MODELS[key] = load_model(job.checkpoint, device=job.device).prepare_for_inference(job.precision)
     return _MODELS[key]
 
 

@@ -13,7 +13,7 @@ import canopy
 from canopy.errors import InputError, OutputError
 from canopy.io.cog import check_output_path, write_cog
 from canopy.io.imagery import read_rgb_on_grid
-from canopy.predict.blend import count_tiles, default_stride, predict_array
+from canopy.predict.blend import count_tiles, default_stride, predict_array, tile_starts
 
 DTYPES = ("float32", "uint8")
 UINT8_NODATA = 255
@@ -55,7 +55,7 @@ def to_output_dtype(height: np.ndarray, dtype: str) -> tuple[np.ndarray, float |
 
 
 def output_tags(model, opts: PredictOptions, source: str, resampling: str, stride: int,
-                origin=(0, 0)) -> dict[str, str]:
+                shape: tuple[int, int]) -> dict[str, str]:
     cfg = model.cfg
     return {
         "CANOPY_SOFTWARE": f"canopy-height {canopy.__version__}",
@@ -69,8 +69,11 @@ def output_tags(model, opts: PredictOptions, source: str, resampling: str, strid
         "CANOPY_RESAMPLING": resampling,
         "CANOPY_TILE_SIZE": str(cfg.tile_size),
         "CANOPY_TILE_STRIDE": str(stride),
-        "CANOPY_TILE_ORIGIN_ROW": str(origin[0]),
-        "CANOPY_TILE_ORIGIN_COL": str(origin[1]),
+        # tiles start at 0, stride, ... (count of them per axis), as blend.tile_starts cuts them
+        "CANOPY_TILE_ORIGIN_ROW": "0",
+        "CANOPY_TILE_ORIGIN_COL": "0",
+        "CANOPY_TILE_COUNT_ROW": str(len(tile_starts(shape[0], cfg.tile_size, stride))),
+        "CANOPY_TILE_COUNT_COL": str(len(tile_starts(shape[1], cfg.tile_size, stride))),
     }
 
 
@@ -86,6 +89,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         raise OutputError(f"output '{output_path}' must end in .tif (a Cloud Optimized GeoTIFF)")
     check_output_path(output_path, opts.overwrite, create=False)  # fail before any compute
 
+    model.prepare_for_inference(opts.precision)
     img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
                            scale=opts.scale)
     stride = opts.stride or default_stride(model.cfg.tile_size)
@@ -111,7 +115,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         spread_out, _ = to_output_dtype(spread, opts.dtype)
         bands.append(spread_out)
         descriptions.append("canopy_height_std")
-    tags = output_tags(model, opts, Path(input_path).name, img.resampling, stride)
+    tags = output_tags(model, opts, Path(input_path).name, img.resampling, stride,
+                       img.valid.shape)
     return write_cog(output_path, np.stack(bands), crs=img.crs, transform=img.transform,
                      nodata=nodata, descriptions=descriptions, units="m", tags=tags,
                      overwrite=opts.overwrite)
