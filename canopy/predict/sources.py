@@ -110,9 +110,23 @@ def _date_key(dt: str | None) -> float:
 READ_BLOCK_PX = 512
 
 
+def _resampling(ds, scene: Scene, dst_crs: CRS, gsd: float) -> Resampling:
+    """average when the scene is finer than the output, nearest when it already sits on the
+    output lattice (a copy), bilinear when it is coarser or off-lattice."""
+    if ds.crs.is_geographic:
+        return Resampling.average
+    if scene.res < gsd * (1 - 1e-6):
+        return Resampling.average
+    t = ds.transform
+    on_lattice = (ds.crs == dst_crs and abs(abs(t.a) - gsd) < 1e-9 * gsd
+                  and abs(abs(t.e) - gsd) < 1e-9 * gsd and t.b == 0 and t.d == 0
+                  and abs(t.c / gsd - round(t.c / gsd)) < 1e-6
+                  and abs(t.f / gsd - round(t.f / gsd)) < 1e-6)
+    return Resampling.nearest if on_lattice else Resampling.bilinear
+
+
 def _warp_block(ds, scene: Scene, dst_crs: CRS, transform: Affine, size: int, gsd: float):
-    finer = scene.res < gsd if not ds.crs.is_geographic else True
-    method = Resampling.average if finer else Resampling.bilinear
+    method = _resampling(ds, scene, dst_crs, gsd)
     with WarpedVRT(ds, crs=dst_crs, transform=transform, width=size, height=size,
                    resampling=method, tolerance=WARP_TOLERANCE_PX,
                    add_alpha=ds.nodata is None) as vrt:

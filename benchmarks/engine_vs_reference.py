@@ -1,0 +1,335 @@
+"""The state-scale engine against the HighResCanopyHeight notebook's loop, same raster, same weights.
+
+Reference (``run_chm_model.ipynb::windowed_infer_loop`` as described in
+../shared/specs/hrch_compat.md §1.7b): 1024-px windows that do not overlap (the last row/column
+shifted to end at the edge), each cut into 256-px tiles at stride 192, all tiles of a window in
+one batch, Gaussian apodisation (1 in the central 224², 0 in a 16-px border, blurred with σ = 8,
+floor 1e-14), no blending between windows. Run as published (fp32) and in bf16 autocast, so
+precision and engineering are told apart.
+
+Engine: ``canopy predict --aoi`` (predict_aoi) on a LocalCluster with one worker process, cells
+aligned with the raster, timed twice: cold (cluster start + model load included) and warm.
+
+Each variant runs in its own process; peak RSS is the largest summed RSS of that process and its
+children, sampled every 0.1 s. Random weights measure speed only; ``--edge-checkpoint`` names a
+trained model for the edge-error figure of both loops.
+
+    python benchmarks/engine_vs_reference.py --size 2048 --checkpoint hrch_v1_large_random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GSD = 0.6
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+class PeakRSS:
+    """Largest summed RSS of this process and its children while the block runs."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, False
+
+        def poll():
+            while not self._stop:
+                try:
+                    rss = self.proc.memory_info().rss + sum(
+                        c.memory_info().rss for c in self.proc.children(recursive=True))
+                    self.peak = max(self.peak, rss)
+                except Exception:
+                    pass
+                time.sleep(0.1)
+
+        self._t = threading.Thread(target=poll, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+
+
+def make_scene(path: Path, size: int, cell_px: int) -> Path:
+    """size² uint8 RGB at 0.6 m in EPSG:32617, mirrored from the real NEON sample scene, with its
+    upper-left corner on the engine's cell lattice so one cell is one block of the raster."""
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(ROOT / "canopy" / "data" / "sample_osbs_029.tif") as ds:
+        tile = ds.read()
+    tile = np.where(tile == 255, 254, tile)  # the sample's nodata value must not punch holes
+    reps = -(-size // tile.shape[1]) + 1
+    row = np.concatenate([tile if i % 2 == 0 else tile[:, :, ::-1] for i in range(reps)], axis=2)
+    cell_m = cell_px * GSD
+    x0, y0 = 330 * cell_m, 2674 * cell_m
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32617", transform=Affine(GSD, 0, x0, 0, -GSD, y0), tiled=True,
+                       compress="deflate", BIGTIFF="IF_SAFER") as out:
+        for r0 in range(0, size, 1024):
+            h = min(1024, size - r0)
+            rows = np.arange(r0, r0 + h) % (2 * tile.shape[1])
+            rows = np.where(rows < tile.shape[1], rows, 2 * tile.shape[1] - 1 - rows)
+            out.write(np.ascontiguousarray(row[:, rows, :size]),
+                      window=rasterio.windows.Window(0, r0, size, h))
+    return path
+
+
+def apodisation(tile: int = 256, border: int = 16, sigma: float = 8.0) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    w = np.zeros((tile, tile), np.float64)
+    w[border:tile - border, border:tile - border] = 1.0
+    return np.maximum(gaussian_filter(w, sigma), 1e-14)
+
+
+def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, tile: int = 256,
+                   stride: int = 192) -> np.ndarray:
+    """The notebook's method, faithfully: no overlap between windows, no blending across them."""
+    import torch
+
+    _, h, w = img.shape
+    out = np.zeros((h, w), np.float32)
+    weight = apodisation(tile)
+
+    def starts(n):
+        s = list(range(0, max(n - window, 0) + 1, window))
+        if s[-1] + window < n:
+            s.append(n - window)  # last window shifted to end at the edge (overwrites)
+        return s
+
+    for r0 in starts(h):
+        for c0 in starts(w):
+            win = img[:, r0:r0 + window, c0:c0 + window]
+            pos = [(r, c) for r in range(0, window - tile + 1, stride)
+                   for c in range(0, window - tile + 1, stride)]
+            batch = torch.from_numpy(np.stack([win[:, r:r + tile, c:c + tile] for r, c in pos]))
+            hgt = model.predict_tensor(batch, precision=precision).float().numpy()
+            num = np.zeros((window, window))
+            den = np.zeros((window, window))
+            for (r, c), p in zip(pos, hgt):
+                num[r:r + tile, c:c + tile] += weight * p
+                den[r:r + tile, c:c + tile] += weight
+            out[r0:r0 + window, c0:c0 + window] = num / den
+    return out
+
+
+def ref_tile_count(size: int, window: int = 1024, tile: int = 256, stride: int = 192) -> int:
+    n_win = -(-size // window)
+    per = ((window - tile) // stride + 1) ** 2
+    return n_win * n_win * per
+
+
+# --------------------------------------------------------------------------------- variants
+
+
+def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict:
+    import rasterio
+
+    from canopy.model.checkpoints import load_model
+
+    model = load_model(checkpoint)
+    with rasterio.open(scene) as ds:
+        img, profile = ds.read(), ds.profile
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        pred = reference_loop(model, img, precision)
+        dt = time.perf_counter() - t0
+    profile.update(count=1, dtype="float32", nodata=float("nan"), compress="deflate")
+    with rasterio.open(out, "w", **profile) as o:
+        o.write(pred, 1)
+    return {"variant": f"reference {precision}", "seconds": dt, "px_per_s": pred.size / dt,
+            "tiles": ref_tile_count(img.shape[1]), "peak_rss_gib": rss.peak / 2**30}
+
+
+def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: int,
+               batch: int, threads: int) -> dict:
+    from distributed import Client, LocalCluster
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    from canopy.predict.engine import JobSpec, predict_aoi
+
+    with rasterio.open(scene) as ds:
+        w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+        pixels = ds.width * ds.height
+    # an AOI a hair inside the raster: cells are exactly the raster's blocks
+    eps = 1e-6
+    aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
+    job = JobSpec(checkpoint=checkpoint, precision=precision, batch_size=batch,
+                  torch_threads=threads)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+        client = Client(cluster)
+        cold = predict_aoi(aoi, scene, Path(out) / "cold", job, cell_px=cell_px, client=client,
+                           progress=False)
+        t_cold = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        predict_aoi(aoi, scene, Path(out) / "warm", job, cell_px=cell_px, client=client,
+                    progress=False)
+        t_warm = time.perf_counter() - t1
+        client.close()
+        cluster.close()
+    return {"variant": f"engine {precision}", "seconds": t_warm, "seconds_cold": t_cold,
+            "px_per_s": pixels / t_warm, "cells": cold.cells_done,
+            "peak_rss_gib": rss.peak / 2**30, "mosaic": str(Path(out) / "warm" / "mosaic.vrt")}
+
+
+def engine_tiles(size: int, cell_px: int, tile=256, stride=192) -> int:
+    from canopy.predict.grid import Cell, tile_window
+
+    n = size // cell_px
+    total = 0
+    for i in range(n):
+        for j in range(n):
+            _, _, nr, nc = tile_window(Cell(32617, 330 + j, 2673 - i, cell_px, GSD), tile, stride)
+            total += ((nr - tile) // stride + 1) * ((nc - tile) // stride + 1)
+    return total
+
+
+def sub(*args) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--_run", *map(str, args)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def edge_error_of(path: str, lattice) -> float:
+    import rasterio
+
+    from canopy.evaluate.metrics import edge_sums
+
+    with rasterio.open(path) as ds:
+        a = ds.read(1)
+    return edge_sums(a, lattice).metrics()["edge_error"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--checkpoint", default="hrch_v1_large_random")
+    ap.add_argument("--cell-px", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; best kept")
+    ap.add_argument("--edge-checkpoint", default=None, help="trained model for the edge-error figure")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--_run", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._run:
+        kind, *rest = args._run
+        if kind == "ref":
+            print(json.dumps(run_reference(*rest)))
+        else:
+            scene, ckpt, prec, out, cell, batch, threads = rest
+            print(json.dumps(run_engine(scene, ckpt, prec, out, int(cell), int(batch), int(threads))))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="canopy_engine_bench_"))
+    scene = make_scene(tmp / "scene.tif", args.size, args.cell_px)
+    best: dict[str, dict] = {}
+    for rep in range(args.repeats):
+        for kind, prec in (("ref", "fp32"), ("ref", "bf16"), ("engine", "bf16"), ("engine", "fp32")):
+            out = tmp / f"{kind}_{prec}_{rep}"
+            if kind == "ref":
+                r = sub("ref", scene, args.checkpoint, prec, f"{out}.tif")
+                r["output"] = f"{out}.tif"
+            else:
+                r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size, args.threads)
+            print(f"{r['variant']}: {r['px_per_s']:,.0f} px/s", file=sys.stderr, flush=True)
+            if r["variant"] not in best or r["px_per_s"] > best[r["variant"]]["px_per_s"]:
+                best[r["variant"]] = r
+    ref32, ref16 = best["reference fp32"]["px_per_s"], best["reference bf16"]["px_per_s"]
+    for r in best.values():
+        r["x_ref_fp32"], r["x_ref_bf16"] = r["px_per_s"] / ref32, r["px_per_s"] / ref16
+
+    # model FLOPs of the tiles actually run ÷ measured bf16 matmul rate on this machine
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from canopy.model.checkpoints import load_model
+
+    model = load_model(args.checkpoint)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(model.normalize(torch.zeros(1, 3, 256, 256)))
+    gflop = fc.get_total_flops() / 1e9
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    mm = 2 * 2048**3 * 5 / (time.perf_counter() - t0) / 1e9
+    n_eng = engine_tiles(args.size, args.cell_px)
+    e16 = best["engine bf16"]
+    e16["tiles"] = n_eng
+    e16["share_of_bf16_matmul_floor"] = n_eng * gflop / e16["seconds"] / mm
+    best["reference bf16"]["share_of_bf16_matmul_floor"] = (
+        best["reference bf16"]["tiles"] * gflop / best["reference bf16"]["seconds"] / mm)
+    summary = {"command": " ".join(["python benchmarks/engine_vs_reference.py", *sys.argv[1:]]),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "size": args.size,
+               "gflop_per_tile": gflop, "bf16_matmul_gflops": mm, "results": best}
+    km2_per_s = e16["px_per_s"] * GSD * GSD / 1e6
+    summary["engine_bf16_seconds_per_km2"] = 1 / km2_per_s
+    summary["california_cpu_days_projection"] = 409_938 / km2_per_s / 86400
+
+    if args.edge_checkpoint:
+        from canopy.evaluate.metrics import TileLattice
+
+        edge = {}
+        for kind, prec in (("ref", "fp32"), ("engine", "fp32")):
+            out = tmp / f"edge_{kind}"
+            if kind == "ref":
+                r = sub("ref", scene, args.edge_checkpoint, prec, f"{out}.tif")
+                # reference borders: tiles every 192 px inside each 1024 window + window edges
+                lat = TileLattice(256, 192, 0, 0)
+                edge["reference"] = edge_error_of(f"{out}.tif", lat)
+            else:
+                r = sub("engine", scene, args.edge_checkpoint, prec, out, args.cell_px, args.batch_size, args.threads)
+                import rasterio
+
+                with rasterio.open(Path(r["mosaic"]).parent / "cells" / sorted(os.listdir(Path(r["mosaic"]).parent / "cells"))[0]) as ds:
+                    t = ds.tags()
+                lat = TileLattice(int(t["CANOPY_TILE_SIZE"]), int(t["CANOPY_TILE_STRIDE"]),
+                                  int(t["CANOPY_TILE_ORIGIN_COL"]), int(t["CANOPY_TILE_ORIGIN_ROW"]))
+                edge["engine"] = edge_error_of(r["mosaic"], lat)
+        summary["edge_error"] = edge
+
+    print(f"\n`{summary['command']}` — {summary['machine']}\n")
+    print("| variant | px/s | × ref fp32 | × ref bf16 | seconds | peak RSS (GiB) |\n|---|---|---|---|---|---|")
+    for r in best.values():
+        print(f"| {r['variant']} | {r['px_per_s']:,.0f} | {r['x_ref_fp32']:.2f} | {r['x_ref_bf16']:.2f} "
+              f"| {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |")
+    print(f"\nGFLOP per tile {gflop:.0f}; bf16 matmul {mm:.0f} GFLOP/s; engine tiles {n_eng}, "
+          f"reference tiles {best['reference bf16']['tiles']}; engine bf16 reaches "
+          f"{e16['share_of_bf16_matmul_floor']:.0%} of the matmul floor "
+          f"(reference bf16 {best['reference bf16']['share_of_bf16_matmul_floor']:.0%})")
+    print(f"engine bf16: {summary['engine_bf16_seconds_per_km2']:.0f} s per km² at 0.6 m → California "
+          f"(409,938 km²) ≈ {summary['california_cpu_days_projection']:,.0f} days on this CPU (projection)")
+    if "edge_error" in summary:
+        print(f"edge error (trained {args.edge_checkpoint}): {summary['edge_error']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
