@@ -28,6 +28,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --aoi: worker processes of the local cluster (default 1)."),
     cell_size: int = typer.Option(4096, "--cell-size", min=64, help="With --aoi: output cell size in pixels."),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1, help="With --aoi: torch threads per worker."),
+    verify: bool = typer.Option(False, "--verify", help="With --aoi, on resume: re-hash every finished cell instead of trusting unchanged size and mtime."),
     checkpoint: str = typer.Option(
         "default", "--checkpoint", "-c",
         help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
@@ -49,7 +50,7 @@ def predict(
     if aoi is not None:
         return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
                             dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
-                            torch_threads, quiet)
+                            torch_threads, quiet, verify)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
@@ -75,7 +76,8 @@ def predict(
 
 
 def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size, dtype,
-                 uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet):
+                 uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet,
+                 verify):
     from canopy.predict.engine import JobSpec, predict_aoi
     from canopy.predict.raster import resolve_device
 
@@ -90,7 +92,7 @@ def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size
                   batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
                   torch_threads=torch_threads)
     summary = predict_aoi(aoi, imagery, output, job, cell_px=cell_size, scheduler=scheduler,
-                          workers=workers, overwrite=overwrite, progress=not quiet)
+                          workers=workers, overwrite=overwrite, progress=not quiet, verify=verify)
     typer.echo(
         f"{summary.cells_done} cell(s) written, {summary.cells_skipped} already done, "
         f"{summary.cells_empty} without data, in {summary.seconds:.1f} s; "

@@ -123,7 +123,9 @@ def predict_array(
     _, h, w = image.shape
     valid = np.ones((h, w), bool) if valid is None else valid.astype(bool)
     fill = fill_colour(model)
-    image = np.where(valid[None], image, fill[:, None, None]).astype(np.uint8)
+    all_valid = bool(valid.all())
+    if not all_valid:  # whole-image passes cost real time at 10⁸ px: skip them when there is nothing to mask
+        image = np.where(valid[None], image, fill[:, None, None]).astype(np.uint8)
 
     rows = tile_starts(h, tile, stride, origin[0])
     cols = tile_starts(w, tile, stride, origin[1])
@@ -131,9 +133,6 @@ def predict_array(
     bottom = max(0, rows[-1] + tile - h)
     right = max(0, cols[-1] + tile - w)
     img_p, valid_p = _pad_image(image, valid, (top, bottom, left, right), pad_mode, fill)
-    # padded pixels were never observed: keep them out of the model's input statistics
-    if pad_mode != "reflect":
-        img_p = np.where(valid_p[None], img_p, fill[:, None, None]).astype(np.uint8)
 
     ph, pw = img_p.shape[1:]
     device = model.device
@@ -169,9 +168,10 @@ def predict_array(
     crop = (slice(top, top + h), slice(left, left + w))
     height = (num[crop] / den[crop]).float().cpu().numpy()
     spread = (num_std[crop] / den[crop]).float().cpu().numpy() if with_std else None
-    height[~valid] = np.nan
-    if spread is not None:
-        spread[~valid] = np.nan
+    if not all_valid:
+        height[~valid] = np.nan
+        if spread is not None:
+            spread[~valid] = np.nan
     return height, spread
 
 

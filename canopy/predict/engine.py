@@ -29,7 +29,7 @@ import shapely
 from rasterio.features import geometry_mask
 
 import canopy
-from canopy.errors import InputError
+from canopy.errors import CanopyError, InputError
 from canopy.io.cog import write_cog
 from canopy.predict.blend import default_stride, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
@@ -60,6 +60,21 @@ class JobSpec:
 _MODELS: dict = {}
 
 
+def worker_device(device: str) -> str:
+    """``cuda`` on a node with several GPUs: worker k of a LocalCluster takes GPU k mod n."""
+    import torch
+
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        return f"cuda:{int(name) % torch.cuda.device_count()}"
+    except (ValueError, TypeError):  # not inside a worker, or a non-numeric worker name
+        return device
+
+
 def worker_model(job: JobSpec):
     """The model for this worker process, loaded on first use and kept."""
     key = (job.checkpoint, job.device)
@@ -71,7 +86,8 @@ def worker_model(job: JobSpec):
         if job.torch_threads:
             torch.set_num_threads(job.torch_threads)
         _MODELS.clear()  # one model per worker: never two big ones side by side
-        _MODELS[key] = load_model(job.checkpoint, device=job.device).prepare_for_inference(job.precision)
+        model = load_model(job.checkpoint, device=worker_device(job.device))
+        _MODELS[key] = model.prepare_for_inference(job.precision)
     return _MODELS[key]
 
 
@@ -125,8 +141,9 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     path = write_cog(Path(out_dir) / rel, np.stack(bands), crs=cell.crs, transform=cell.transform,
                      nodata=nodata, descriptions=desc, units="m", tags=tags, overwrite=True,
                      qml=False)
-    return {**record, "status": "done", "path": rel, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "sources": used,
+    st = path.stat()
+    return {**record, "status": "done", "path": rel, "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path), "sources": used,
             "datetime_start": dates[0] if dates else None,
             "datetime_end": dates[-1] if dates else None,
             "seconds": round(time.time() - t0, 3)}
@@ -204,11 +221,15 @@ def predict_aoi(
     progress: bool = True,
     max_in_flight: int | None = None,
     client=None,
+    verify: bool = False,
 ) -> RunSummary:
     """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest.
 
     ``client`` (a ``distributed.Client``) is used as is and left open; otherwise one is made
-    from ``scheduler`` or a new LocalCluster and closed at the end.
+    from ``scheduler`` or a new LocalCluster and closed at the end. ``verify`` re-hashes every
+    finished cell on resume instead of trusting unchanged size + mtime. A cell whose task fails
+    is logged as failed (the run goes on), then the run ends with an error naming it; running
+    the command again retries it.
     """
     from data_catalog.aoi import resolve_aoi
 
@@ -230,6 +251,7 @@ def predict_aoi(
     run = {
         "format": 1, "software": f"canopy-height {canopy.__version__}",
         "aoi": area.name, "aoi_sha256": _aoi_sha(area.geometry), "model": cfg.name,
+        "model_version": cfg.version,
         "model_ref": model_ref, "model_sha256": model_sha, "gsd": cfg.gsd, "cell_px": cell_px,
         "stride": stride, "dtype": job.dtype, "precision": job.precision,
         "uncertainty": job.uncertainty, "imagery_sha256": _imagery_sha(scenes),
@@ -244,14 +266,19 @@ def predict_aoi(
 
     tree = STRtree([s.footprint for s in scenes])
     cells = cells_for_aoi(area.geometry.intersection(coverage.buffer(1e-6)), cfg.gsd, cell_px)
-    todo, skipped = [], 0
+    todo, skipped, no_imagery = [], 0, 0
     for cell, geom in cells:
-        if manifest.is_finished(cell.id):
+        if manifest.is_finished(cell.id, verify=verify):
             skipped += 1
             continue
         dr, dc, nr, nc = tile_window(cell, cfg.tile_size, stride)
         wt = cell.transform @ Affine.translation(dc, dr)
         hit = scenes_for_window(scenes, cell.crs, wt, (nr, nc), tree)
+        if not hit:  # no scene reaches this cell: nothing to schedule
+            manifest.append({"id": cell.id, "epsg": cell.epsg, "status": "empty",
+                             "reason": "no imagery"})
+            no_imagery += 1
+            continue
         aoi_wkb = shapely.to_wkb(geom.intersection(shapely.box(*cell.bounds)))
         todo.append((cell, aoi_wkb, hit))
 
@@ -260,12 +287,14 @@ def predict_aoi(
     dashboard = getattr(client, "dashboard_link", None)
     if progress and dashboard:
         print(f"Dask dashboard: {dashboard}", file=sys.stderr)
-    done = empty = 0
+    done, empty = 0, no_imagery
+    failed: list[dict] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells), initial=skipped, unit="cell", file=sys.stderr, disable=None)
+        bar = tqdm(total=len(cells), initial=skipped + no_imagery, unit="cell", file=sys.stderr,
+                   disable=None)
     try:
         from distributed import as_completed
 
@@ -273,21 +302,31 @@ def predict_aoi(
         window = max_in_flight or 2 * n_workers
         pending = iter(todo)
         futures = as_completed()
-        for _ in range(window):
+        cell_of = {}
+
+        def submit_next() -> None:
             item = next(pending, None)
-            if item is None:
-                break
-            futures.add(client.submit(predict_cell, *item, job, str(out_dir), pure=False))
+            if item is not None:
+                fut = client.submit(predict_cell, *item, job, str(out_dir), pure=False)
+                cell_of[fut.key] = item[0]
+                futures.add(fut)
+
+        for _ in range(window):
+            submit_next()
         for fut in futures:
-            rec = fut.result()
+            cell = cell_of.pop(fut.key)
+            try:
+                rec = fut.result()
+            except Exception as exc:  # one bad scene or a lost worker must not sink a state run
+                rec = {"id": cell.id, "epsg": cell.epsg, "status": "failed",
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                failed.append(rec)
             manifest.append(rec)
             done += rec["status"] == "done"
             empty += rec["status"] == "empty"
             if bar is not None:
                 bar.update(1)
-            item = next(pending, None)
-            if item is not None:
-                futures.add(client.submit(predict_cell, *item, job, str(out_dir), pure=False))
+            submit_next()
     finally:
         if bar is not None:
             bar.close()
@@ -297,5 +336,10 @@ def predict_aoi(
             if cluster is not None and scheduler is None:
                 cluster.close()
 
+    if failed:
+        raise CanopyError(
+            f"{len(failed)} cell(s) failed, first {failed[0]['id']}: {failed[0]['error']} "
+            f"(logged in {manifest.path}; run the same command again to retry them)"
+        )
     mosaic = finish_outputs(out_dir, manifest, run, area)
     return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard)

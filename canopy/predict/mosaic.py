@@ -205,7 +205,8 @@ def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
         props = {
             "gsd": run["gsd"], "proj:code": f"EPSG:{r['epsg']}", "proj:shape": shape,
             "proj:transform": transform, "proj:bbox": bounds,
-            "canopy:model": run["model"], "canopy:model_sha256": run["model_sha256"],
+            "canopy:model": run["model"], "canopy:model_version": run.get("model_version"),
+            "canopy:model_sha256": run["model_sha256"],
             "canopy:cell": r["id"], "canopy:software": run["software"],
             "canopy:source_scenes": [Path(s).name for s in r.get("sources", [])],
         }
