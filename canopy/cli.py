@@ -28,6 +28,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --aoi: worker processes of the local cluster (default 1)."),
     cell_size: int = typer.Option(4096, "--cell-size", min=64, help="With --aoi: output cell size in pixels."),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1, help="With --aoi: torch threads per worker."),
+    gedi_correction: Optional[Path] = typer.Option(None, "--gedi-correction", help="Folder of a GEDI correction model (canopy train-gedi-correction): heights × its smooth per-block factor field."),
     verify: bool = typer.Option(False, "--verify", help="With --aoi, on resume: re-hash every finished cell instead of trusting unchanged size and mtime."),
     checkpoint: str = typer.Option(
         "default", "--checkpoint", "-c",
@@ -50,7 +51,7 @@ def predict(
     if aoi is not None:
         return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
                             dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
-                            torch_threads, quiet, verify)
+                            torch_threads, quiet, verify, gedi_correction)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
@@ -70,14 +71,15 @@ def predict(
                    err=True)
     opts = PredictOptions(device=device, precision=precision, batch_size=batch_size, dtype=dtype,
                           uncertainty=uncertainty, overwrite=overwrite, bands=bands, crs=crs,
-                          scale=scale, stride=stride, progress=not quiet)
+                          scale=scale, stride=stride, progress=not quiet,
+                          gedi_correction=str(gedi_correction) if gedi_correction else None)
     out = predict_raster(input, output, model, opts)
     typer.echo(f"wrote {out}")
 
 
 def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size, dtype,
                  uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet,
-                 verify):
+                 verify, gedi_correction):
     from canopy.predict.engine import JobSpec, predict_aoi
     from canopy.predict.raster import resolve_device
 
@@ -90,7 +92,8 @@ def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size
     resolve_device(device)
     job = JobSpec(checkpoint=str(checkpoint), device=device, precision=precision,
                   batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
-                  torch_threads=torch_threads)
+                  torch_threads=torch_threads,
+                  gedi_correction=str(gedi_correction) if gedi_correction else None)
     summary = predict_aoi(aoi, imagery, output, job, cell_px=cell_size, scheduler=scheduler,
                           workers=workers, overwrite=overwrite, progress=not quiet, verify=verify)
     typer.echo(
@@ -129,10 +132,12 @@ def _register_subcommands() -> None:
     from data_catalog.cli import app as catalog_app
 
     from canopy.evaluate.cli import register as register_evaluate
+    from canopy.train.gedi_cli import register as register_gedi_correction
 
     app.add_typer(catalog_app, name="catalog",
                   help="Spatial index of imagery, lidar CHMs/point clouds and GEDI shots.")
     register_evaluate(app)
+    register_gedi_correction(app)
 
 
 _register_subcommands()

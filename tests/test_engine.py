@@ -266,3 +266,35 @@ def test_scheduler_that_does_not_answer(tmp_path):
     with pytest.raises(InputError, match="did not answer"):
         predict_aoi(OSBS_AOI, src, tmp_path / "s", JOB, cell_px=128,
                     scheduler="tcp://127.0.0.1:9", progress=False)
+
+
+# ------------------------------------------------------------------------------- GEDI correction
+
+
+@pytest.fixture(scope="module")
+def correction_dir(tmp_path_factory):
+    """An untrained correction model whose factor varies from block to block (plumbing only)."""
+    import torch
+
+    from canopy.train.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
+
+    torch.manual_seed(3)
+    model = GediCorrectionNet(CorrectionConfig(block_px=64, input_px=32, gsd=0.6)).eval()
+    torch.nn.init.normal_(model.head[-1].weight, std=0.5)
+    return save_correction(model, tmp_path_factory.mktemp("corr") / "gedi1")
+
+
+def test_gedi_correction_keeps_cells_seam_free(tmp_path, client, correction_dir):
+    """With a correction, two cell sizes still give identical arrays, and the factor is applied."""
+    src = shared(*OSBS)
+    job = JobSpec(checkpoint="micro", batch_size=4, gedi_correction=str(correction_dir))
+    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", job, cell_px=64, client=client, progress=False)
+    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", job, cell_px=100, client=client, progress=False)
+    A, B = read_common(a.mosaic, b.mosaic)
+    np.testing.assert_array_equal(A, B)
+    plain = predict_aoi(OSBS_AOI, src, tmp_path / "p", JOB, cell_px=64, client=client, progress=False)
+    P, C = read_common(plain.mosaic, a.mosaic)
+    ok = np.isfinite(C)
+    assert ok.sum() > 2000
+    ratio = C[ok] / P[ok]
+    assert ratio.std() > 1e-3 and (ratio > 0.25).all() and (ratio < 4).all()

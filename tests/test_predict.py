@@ -210,3 +210,26 @@ def test_edge_error_tags_describe_the_tiles_actually_run(tmp_path, micro_model, 
     # rows: tiles at 0, 192, 384 (the last one padded past 500) → borders 192, 256, 384, 448
     assert list(tile_border_positions(500, 256, 192, 0, 3)) == [192, 256, 384, 448]
     assert list(tile_border_positions(300, 256, 192, 0, 2)) == [192, 256]
+
+
+def test_gedi_correction_multiplies_by_the_factor_field(tmp_path, micro_model, rgb_array):
+    import torch as _torch
+
+    from canopy.predict.correction import factor_field
+    from canopy.train.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
+
+    _torch.manual_seed(1)
+    corr = GediCorrectionNet(CorrectionConfig(block_px=128, input_px=32, gsd=0.6)).eval()
+    _torch.nn.init.normal_(corr.head[-1].weight, std=0.5)
+    folder = save_correction(corr, tmp_path / "gedi1")
+    rgb = rgb_array(300, 300)
+    src = write_raster(tmp_path / "s.tif", rgb)
+    plain = predict_raster(src, tmp_path / "plain.tif", micro_model, PredictOptions(progress=False))
+    fixed = predict_raster(src, tmp_path / "fixed.tif", micro_model,
+                           PredictOptions(progress=False, gedi_correction=str(folder)))
+    with rasterio.open(plain) as p, rasterio.open(fixed) as f:
+        h, hc, t = p.read(1), f.read(1), p.transform
+        assert f.tags()["CANOPY_GEDI_CORRECTION"] == "gedi1"
+    field = factor_field(t, h.shape, rgb, "EPSG:32617", corr)
+    np.testing.assert_allclose(hc, (h.astype(np.float64) * field).astype(np.float32), rtol=1e-6)
+    assert field.std() > 1e-3

@@ -52,12 +52,23 @@ class JobSpec:
     uncertainty: bool = False
     stride: int | None = None
     torch_threads: int | None = None
+    gedi_correction: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # worker side
 
 _MODELS: dict = {}
+_CORRECTIONS: dict = {}
+
+
+def worker_correction(job: JobSpec):
+    if job.gedi_correction not in _CORRECTIONS:
+        from canopy.predict.correction import load_correction
+
+        _CORRECTIONS.clear()
+        _CORRECTIONS[job.gedi_correction] = load_correction(job.gedi_correction)
+    return _CORRECTIONS[job.gedi_correction]
 
 
 def worker_device(device: str) -> str:
@@ -111,6 +122,18 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     crop = (slice(-dr, -dr + cell.cell_px), slice(-dc, -dc + cell.cell_px))
     height = height[crop]
     spread = spread[crop] if spread is not None else None
+    if job.gedi_correction:
+        # the factor of a block depends on the whole block's imagery: read the blocks around the
+        # cell (not just its tile halo) so every cell gets what a whole-area call would give
+        from canopy.predict.correction import required_window
+        from canopy.predict.raster import correct_heights
+
+        corr = worker_correction(job)
+        win = required_window(cell.transform, (cell.cell_px, cell.cell_px), corr)
+        wt = win.transform(cell.transform)
+        rgb_c, ok_c, _ = read_mosaic(scenes, cell.crs, wt, (win.height, win.width), cell.gsd)
+        height, spread = correct_heights(corr, height, spread, rgb_c, ok_c, cell.transform,
+                                         cell.crs, rgb_transform=wt)
     outside = geometry_mask([shapely.from_wkb(aoi_wkb)], out_shape=height.shape,
                             transform=cell.transform, invert=False)
     height[outside] = np.nan
@@ -131,6 +154,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
         "CANOPY_MODEL": cfg.name, "CANOPY_MODEL_VERSION": cfg.version,
         "CANOPY_MODEL_TRAINED": str(cfg.trained).lower(), "CANOPY_GSD": f"{cfg.gsd:g}",
         "CANOPY_PRECISION": job.precision, "CANOPY_CELL": cell.id,
+        "CANOPY_GEDI_CORRECTION": Path(job.gedi_correction).name if job.gedi_correction else "none",
         "CANOPY_SOURCE_IMAGES": ";".join(Path(p).name for p in used),
         "CANOPY_TILE_SIZE": str(tile), "CANOPY_TILE_STRIDE": str(stride),
         "CANOPY_TILE_ORIGIN_ROW": str(dr % stride), "CANOPY_TILE_ORIGIN_COL": str(dc % stride),
@@ -191,6 +215,16 @@ def _model_identity(checkpoint: str) -> tuple[str, str]:
         raise InputError(f"checkpoint '{checkpoint}' not found")
     st = weights.stat()
     return str(path.resolve()), hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def _correction_identity(path: str | None) -> str | None:
+    if not path:
+        return None
+    folder = Path(path)
+    weights = folder / "model.safetensors" if folder.is_dir() else folder
+    if not weights.exists():
+        raise InputError(f"--gedi-correction '{path}' holds no model.safetensors")
+    return sha256_file(weights)
 
 
 def connect(scheduler: str | None, workers: int | None, threads: int | None):
@@ -255,6 +289,7 @@ def predict_aoi(
         "model_ref": model_ref, "model_sha256": model_sha, "gsd": cfg.gsd, "cell_px": cell_px,
         "stride": stride, "dtype": job.dtype, "precision": job.precision,
         "uncertainty": job.uncertainty, "imagery_sha256": _imagery_sha(scenes),
+        "gedi_correction_sha256": _correction_identity(job.gedi_correction),
         "imagery": sorted(s.path for s in scenes), "trained": cfg.trained,
     }
     resumed = check_or_write_run(out_dir, run, overwrite)

@@ -23,7 +23,7 @@ MANIFEST_FILE = "manifest.jsonl"
 RUN_FORMAT = 1
 # fields that change the output bytes: a run that differs in any of them is another run
 IDENTITY_KEYS = ("format", "aoi_sha256", "model", "model_sha256", "gsd", "cell_px", "stride",
-                 "dtype", "precision", "uncertainty", "imagery_sha256")
+                 "dtype", "precision", "uncertainty", "imagery_sha256", "gedi_correction_sha256")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -32,6 +32,7 @@ class PredictOptions:
     scale: tuple[float, float] | None = None
     stride: int | None = None
     progress: bool = True
+    gedi_correction: str | None = None  # folder of a fitted GEDI correction model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,6 +78,24 @@ def output_tags(model, opts: PredictOptions, source: str, resampling: str, strid
     }
 
 
+def correct_heights(correction, height, spread, rgb, valid, transform, crs, device="cpu",
+                    rgb_transform=None):
+    """Multiply heights (and their spread) by the GEDI correction's smooth factor field.
+
+    ``correction`` is a path or an already loaded model; ``rgb``/``valid`` may cover a larger
+    window (``rgb_transform``) so that cells of a state run get the values a whole-area call would.
+    """
+    from canopy.predict.correction import factor_field, load_correction
+
+    corr = load_correction(correction, device=device) if isinstance(correction, (str, Path)) else correction
+    field = factor_field(transform, height.shape, rgb, crs, corr, valid=valid,
+                         rgb_transform=rgb_transform)
+    height = (height.astype(np.float64) * field).astype(np.float32)
+    if spread is not None:
+        spread = (spread.astype(np.float64) * field).astype(np.float32)
+    return height, spread
+
+
 def predict_raster(input_path, output_path, model, opts: PredictOptions | None = None) -> Path:
     """Predict canopy height for one GDAL-readable RGB raster and write a COG (+ .qml)."""
     opts = opts or PredictOptions()
@@ -90,6 +109,11 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     check_output_path(output_path, opts.overwrite, create=False)  # fail before any compute
 
     model.prepare_for_inference(opts.precision)
+    correction = None
+    if opts.gedi_correction:  # load before the long part: a bad path fails at once
+        from canopy.predict.correction import load_correction
+
+        correction = load_correction(opts.gedi_correction, device=model.device)
     img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
                            scale=opts.scale)
     stride = opts.stride or default_stride(model.cfg.tile_size)
@@ -109,6 +133,10 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         if bar is not None:
             bar.close()
 
+    if correction is not None:
+        height, spread = correct_heights(correction, height, spread, img.rgb, img.valid,
+                                         img.transform, img.crs)
+
     data, nodata = to_output_dtype(height, opts.dtype)
     descriptions, bands = ["canopy_height"], [data]
     if spread is not None:
@@ -117,6 +145,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         descriptions.append("canopy_height_std")
     tags = output_tags(model, opts, Path(input_path).name, img.resampling, stride,
                        img.valid.shape)
+    if opts.gedi_correction:
+        tags["CANOPY_GEDI_CORRECTION"] = Path(opts.gedi_correction).name
     return write_cog(output_path, np.stack(bands), crs=img.crs, transform=img.transform,
                      nodata=nodata, descriptions=descriptions, units="m", tags=tags,
                      overwrite=opts.overwrite)
