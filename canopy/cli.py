@@ -43,12 +43,16 @@ def predict(
     bands: Optional[str] = typer.Option(None, help="Bands to use as R,G,B, e.g. 1,2,3 for an RGBN image."),
     crs: Optional[str] = typer.Option(None, help="CRS for a raster without one, e.g. EPSG:32617."),
     scale: Optional[Tuple[float, float]] = typer.Option(None, help="MIN MAX: map non-uint8 data linearly to 0..255."),
-    stride: Optional[int] = typer.Option(None, help="Model-tile stride in pixels (default: tile size × 3/4)."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Model-tile stride in pixels (default: tile size × 3/4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Predict canopy height for one raster (a COG + QGIS .qml), or with --aoi over an area of
     interest (a folder of COG cells, a mosaic, an overview, a STAC collection; resumable)."""
     if aoi is not None:
+        unsupported = [n for n, v in (("--bands", bands), ("--scale", scale), ("--crs", crs)) if v]
+        if unsupported:
+            raise CanopyError(f"{', '.join(unsupported)} not supported with --aoi yet: state runs "
+                              "need uint8 RGB scenes with a CRS (make a VRT that selects bands)")
         return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
                             dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
                             torch_threads, quiet, verify, gedi_correction)
@@ -89,7 +93,8 @@ def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size
         raise CanopyError(f"--precision must be fp32 or bf16, got '{precision}'")
     if dtype not in ("float32", "uint8"):
         raise CanopyError(f"--dtype must be float32 or uint8, got '{dtype}'")
-    resolve_device(device)
+    if scheduler is None:  # a remote cluster's workers may have GPUs this login node lacks
+        resolve_device(device)
     job = JobSpec(checkpoint=str(checkpoint), device=device, precision=precision,
                   batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
                   torch_threads=torch_threads,
@@ -160,6 +165,16 @@ def main() -> None:
     except (CanopyError, CatalogError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # full disk, permissions, a vanished file: still one line
+        typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        sys.exit(2)
+    except Exception as exc:
+        import rasterio.errors
+
+        if isinstance(exc, rasterio.errors.RasterioError):
+            typer.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -98,14 +98,15 @@ def test_outputs_of_a_run(tmp_path, client):
     src = shared(*OSBS)
     s = predict_aoi(OSBS_AOI, src, tmp_path / "o", JOB, cell_px=64, client=client, progress=False)
     out = tmp_path / "o"
-    with rasterio.open(s.mosaic) as m:
+    with rasterio.open(s.mosaic) as m, rasterio.open(out / "overview.tif") as ov:
         assert m.crs.to_epsg() == 32617 and m.res == (0.6, 0.6)
         assert m.overviews(1), "the mosaic must point to the overview COG"
+        assert ov.bounds == pytest.approx(m.bounds)  # GDAL takes an overview to cover the VRT
         h = m.read(1)
         # pixels outside the imagery footprint or the AOI are nodata, never 0 m
         assert np.isnan(h).any() and np.isfinite(h).any()
     with rasterio.open(out / "overview.tif") as ov:
-        assert ov.res[0] == pytest.approx(0.6 * 16)
+        assert ov.res[0] == pytest.approx(0.6 * 16, rel=0.2)
     for cell in (out / "cells").glob("*.tif"):
         with rasterio.open(cell) as ds:
             assert ds.descriptions == ("canopy_height",) and ds.units == ("m",)
@@ -164,8 +165,18 @@ def test_sao_paulo_mixed_crs_imagery_two_zones(tmp_path, client, rgb_array):
     out = tmp_path / "sp"
     assert s.mosaic.name == "mosaic.gti.gpkg"
     assert (out / "mosaic_32722.vrt").exists() and (out / "mosaic_32723.vrt").exists()
-    with rasterio.open(s.mosaic) as m:  # GDAL's GTI driver reads cells of both zones
-        assert np.isfinite(m.read(1, out_shape=(1, 64, 64))).any()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # QGIS opens the index from anywhere: the overview must still be found
+    try:
+        with rasterio.open(s.mosaic) as m:  # GDAL's GTI driver reads cells of both zones
+            assert m.overviews(1), "the GTI mosaic must use the overview COG"
+            assert m.res == pytest.approx((0.6, 0.6))
+            # its pixel grid sits on the main zone's lattice: cells are copied, not resampled
+            assert m.transform.c / 0.6 == pytest.approx(round(m.transform.c / 0.6), abs=1e-6)
+            assert m.transform.f / 0.6 == pytest.approx(round(m.transform.f / 0.6), abs=1e-6)
+            assert np.isfinite(m.read(1, out_shape=(1, 64, 64))).any()
+    finally:
+        os.chdir(cwd)
 
 
 # ------------------------------------------------------------------------------- resume
@@ -259,6 +270,10 @@ def test_other_runs_manifest_needs_overwrite(tmp_path, client):
                     progress=False, overwrite=True)
     with rasterio.open(s.mosaic) as m:
         assert m.dtypes[0] == "uint8"
+    # a run with another batch shape would change bits: also another run
+    with pytest.raises(OutputError, match="batch_size"):
+        predict_aoi(OSBS_AOI, src, tmp_path / "o", JobSpec(checkpoint="micro", batch_size=2,
+                    dtype="uint8"), cell_px=128, client=client, progress=False)
 
 
 def test_scheduler_that_does_not_answer(tmp_path):

@@ -107,7 +107,12 @@ def reference_hrch_taps(model, x):
 def test_timm_backbone_computes_the_released_backbone():
     torch.manual_seed(0)
     model = HeightModel(micro_config()).eval()
-    with torch.no_grad():  # make the pos table non-trivial so the interpolation matters
+    with torch.no_grad():
+        # every parameter random (timm starts LayerNorm at 1/0, biases at 0, LayerScale at 1:
+        # a swapped ls1/ls2 or a dropped bias would pass with those), the pos table large so
+        # the interpolation matters
+        for p in model.backbone.parameters():
+            p.normal_(0, 0.2)
         model.backbone.pos_embed.normal_(0, 1)
         x = torch.randn(2, 3, 256, 256)
         ours = model.backbone.forward_taps(x)
@@ -215,9 +220,16 @@ def test_native_roundtrip_and_config(tmp_path, micro_model, rgb_array):
     assert loaded.cfg == micro_model.cfg
     x = torch.from_numpy(rgb_array(256, 256)[None])
     torch.testing.assert_close(loaded.predict(x), micro_model.predict(x), atol=0, rtol=0)
-    # the single .safetensors file carries its config in its metadata
+    # the single .safetensors file carries its config in its metadata, which wins over a
+    # config.json edited (or left from another save) beside it
+    (out / "config.json").write_text('{"name": "x", "colour": "blue"}')
+    assert load_model(out).cfg == micro_model.cfg
     (out / "config.json").unlink()
     assert load_model(out / "model.safetensors").cfg == micro_model.cfg
+    # a file written without our metadata falls back to config.json, validated
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(out / "model.safetensors")), str(out / "model.safetensors"))
     (out / "config.json").write_text('{"name": "x", "colour": "blue"}')
     with pytest.raises(CheckpointError, match="unknown model config keys"):
         load_model(out)

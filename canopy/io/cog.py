@@ -102,6 +102,8 @@ def write_cog(
         if qml:
             write_qml(path.with_suffix(".qml"), vmin=qml_range[0], vmax=qml_range[1],
                       nodata=nodata, dtype=arr.dtype.name)
+        with open(tmp, "rb") as f:  # on disk before the name says it is finished
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -36,6 +36,18 @@ class ImageOnGrid:
     source_res: tuple[float, float]
 
 
+def native_res_m(ds, crs: CRS) -> float:
+    """The finest native pixel size in metres (degrees at the scene centre for lon/lat)."""
+    res = min(abs(ds.res[0]), abs(ds.res[1]))
+    if crs.is_geographic:
+        lat = (ds.bounds.bottom + ds.bounds.top) / 2
+        return res * 111_320.0 * max(math.cos(math.radians(lat)), 0.01)
+    try:
+        return res * crs.linear_units_factor[1]
+    except Exception:
+        return res
+
+
 def utm_crs_for(lon: float, lat: float) -> CRS:
     zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
     return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
@@ -93,7 +105,7 @@ def read_rgb_on_grid(
         if ds.transform.b != 0 or ds.transform.d != 0:
             same_grid = False  # rotated rasters always go through the warper
         else:
-            same_grid = (not src_crs.is_geographic
+            same_grid = (is_metric(src_crs)
                          and abs(res_x - gsd) <= GSD_TOLERANCE * gsd
                          and abs(res_y - gsd) <= GSD_TOLERANCE * gsd)
         if same_grid:
@@ -113,13 +125,36 @@ def read_rgb_on_grid(
     return ImageOnGrid(rgb, valid, dst_crs, transform, method, (res_x, res_y))
 
 
+def is_metric(crs: CRS) -> bool:
+    """A projected CRS whose axis unit is the metre (State Plane in US feet is not)."""
+    if crs.is_geographic:
+        return False
+    try:
+        return abs(crs.linear_units_factor[1] - 1.0) < 1e-9
+    except Exception:  # no linear unit to read: treat as not metric, map it in UTM
+        return False
+
+
+def needs_alpha(ds) -> bool:
+    """Let the warper add an alpha band only when the source has no mask of its own: a raster
+    with nodata or an alpha band (drone orthomosaics are often RGBA) already says what is valid,
+    and GDAL refuses a second alpha band."""
+    from rasterio.enums import MaskFlags
+
+    if ds.nodata is not None:
+        return False
+    return all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+
+
 def _warp_to_gsd(ds, src_crs: CRS, band_idx, gsd: float):
-    if src_crs.is_geographic:
-        # degrees have no metre GSD: map in the UTM zone of the scene centre
-        lon = (ds.bounds.left + ds.bounds.right) / 2
-        lat = (ds.bounds.bottom + ds.bounds.top) / 2
-        dst_crs = utm_crs_for(lon, lat)
-        warnings.warn(f"'{ds.name}' is in geographic coordinates; output is in {dst_crs.to_string()}")
+    if not is_metric(src_crs):
+        # degrees (or feet) are not the model's metres: map in the UTM zone of the scene centre
+        from rasterio.warp import transform_bounds as _tb
+
+        lon0, lat0, lon1, lat1 = _tb(src_crs, "EPSG:4326", *ds.bounds)
+        dst_crs = utm_crs_for((lon0 + lon1) / 2, (lat0 + lat1) / 2)
+        unit = "geographic coordinates" if src_crs.is_geographic else "non-metre units"
+        warnings.warn(f"'{ds.name}' is in {unit}; output is in {dst_crs.to_string()}")
     else:
         dst_crs = src_crs
     from rasterio.warp import transform_bounds
@@ -129,10 +164,10 @@ def _warp_to_gsd(ds, src_crs: CRS, band_idx, gsd: float):
     width = max(1, math.ceil((right - left) / gsd - 1e-9))
     height = max(1, math.ceil((top - bottom) / gsd - 1e-9))
     transform = Affine(gsd, 0, left, 0, -gsd, top)
-    finer = min(abs(ds.res[0]), abs(ds.res[1])) < gsd if not src_crs.is_geographic else True
+    finer = native_res_m(ds, src_crs) < gsd
     method = "average" if finer else "bilinear"
-    # without a nodata value, an alpha band marks where the source does not reach
-    add_alpha = ds.nodata is None
+    # without a mask of its own, an alpha band marks where the source does not reach
+    add_alpha = needs_alpha(ds)
     with WarpedVRT(ds, src_crs=src_crs, crs=dst_crs, transform=transform, width=width,
                    height=height, resampling=Resampling[method], add_alpha=add_alpha) as vrt:
         data = vrt.read(band_idx, out_dtype="float32")

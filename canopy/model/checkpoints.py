@@ -92,6 +92,7 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
         cls = sd["backbone.cls_token"]
         pos = sd["backbone.pos_embed"]
         patch = sd["backbone.patch_embed.proj.weight"]
+        mlp_hidden = int(sd["backbone.blocks.0.mlp.fc1.weight"].shape[0])
         heads_w = sd["decode_head.conv_depth.head.4.weight"]
         hidden_w = sd["decode_head.conv_depth.head.2.weight"]
         fusion_w = sd["decode_head.project.conv.weight"]
@@ -105,7 +106,6 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
     embed_dim = int(cls.shape[-1])
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
     grid = int(round((pos.shape[1] - 1) ** 0.5))
-    mlp_hidden = int(sd["backbone.blocks.0.mlp.fc1.weight"].shape[0])
     backbone = ViTConfig(
         embed_dim=embed_dim, depth=depth, num_heads=max(1, embed_dim // 64),
         patch_size=int(patch.shape[-1]), pos_grid=grid, mlp_ratio=mlp_hidden / embed_dim,
@@ -184,6 +184,24 @@ def _native_paths(path: Path) -> tuple[Path, Path | None]:
     return path, sibling if sibling.exists() else None
 
 
+def _native_config(weights: Path, config_path: Path | None, meta: dict) -> HeightModelConfig:
+    """The config stored inside the weights file travels with them atomically, so it wins;
+    config.json beside it is for people and for files other tools wrote without metadata."""
+    source = weights
+    try:
+        if "config" in meta:
+            cfg_dict = json.loads(meta["config"])
+        elif config_path is not None and config_path.exists():
+            source, cfg_dict = config_path, json.loads(config_path.read_text())
+        else:
+            raise CheckpointError(f"{weights}: no config.json beside it and none in its metadata")
+        return HeightModelConfig.from_dict(cfg_dict)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{source}: config is not valid JSON ({exc.msg})") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
 def load_native(path: Path, device="cpu") -> HeightModel:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -195,16 +213,7 @@ def load_native(path: Path, device="cpu") -> HeightModel:
         sd = load_file(str(weights))
     except Exception as exc:
         raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
-    if config_path is not None and config_path.exists():
-        cfg_dict = json.loads(config_path.read_text())
-    elif "config" in meta:
-        cfg_dict = json.loads(meta["config"])
-    else:
-        raise CheckpointError(f"{weights}: no config.json beside it and none in its metadata")
-    try:
-        cfg = HeightModelConfig.from_dict(cfg_dict)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{config_path or weights}: {exc}") from None
+    cfg = _native_config(weights, config_path, meta)
     model = HeightModel(cfg)
     load_state_dict_strict(model, sd, str(weights))
     return model.to(device).eval()
@@ -230,8 +239,9 @@ def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str 
 def load_model(path_or_name, device="cpu") -> HeightModel:
     """Checkpoint path (HRCH .pth, native folder or .safetensors) or a registered name."""
     if isinstance(path_or_name, str) and path_or_name in RANDOM_VARIANTS:
-        torch.manual_seed(0)  # random variants are reproducible plumbing, nothing more
-        return HeightModel(RANDOM_VARIANTS[path_or_name]()).to(device).eval()
+        with torch.random.fork_rng(devices=[]):  # reproducible plumbing, caller's RNG untouched
+            torch.manual_seed(0)
+            return HeightModel(RANDOM_VARIANTS[path_or_name]()).to(device).eval()
     if path_or_name in (None, "default"):
         if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
             return load_native(DEFAULT_MODEL_DIR, device)
@@ -263,10 +273,12 @@ def load_config(path_or_name) -> HeightModelConfig:
         from safetensors import safe_open
 
         weights, config_path = _native_paths(path)
-        if config_path is not None and config_path.exists():
-            return HeightModelConfig.from_dict(json.loads(config_path.read_text()))
-        with safe_open(str(weights), framework="pt") as f:
-            return HeightModelConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:
+            raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
+        return _native_config(weights, config_path, meta)
     try:  # mmap: shapes only, the tensors are not read
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:

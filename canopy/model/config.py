@@ -7,7 +7,7 @@ turn uint8 RGB into metres. Unknown keys are errors (a config from a newer versi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from canopy.model.dpt import DPTConfig
 from ssl_backbone.vit import VARIANTS, ViTConfig
@@ -66,12 +66,12 @@ def hrch_config(size: str) -> HeightModelConfig:
     """The released v1 architectures: 'large' (ViT-L/16) or 'huge' (ViT-H/16)."""
     if size == "large":
         return HeightModelConfig(
-            name="hrch_v1_large", version="1", backbone=VARIANTS["vit_large"],
+            name="hrch_v1_large", version="1", backbone=replace(VARIANTS["vit_large"]),
             decoder=DPTConfig(post_process_channels=(128, 256, 512, 1024)),
         )
     if size == "huge":
         return HeightModelConfig(
-            name="hrch_v1_huge", version="1", backbone=VARIANTS["vit_huge"],
+            name="hrch_v1_huge", version="1", backbone=replace(VARIANTS["vit_huge"]),
             decoder=DPTConfig(post_process_channels=(160, 320, 640, 1280)),
         )
     raise ValueError(f"unknown HRCH size '{size}' (large or huge)")
@@ -80,7 +80,7 @@ def hrch_config(size: str) -> HeightModelConfig:
 def micro_config() -> HeightModelConfig:
     """A tiny random-weight model for tests and plumbing (never for heights)."""
     return HeightModelConfig(
-        name="micro", version="0", backbone=VARIANTS["vit_micro"],
+        name="micro", version="0", backbone=replace(VARIANTS["vit_micro"]),
         decoder=DPTConfig(post_process_channels=(16, 32, 64, 128), channels=32, head_hidden=16,
                           n_bins=64),
         trained=False,

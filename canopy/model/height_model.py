@@ -72,6 +72,10 @@ class HeightModel(nn.Module):
     @torch.no_grad()
     def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
         """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
+        if precision == "fp32" and self.pixel_mean.dtype == torch.float32 and \
+                next(self.backbone.parameters()).dtype != torch.float32:
+            self.backbone.float()  # an earlier bf16 GPU call kept bf16 weights: fp32 wants fp32
+            self.decode_head.float()
         rgb = rgb.to(self.device)
         with autocast_context(self.device, precision):
             logits = self(self.normalize(rgb))
@@ -89,6 +93,9 @@ class HeightModel(nn.Module):
         the head's distribution over height bins, in metres.
         """
         self.eval()
+        if getattr(images, "dtype", None) not in (np.uint8, torch.uint8):
+            # a float image in [0, 1] would silently give ~50 m everywhere
+            raise TypeError(f"images must be uint8 RGB (0..255), got dtype {getattr(images, 'dtype', type(images))}")
         if isinstance(images, np.ndarray):
             if images.ndim != 3 or images.shape[2] != 3:
                 raise ValueError(f"expected an H×W×3 RGB array, got shape {images.shape}")

@@ -29,7 +29,7 @@ import shapely
 from rasterio.features import geometry_mask
 
 import canopy
-from canopy.errors import CanopyError, InputError
+from canopy.errors import CanopyError, InputError, OutputError
 from canopy.io.cog import write_cog
 from canopy.predict.blend import default_stride, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
@@ -88,7 +88,7 @@ def worker_device(device: str) -> str:
 
 def worker_model(job: JobSpec):
     """The model for this worker process, loaded on first use and kept."""
-    key = (job.checkpoint, job.device)
+    key = (job.checkpoint, job.device, job.precision)
     if key not in _MODELS:
         import torch
 
@@ -217,6 +217,24 @@ def _model_identity(checkpoint: str) -> tuple[str, str]:
     return str(path.resolve()), hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
+def _visible(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _absolute_if_path(value: str | None) -> str | None:
+    if value is None or not Path(value).exists():
+        return value  # a registered name ('micro', 'default'), or missing (reported later)
+    return str(Path(value).resolve())
+
+
+def validate_stride(stride: int | None, tile: int) -> None:
+    if stride is not None and not 0 < stride <= tile:
+        raise InputError(f"--stride must be between 1 and the model tile size {tile}, got {stride}")
+
+
 def _correction_identity(path: str | None) -> str | None:
     if not path:
         return None
@@ -271,9 +289,18 @@ def predict_aoi(
     from canopy.predict.mosaic import finish_outputs
 
     t0 = time.time()
-    out_dir = Path(out_dir)
+    # workers of a remote cluster see paths as given: hand them absolute ones (shared filesystem)
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"-o '{out_dir}' is a file; --aoi writes a folder")
+    job = JobSpec(**{**asdict(job),
+                     "checkpoint": _absolute_if_path(job.checkpoint),
+                     "gedi_correction": _absolute_if_path(job.gedi_correction)})
+    validate_stride(job.stride, load_config(job.checkpoint).tile_size)
     area = resolve_aoi(aoi)
-    scenes = index_imagery(imagery)
+    scenes = [s for s in index_imagery(imagery) if not Path(s.path).is_relative_to(out_dir)]
+    if not scenes:
+        raise InputError(f"--imagery '{imagery}' holds no rasters outside the output folder")
     coverage = shapely.union_all([s.footprint for s in scenes])
     if not area.geometry.intersects(coverage):
         raise InputError(f"the AOI '{area.name}' does not intersect any of the {len(scenes)} imagery scene(s)")
@@ -291,6 +318,9 @@ def predict_aoi(
         "uncertainty": job.uncertainty, "imagery_sha256": _imagery_sha(scenes),
         "gedi_correction_sha256": _correction_identity(job.gedi_correction),
         "imagery": sorted(s.path for s in scenes), "trained": cfg.trained,
+        # a different batch shape or device can change the last bits (see blend.fixed_batch)
+        "batch_size": job.batch_size, "device": job.device.split(":")[0],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     resumed = check_or_write_run(out_dir, run, overwrite)
     manifest = Manifest.load(out_dir) if resumed else Manifest(out_dir)
@@ -300,6 +330,11 @@ def predict_aoi(
     from shapely.strtree import STRtree
 
     tree = STRtree([s.footprint for s in scenes])
+    corr_cfg = None
+    if job.gedi_correction:
+        from canopy.predict.correction import load_correction, required_window
+
+        corr_cfg = load_correction(job.gedi_correction)
     cells = cells_for_aoi(area.geometry.intersection(coverage.buffer(1e-6)), cfg.gsd, cell_px)
     todo, skipped, no_imagery = [], 0, 0
     for cell, geom in cells:
@@ -308,6 +343,14 @@ def predict_aoi(
             continue
         dr, dc, nr, nc = tile_window(cell, cfg.tile_size, stride)
         wt = cell.transform @ Affine.translation(dc, dr)
+        if corr_cfg is not None:
+            # the correction reads whole blocks around the cell: every scene reaching them counts,
+            # or a block's factor would differ between neighbouring cells (a seam)
+            win = required_window(cell.transform, (cell.cell_px, cell.cell_px), corr_cfg)
+            r0, c0 = min(dr, win.row_off), min(dc, win.col_off)
+            r1 = max(dr + nr, win.row_off + win.height)
+            c1 = max(dc + nc, win.col_off + win.width)
+            wt, (nr, nc) = cell.transform @ Affine.translation(c0, r0), (r1 - r0, c1 - c0)
         hit = scenes_for_window(scenes, cell.crs, wt, (nr, nc), tree)
         if not hit:  # no scene reaches this cell: nothing to schedule
             manifest.append({"id": cell.id, "epsg": cell.epsg, "status": "empty",
@@ -318,6 +361,9 @@ def predict_aoi(
         todo.append((cell, aoi_wkb, hit))
 
     own_client = client is None
+    if own_client and scheduler is None and job.torch_threads is None:
+        # dask sets OMP_NUM_THREADS=1 in its workers: without this, one core does all the work
+        job = JobSpec(**{**asdict(job), "torch_threads": max(1, (os.cpu_count() or 1) // (workers or 1))})
     client = connect(scheduler, workers, job.torch_threads) if own_client else client
     dashboard = getattr(client, "dashboard_link", None)
     if progress and dashboard:
@@ -352,6 +398,9 @@ def predict_aoi(
             cell = cell_of.pop(fut.key)
             try:
                 rec = fut.result()
+                if rec["status"] == "done" and not _visible(out_dir / rec["path"], rec["bytes"]):
+                    raise OutputError(f"{rec['path']} was written by a worker but is not visible "
+                                      "here: workers and driver must share the output folder")
             except Exception as exc:  # one bad scene or a lost worker must not sink a state run
                 rec = {"id": cell.id, "epsg": cell.epsg, "status": "failed",
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

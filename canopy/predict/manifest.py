@@ -22,8 +22,12 @@ RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
 RUN_FORMAT = 1
 # fields that change the output bytes: a run that differs in any of them is another run
-IDENTITY_KEYS = ("format", "aoi_sha256", "model", "model_sha256", "gsd", "cell_px", "stride",
-                 "dtype", "precision", "uncertainty", "imagery_sha256", "gedi_correction_sha256")
+IDENTITY_KEYS = ("format", "software", "aoi_sha256", "model", "model_sha256", "gsd", "cell_px",
+                 "stride", "dtype", "precision", "uncertainty", "imagery_sha256",
+                 "gedi_correction_sha256", "batch_size", "device")
+# what a run leaves besides its cells: removed when --overwrite starts another run in the folder
+DERIVED = ("mosaic.vrt", "mosaic.qml", "mosaic.gti.gpkg", "mosaic.gti.qml", "overview.tif",
+           "overview.qml", "summary.json")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -45,6 +49,7 @@ def check_or_write_run(out_dir: Path, run: dict, overwrite: bool) -> bool:
             old = {}
         same = all(old.get(k) == run.get(k) for k in IDENTITY_KEYS)
         if same:
+            run["created"] = old.get("created", run.get("created"))  # the run began then
             return True
         if not overwrite:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != run.get(k)]
@@ -52,7 +57,7 @@ def check_or_write_run(out_dir: Path, run: dict, overwrite: bool) -> bool:
                 f"'{out_dir}' holds a different run (differs in: {', '.join(diff)}); "
                 "use --overwrite to replace it or choose another -o"
             )
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        remove_run_outputs(out_dir)
     elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError(f"'{out_dir}' is not empty and holds no canopy run; use --overwrite or another -o")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,20 @@ def check_or_write_run(out_dir: Path, run: dict, overwrite: bool) -> bool:
     tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return False
+
+
+def remove_run_outputs(out_dir: Path) -> None:
+    """Remove a previous run's manifest, cells and derived files (nothing that looks finished
+    may survive from another run)."""
+    import shutil
+
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    for name in DERIVED:
+        (out_dir / name).unlink(missing_ok=True)
+    for p in out_dir.glob("mosaic_*"):
+        p.unlink(missing_ok=True)
+    for sub in ("cells", "stac"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
 
 
 @dataclass
@@ -85,8 +104,14 @@ class Manifest:
 
     def append(self, record: dict) -> None:
         self.records[record["id"]] = record
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(self.path, "a+b") as f:
+            # a kill can cut the last line mid-way: start a fresh line rather than glue onto it
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(record, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 

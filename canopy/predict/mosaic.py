@@ -109,43 +109,71 @@ def _gdal_type(dtype: str) -> str:
     return {"float32": "Float32", "uint8": "Byte"}[dtype]
 
 
-def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float) -> Path:
-    """Average every cell into one coarse COG in EPSG ``epsg`` (cells of other zones reprojected)."""
-    boxes = []
-    for r in records:
-        with rasterio.open(out_dir / r["path"]) as ds:
-            boxes.append(transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21))
-            dtype, nodata, count = ds.dtypes[0], ds.nodata, ds.count
-            descriptions = ds.descriptions
-    left = min(b[0] for b in boxes)
-    bottom = min(b[1] for b in boxes)
-    right = max(b[2] for b in boxes)
-    top = max(b[3] for b in boxes)
+def _snap(value: float, step: float, up: bool) -> float:
+    """Floor/ceil ``value`` to a multiple of ``step``, forgiving float noise (1e-6 step)."""
+    q = value / step
+    return (math.ceil(q - 1e-6) if up else math.floor(q + 1e-6)) * step
+
+
+def overview_grid(out_dir: Path, records: list[dict], epsg: int, gsd: float,
+                  extent: tuple[float, float, float, float] | None = None):
+    """(transform, width, height, factor) of the overview. With ``extent`` (a VRT's own bounds)
+    the overview covers exactly that extent, as GDAL assumes of an overview; otherwise the union
+    of the cells in EPSG ``epsg`` snapped outward to the model's pixel lattice."""
+    if extent is None:
+        boxes = []
+        for r in records:
+            with rasterio.open(out_dir / r["path"]) as ds:
+                boxes.append(transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21))
+        extent = (_snap(min(b[0] for b in boxes), gsd, False), _snap(min(b[1] for b in boxes), gsd, False),
+                  _snap(max(b[2] for b in boxes), gsd, True), _snap(max(b[3] for b in boxes), gsd, True))
+    left, bottom, right, top = extent
     factor = 16
     while max(right - left, top - bottom) / (gsd * factor) > OVERVIEW_MAX_PX:
         factor *= 2
-    res = gsd * factor
-    left, top = math.floor(left / res) * res, math.ceil(top / res) * res
-    width = max(1, math.ceil((right - left) / res))
-    height = max(1, math.ceil((top - bottom) / res))
-    transform = Affine(res, 0, left, 0, -res, top)
+    width = max(1, round((right - left) / (gsd * factor)))
+    height = max(1, round((top - bottom) / (gsd * factor)))
+    # pixel size chosen so the overview spans the extent exactly (≈ gsd × factor)
+    transform = Affine((right - left) / width, 0, left, 0, -(top - bottom) / height, top)
+    return transform, width, height, factor
+
+
+def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float,
+                   extent: tuple[float, float, float, float] | None = None) -> Path:
+    """Average every cell into one coarse COG in EPSG ``epsg`` (cells of other zones reprojected).
+
+    Each cell is read from its own overviews at about the target resolution and reprojected into
+    its own window of the overview grid only: the cost grows with the number of cells, not with
+    cells × overview size.
+    """
+    transform, width, height, factor = overview_grid(out_dir, records, epsg, gsd, extent)
+    with rasterio.open(out_dir / records[0]["path"]) as ds:
+        dtype, nodata, count, descriptions = ds.dtypes[0], ds.nodata, ds.count, ds.descriptions
     acc = np.zeros((count, height, width), np.float64)
     wsum = np.zeros((count, height, width), np.float64)
+    inv = ~transform
     for r in records:
         with rasterio.open(out_dir / r["path"]) as ds:
-            # read from the cell's own overviews at about the target resolution
+            b = transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21)
+            c0, r0 = inv * (b[0], b[3])
+            c1, r1 = inv * (b[2], b[1])
+            c0, r0 = max(0, int(math.floor(c0)) - 1), max(0, int(math.floor(r0)) - 1)
+            c1, r1 = min(width, int(math.ceil(c1)) + 1), min(height, int(math.ceil(r1)) + 1)
+            if c1 <= c0 or r1 <= r0:
+                continue
+            win_t = transform @ Affine.translation(c0, r0)
             shape = (max(1, ds.height // factor), max(1, ds.width // factor))
             src = ds.read(out_shape=(count, *shape), resampling=Resampling.average, masked=True)
             src = src.astype(np.float32)  # uint8 cells: NaN marks nodata while averaging
             src_t = ds.transform @ Affine.scale(ds.width / shape[1], ds.height / shape[0])
-            for b in range(count):
-                dst = np.full((height, width), np.nan, np.float32)
-                reproject(src[b].filled(np.nan), dst, src_transform=src_t,
-                          src_crs=ds.crs, dst_transform=transform, dst_crs=f"EPSG:{epsg}",
-                          src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.average)
+            for band in range(count):
+                dst = np.full((r1 - r0, c1 - c0), np.nan, np.float32)
+                reproject(src[band].filled(np.nan), dst, src_transform=src_t, src_crs=ds.crs,
+                          dst_transform=win_t, dst_crs=f"EPSG:{epsg}", src_nodata=np.nan,
+                          dst_nodata=np.nan, resampling=Resampling.average)
                 ok = np.isfinite(dst)
-                acc[b][ok] += dst[ok]
-                wsum[b][ok] += 1
+                acc[band, r0:r1, c0:c1][ok] += dst[ok]
+                wsum[band, r0:r1, c0:c1][ok] += 1
     with np.errstate(invalid="ignore"):
         mean = np.where(wsum > 0, acc / np.maximum(wsum, 1), np.nan)
     if dtype == "uint8":
@@ -168,14 +196,23 @@ def write_gti(out_dir: Path, records: list[dict], epsg: int, gsd: float, overvie
             b = transform_bounds(ds.crs, f"EPSG:{epsg}", *ds.bounds, densify_pts=21)
             dtype, nodata, count = ds.dtypes[0], ds.nodata, ds.count
         rows.append({"location": r["path"], "cell": r["id"], "geometry": box(*b)})
+    # the index's own pixel grid must sit on the main zone's pixel lattice, or every pixel of
+    # the layer is resampled; GTI derives it from MINX..MAXY
+    minx = _snap(min(row["geometry"].bounds[0] for row in rows), gsd, False)
+    miny = _snap(min(row["geometry"].bounds[1] for row in rows), gsd, False)
+    maxx = _snap(max(row["geometry"].bounds[2] for row in rows), gsd, True)
+    maxy = _snap(max(row["geometry"].bounds[3] for row in rows), gsd, True)
     frame = gpd.GeoDataFrame(rows, crs=f"EPSG:{epsg}")
     path = out_dir / "mosaic.gti.gpkg"
     tmp = out_dir / ".mosaic.partial.gti.gpkg"
     tmp.unlink(missing_ok=True)
     meta = {"LOCATION_FIELD": "location", "RESX": repr(gsd), "RESY": repr(gsd),
             "BAND_COUNT": str(count), "DATA_TYPE": _gdal_type(dtype),
-            "NODATA": _nodata_xml(nodata), "OVERVIEW_0_DATASET": overview.name,
-            "SRS": f"EPSG:{epsg}"}
+            "NODATA": _nodata_xml(nodata), "SRS": f"EPSG:{epsg}",
+            "MINX": repr(minx), "MINY": repr(miny), "MAXX": repr(maxx), "MAXY": repr(maxy),
+            # GDAL resolves a relative overview path against the working folder, not the index:
+            # an absolute path keeps the overview when QGIS opens the index from anywhere
+            "OVERVIEW_0_DATASET": str(overview.resolve())}
     frame.to_file(tmp, layer="tiles", driver="GPKG", layer_metadata=meta)
     os.replace(tmp, path)
     return path
@@ -194,7 +231,8 @@ def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
                     f"{run['gsd']} m GSD, {run['dtype']}",
         extent=pystac.Extent(pystac.SpatialExtent([list(area.geometry.bounds)]),
                              pystac.TemporalExtent([[None, None]])),
-        license="CC-BY-4.0" if run.get("trained") else "other",
+        # the map inherits the imagery's terms, which we cannot know (Maxar is commercial)
+        license="other",
     )
     dates = []
     for r in records:
@@ -215,8 +253,8 @@ def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
             props["start_datetime"], props["end_datetime"] = (p.isoformat() for p in parsed)
             dates += parsed
             when = None
-        else:
-            when = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        else:  # no acquisition date known: the run's start, fixed in run.json (reproducible)
+            when = _parse_date(run.get("created")) or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
         item = pystac.Item(id=r["id"], geometry=mapping(box(west, south, east, north)),
                            bbox=[west, south, east, north], datetime=when, properties=props)
         item.add_asset("data", pystac.Asset(
@@ -252,13 +290,19 @@ def finish_outputs(out_dir: Path, manifest, run: dict, area) -> Path | None:
         return None
     by_zone = Counter(r["epsg"] for r in records)
     main_epsg = by_zone.most_common(1)[0][0]
-    overview = write_overview(out_dir, records, main_epsg, run["gsd"])
-    for epsg in by_zone:
-        write_vrt(out_dir, [r for r in records if r["epsg"] == epsg],
-                  out_dir / f"mosaic_{epsg}.vrt", overview if epsg == main_epsg else None)
     if len(by_zone) == 1:
+        # one zone: the overview spans exactly the VRT's extent, as GDAL assumes of an overview
+        extent, _, _ = _cell_grid(out_dir, records)
+        overview = write_overview(out_dir, records, main_epsg, run["gsd"], extent)
+        write_vrt(out_dir, records, out_dir / f"mosaic_{main_epsg}.vrt", overview)
         main = write_vrt(out_dir, records, out_dir / "mosaic.vrt", overview)
     else:
+        # several zones: the overview (main zone's CRS, all cells) belongs to the GTI only; the
+        # per-zone VRTs cover other extents and get none rather than a misregistered one
+        overview = write_overview(out_dir, records, main_epsg, run["gsd"])
+        for epsg in by_zone:
+            write_vrt(out_dir, [r for r in records if r["epsg"] == epsg],
+                      out_dir / f"mosaic_{epsg}.vrt")
         main = write_gti(out_dir, records, main_epsg, run["gsd"], overview)
     nodata = 255 if run["dtype"] == "uint8" else float("nan")
     for target in (main, overview, *(out_dir / f"mosaic_{e}.vrt" for e in by_zone)):

@@ -40,6 +40,13 @@ def resolve_device(device: str) -> torch.device:
         raise InputError(f"--device must be cpu or cuda, got '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available on this machine")
+    if device.startswith("cuda:"):
+        try:
+            index = int(device.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"--device '{device}': expected cuda:N") from None
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(device)
 
 
@@ -114,9 +121,12 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         from canopy.predict.correction import load_correction
 
         correction = load_correction(opts.gedi_correction, device=model.device)
+    stride = opts.stride or default_stride(model.cfg.tile_size)
+    if not 0 < stride <= model.cfg.tile_size:
+        raise InputError(f"--stride must be between 1 and the model tile size "
+                         f"{model.cfg.tile_size}, got {stride}")
     img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
                            scale=opts.scale)
-    stride = opts.stride or default_stride(model.cfg.tile_size)
     n_tiles = count_tiles(img.valid, model.cfg.tile_size, stride)
     bar = None
     if opts.progress:

@@ -28,6 +28,7 @@ from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
 from canopy.errors import InputError
+from canopy.io.imagery import is_metric, native_res_m, needs_alpha
 
 WARP_TOLERANCE_PX = 1e-6
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2", ".img"}
@@ -39,7 +40,7 @@ class Scene:
     crs_wkt: str
     bounds: tuple[float, float, float, float]  # native
     footprint_wkb: bytes  # EPSG:4326
-    res: float  # finest native pixel size (CRS units)
+    res: float  # finest native pixel size, metres
     datetime: str | None
     count: int
     dtype: str
@@ -68,7 +69,7 @@ def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
         return Scene(
             path=str(Path(path).resolve()), crs_wkt=ds.crs.to_wkt(), bounds=tuple(ds.bounds),
             footprint_wkb=shapely.to_wkb(box(west, south, east, north)),
-            res=float(min(abs(ds.res[0]), abs(ds.res[1]))), datetime=datetime, count=ds.count,
+            res=float(native_res_m(ds, ds.crs)), datetime=datetime, count=ds.count,
             dtype=ds.dtypes[0],
         )
 
@@ -113,10 +114,10 @@ READ_BLOCK_PX = 512
 def _resampling(ds, scene: Scene, dst_crs: CRS, gsd: float) -> Resampling:
     """average when the scene is finer than the output, nearest when it already sits on the
     output lattice (a copy), bilinear when it is coarser or off-lattice."""
-    if ds.crs.is_geographic:
-        return Resampling.average
     if scene.res < gsd * (1 - 1e-6):
         return Resampling.average
+    if not is_metric(ds.crs):
+        return Resampling.bilinear
     t = ds.transform
     on_lattice = (ds.crs == dst_crs and abs(abs(t.a) - gsd) < 1e-9 * gsd
                   and abs(abs(t.e) - gsd) < 1e-9 * gsd and t.b == 0 and t.d == 0
@@ -129,7 +130,7 @@ def _warp_block(ds, scene: Scene, dst_crs: CRS, transform: Affine, size: int, gs
     method = _resampling(ds, scene, dst_crs, gsd)
     with WarpedVRT(ds, crs=dst_crs, transform=transform, width=size, height=size,
                    resampling=method, tolerance=WARP_TOLERANCE_PX,
-                   add_alpha=ds.nodata is None) as vrt:
+                   add_alpha=needs_alpha(ds)) as vrt:
         return vrt.read((1, 2, 3)), vrt.dataset_mask() > 0
 
 
