@@ -238,3 +238,68 @@ def test_native_roundtrip_and_config(tmp_path, micro_model, rgb_array):
 def test_no_default_model_yet():
     with pytest.raises(NoDefaultModelError, match="no trained default model is bundled yet"):
         load_model("default")
+
+
+def reference_hrch_decoder(sd: dict, taps, channels: int = 32):
+    """Independent functional restatement of the released DPT head (hrch_compat.md §1.2):
+    CLS readout 'project' → 1×1 conv → resize ×4/×2/×1/×½ → 3×3 conv (no bias) → fusion from
+    coarsest to finest (pre-activation residual units, bilinear ×2 align_corners=True, 1×1
+    projection) → 3×3 conv + ReLU → head (3×3, ×2, 3×3, ReLU, 1×1) → bin logits."""
+    def g(name):
+        return sd[f"decode_head.{name}"]
+
+    maps = []
+    for i, (x, cls) in enumerate(taps):
+        b, d, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = torch.cat([t, cls[:, None].expand_as(t)], -1)
+        t = F.gelu(F.linear(t, g(f"reassemble_blocks.readout_projects.{i}.0.weight"),
+                            g(f"reassemble_blocks.readout_projects.{i}.0.bias")))
+        y = t.transpose(1, 2).reshape(b, d, h, w)
+        y = F.conv2d(y, g(f"reassemble_blocks.projects.{i}.conv.weight"),
+                     g(f"reassemble_blocks.projects.{i}.conv.bias"))
+        if i == 0:
+            y = F.conv_transpose2d(y, g("reassemble_blocks.resize_layers.0.weight"),
+                                   g("reassemble_blocks.resize_layers.0.bias"), stride=4)
+        elif i == 1:
+            y = F.conv_transpose2d(y, g("reassemble_blocks.resize_layers.1.weight"),
+                                   g("reassemble_blocks.resize_layers.1.bias"), stride=2)
+        elif i == 3:
+            y = F.conv2d(y, g("reassemble_blocks.resize_layers.3.weight"),
+                         g("reassemble_blocks.resize_layers.3.bias"), stride=2, padding=1)
+        maps.append(F.conv2d(y, g(f"convs.{i}.conv.weight"), padding=1))
+
+    def rcu(x, prefix):
+        y = F.conv2d(F.relu(x), g(f"{prefix}.conv1.conv.weight"), padding=1)
+        y = F.conv2d(F.relu(y), g(f"{prefix}.conv2.conv.weight"), padding=1)
+        return x + y
+
+    out = None
+    for k in range(4):
+        skip = maps[3 - k]
+        x = skip if k == 0 else out + rcu(
+            F.interpolate(skip, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            if skip.shape != out.shape else skip, f"fusion_blocks.{k}.res_conv_unit1")
+        x = rcu(x, f"fusion_blocks.{k}.res_conv_unit2")
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        out = F.conv2d(x, g(f"fusion_blocks.{k}.project.conv.weight"),
+                       g(f"fusion_blocks.{k}.project.conv.bias"))
+    out = F.relu(F.conv2d(out, g("project.conv.weight"), g("project.conv.bias"), padding=1))
+    out = F.conv2d(out, g("conv_depth.head.0.weight"), g("conv_depth.head.0.bias"), padding=1)
+    out = F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
+    out = F.relu(F.conv2d(out, g("conv_depth.head.2.weight"), g("conv_depth.head.2.bias"), padding=1))
+    return F.conv2d(out, g("conv_depth.head.4.weight"), g("conv_depth.head.4.bias"))
+
+
+def test_decoder_computes_the_released_decoder():
+    torch.manual_seed(1)
+    model = HeightModel(micro_config()).eval()
+    with torch.no_grad():
+        for p in model.decode_head.parameters():
+            p.normal_(0, 0.1)
+        D = model.cfg.backbone.embed_dim
+        taps = [(torch.randn(2, D, 16, 16), torch.randn(2, D)) for _ in range(4)]
+        ours = model.decode_head(taps)
+        ref = reference_hrch_decoder(model.state_dict(), taps)
+    assert ours.shape == (2, model.cfg.decoder.n_bins, 256, 256)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
