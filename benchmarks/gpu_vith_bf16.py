@@ -95,21 +95,20 @@ def main():
     res["flops_per_tile_G"] = flops_per_tile(model, device) / 1e9
     print("GFLOP per 256² tile", round(res["flops_per_tile_G"], 1), flush=True)
 
-    res["model_only_autocast_bf16"] = []
-    for b in args.batches:
-        r = model_throughput(model, device, args.tiles, b, "bf16")
-        r["share_of_matmul_rate"] = r["tiles_per_s"] * res["flops_per_tile_G"] / (res["bf16_matmul_tflops"] * 1e3)
-        res["model_only_autocast_bf16"].append(r)
-        print("autocast bf16", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    def sweep(label: str) -> list[dict]:
+        rows = []
+        for b in args.batches:
+            r = model_throughput(model, device, args.tiles, b, "bf16")
+            r["share_of_matmul_rate"] = (r["tiles_per_s"] * res["flops_per_tile_G"]
+                                         / (res["bf16_matmul_tflops"] * 1e3))
+            rows.append(r)
+            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        return rows
 
+    res["model_only_autocast_bf16"] = sweep("autocast bf16")
     # what the product does on a GPU with bf16: weights kept in bf16 (no per-call re-cast)
     model.prepare_for_inference("bf16")
-    res["model_only_bf16_weights"] = []
-    for b in args.batches:
-        r = model_throughput(model, device, args.tiles, b, "bf16")
-        r["share_of_matmul_rate"] = r["tiles_per_s"] * res["flops_per_tile_G"] / (res["bf16_matmul_tflops"] * 1e3)
-        res["model_only_bf16_weights"].append(r)
-        print("bf16 weights", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    res["model_only_bf16_weights"] = sweep("bf16 weights")
 
     # the engine, in memory: overlapping tiles (stride 192) + tapered blending on the device
     rng = np.random.default_rng(0)
