@@ -137,11 +137,13 @@ def _register_subcommands() -> None:
     from data_catalog.cli import app as catalog_app
 
     from canopy.evaluate.cli import register as register_evaluate
+    from canopy.train.cli import register as register_train
     from canopy.train.gedi_cli import register as register_gedi_correction
 
     app.add_typer(catalog_app, name="catalog",
                   help="Spatial index of imagery, lidar CHMs/point clouds and GEDI shots.")
     register_evaluate(app)
+    register_train(app)
     register_gedi_correction(app)
 
 

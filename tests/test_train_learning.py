@@ -1,0 +1,164 @@
+"""A short training run that has to learn, and exact resume (N steps = N/2 + resume + N/2)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from canopy.train.datasets import ChipDataset, SyntheticSpec, collate, synthetic_records
+from canopy.train.loop import (
+    CHECKPOINT_NAME, TrainConfig, TrainForward, build_model, init_decoder, set_trainable, train)
+
+
+# runs that keep the random micro backbone frozen say so; that is expected here
+pytestmark = pytest.mark.filterwarnings("ignore:the vit_micro backbone has random weights")
+
+@pytest.fixture(scope="module")
+def synthetic_chips():
+    """Eight 128-m scenes for training, two other scenes for validation (0.5 m, 64-px chips)."""
+    tr, _ = synthetic_records(SyntheticSpec(8, scene_px=256, gsd=0.5, seed=0), 64, 32)
+    va, _ = synthetic_records(SyntheticSpec(2, scene_px=256, gsd=0.5, seed=99), 64, 64)
+    return tr, va
+
+
+def micro_config(out, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out), arch="vit_micro", n_bins=64, gsd=0.5, chip_size=64,
+                batch_size=8, precision="fp32", threads=1, log_every=25)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_on_synthetic_scenes_learns(tmp_path, synthetic_chips):
+    """Validation MAE must fall clearly below the mean-height baseline, with a map that follows
+    the scene (not a constant, which is what a collapsed decoder produces)."""
+    from canopy.evaluate.metrics import mae, r2
+    from canopy.model.checkpoints import load_model
+
+    tr, va = synthetic_chips
+    torch.manual_seed(0)
+    cfg = micro_config(tmp_path / "run", steps=150, finetune_blocks=-1, seed=0, lr=2e-3)
+    result = train(cfg, tr, va)
+    v = result.final_val
+    assert result.finished and result.model_dir is not None
+    assert v["val_mae"] < 0.8 * v["baseline_mae"], v
+    # most pixels are bare ground, so "0 m everywhere" is a stronger constant than the mean
+    labels = np.concatenate([r.target.ravel() for r in va])
+    assert v["val_mae"] < 0.95 * np.abs(labels).mean(), v
+    # log.csv has a validation row per epoch, and validation improved on the first one
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    vals = [float(r["val_mae"]) for r in rows if r["kind"] == "val"]
+    assert len(vals) == math.ceil(150 / (len(tr) // 8)) and vals[-1] < vals[0]
+    # the written model reproduces the validation number and its map has structure
+    model = load_model(result.model_dir)
+    assert model.cfg.trained and model.cfg.gsd == 0.5 and model.cfg.tile_size == 64
+    batch = collate([ChipDataset(va).sample(i, 0) for i in range(len(va))])
+    pred = model.predict_tensor(batch["image"]).numpy().ravel()
+    ref = torch.stack(batch["targets"]).numpy().ravel()
+    assert mae(pred, ref) == pytest.approx(v["val_mae"], rel=1e-4)
+    assert pred.std() > 1.0 and r2(pred, ref) > 0.1
+    card = (result.model_dir / "MODEL_CARD.md").read_text()
+    assert "mean-height baseline" in card and "150 steps" in card
+
+
+def test_exact_resume(tmp_path, synthetic_chips):
+    """Everything that moves is in the checkpoint: weights, AdamW moments, the LR schedule, the
+    RNG streams (drop-path masks of cosub) and the data position (epoch, step)."""
+    tr, va = synthetic_chips
+    tr, va = tr[:24], va[:4]  # 3 steps per epoch: the resume point falls inside epoch 1
+    common = dict(steps=8, finetune_blocks=2, cosub=True, drop_path=0.3, seed=5, log_every=1,
+                  checkpoint_every=100)
+    full = train(micro_config(tmp_path / "full", **common), tr, va)
+    half = train(micro_config(tmp_path / "split", stop_after_steps=4, **common), tr, va)
+    assert not half.finished and half.model_dir is None
+    assert (tmp_path / "split" / CHECKPOINT_NAME).exists()
+    rest = train(micro_config(tmp_path / "split", **common), tr, va, resume=True)
+    assert rest.finished and rest.steps_done == 8
+    a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=False)
+    b = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    # the log reads as one run: every step once, identical losses
+    la = [r for r in csv.DictReader(open(tmp_path / "full" / "log.csv"))]
+    lb = [r for r in csv.DictReader(open(tmp_path / "split" / "log.csv"))]
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    # and a different seed gives different weights (the test would catch a no-op)
+    other = train(micro_config(tmp_path / "other", **{**common, "seed": 6}), tr, va)
+    c = torch.load(other.out_dir / CHECKPOINT_NAME, weights_only=False)
+    assert not torch.equal(c["model"]["decode_head.project.conv.weight"],
+                           a["model"]["decode_head.project.conv.weight"])
+
+
+def test_resume_refuses_other_settings(tmp_path, synthetic_chips):
+    from canopy.errors import InputError, OutputError
+
+    tr, va = synthetic_chips
+    cfg = micro_config(tmp_path / "r", steps=2, stop_after_steps=1, seed=1)
+    train(cfg, tr[:16], va[:2])
+    with pytest.raises(InputError, match="lr"):
+        train(micro_config(tmp_path / "r", steps=2, seed=1, lr=5e-4), tr[:16], va[:2], resume=True)
+    with pytest.raises(OutputError, match="not empty"):
+        train(micro_config(tmp_path / "r", steps=2, seed=1), tr[:16], va[:2])
+
+
+def test_training_forward_matches_the_model(synthetic_chips):
+    """The frozen-prefix forward used for training computes what the model computes."""
+    cfg = micro_config("/unused", steps=1)
+    model, _ = build_model(cfg)
+    init_decoder(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    for blocks in (0, 2, -1):
+        first = set_trainable(model, blocks)
+        out = TrainForward(model, first)(x)[0]
+        assert torch.allclose(out, ref, atol=1e-5), blocks
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # -1 trains everything the forward pass uses, embeddings included; the final norm and the
+    # iBOT mask token take no part in the tapped features (DDP would stall on them)
+    assert frozen == {"backbone.mask_token", "backbone.norm.weight", "backbone.norm.bias"}
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, synthetic_chips):
+    """torchrun with 2 CPU processes (gloo) trains on the same global batches as one process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "ddp_job.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[1])!r})
+        from canopy.train.datasets import SyntheticSpec, synthetic_records
+        from canopy.train.loop import TrainConfig, train
+        from canopy.train.augment import NO_AUGMENT
+        from canopy.train.losses import LossConfig
+        # SiLog is not a mean over pixels (a square root of a variance), so the average of two
+        # half-batch gradients differs from the whole batch's; L1 and the penalty are means.
+        tr, _ = synthetic_records(SyntheticSpec(2, scene_px=128, gsd=0.5, seed=0), 64, 64)
+        cfg = TrainConfig(out_dir=sys.argv[1], arch="vit_micro", n_bins=64, gsd=0.5,
+                          chip_size=64, batch_size=4, steps=2, precision="fp32", threads=1,
+                          seed=3, augment=NO_AUGMENT, loss=LossConfig(silog_weight=0.0))
+        train(cfg, tr, [])
+    """))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517", str(script), str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "single")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = torch.load(tmp_path / "ddp" / CHECKPOINT_NAME, weights_only=False)["model"]
+    b = torch.load(tmp_path / "single" / CHECKPOINT_NAME, weights_only=False)["model"]
+    # gradients are averaged over two half-batches instead of one batch: same to rounding
+    for key in b:
+        assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
