@@ -100,23 +100,31 @@ def apodisation(tile: int = 256, border: int = 16, sigma: float = 8.0) -> np.nda
     return np.maximum(gaussian_filter(w, sigma), 1e-14)
 
 
+def reference_geometry(tile: int = 256) -> dict:
+    """The notebook's window/stride/apodisation for a model tile: as published for 256-px tiles
+    (1024-px windows, stride 192, 16-px border, σ 8), scaled in proportion for other tiles."""
+    return {"tile": tile, "window": 4 * tile, "stride": tile * 3 // 4,
+            "border": max(1, tile // 16), "sigma": tile / 32}
+
+
+def window_starts(n: int, window: int) -> list[int]:
+    s = list(range(0, max(n - window, 0) + 1, window))
+    if s[-1] + window < n:
+        s.append(n - window)  # last window shifted to end at the edge (overwrites)
+    return s
+
+
 def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, tile: int = 256,
-                   stride: int = 192) -> np.ndarray:
+                   stride: int = 192, border: int = 16, sigma: float = 8.0) -> np.ndarray:
     """The notebook's method, faithfully: no overlap between windows, no blending across them."""
     import torch
 
     _, h, w = img.shape
     out = np.zeros((h, w), np.float32)
-    weight = apodisation(tile)
+    weight = apodisation(tile, border, sigma)
 
-    def starts(n):
-        s = list(range(0, max(n - window, 0) + 1, window))
-        if s[-1] + window < n:
-            s.append(n - window)  # last window shifted to end at the edge (overwrites)
-        return s
-
-    for r0 in starts(h):
-        for c0 in starts(w):
+    for r0 in window_starts(h, window):
+        for c0 in window_starts(w, window):
             win = img[:, r0:r0 + window, c0:c0 + window]
             pos = [(r, c) for r in range(0, window - tile + 1, stride)
                    for c in range(0, window - tile + 1, stride)]
@@ -146,11 +154,12 @@ def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict
     from canopy.model.checkpoints import load_model
 
     model = load_model(checkpoint)
+    geo = reference_geometry(model.cfg.tile_size)
     with rasterio.open(scene) as ds:
         img, profile = ds.read(), ds.profile
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        pred = reference_loop(model, img, precision)
+        pred = reference_loop(model, img, precision, **geo)
         dt = time.perf_counter() - t0
     profile.update(count=1, dtype="float32", nodata=float("nan"), compress="deflate")
     with rasterio.open(out, "w", **profile) as o:
@@ -160,7 +169,7 @@ def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict
 
 
 def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: int,
-               batch: int, threads: int) -> dict:
+               batch: int, threads: int, stride: int = 0) -> dict:
     from distributed import Client, LocalCluster
     import rasterio
     from rasterio.warp import transform_bounds
@@ -174,7 +183,7 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
     eps = 1e-6
     aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
     job = JobSpec(checkpoint=checkpoint, precision=precision, batch_size=batch,
-                  torch_threads=threads)
+                  torch_threads=threads, stride=stride or None)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
@@ -189,9 +198,79 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
         t_warm = time.perf_counter() - t1
         client.close()
         cluster.close()
-    return {"variant": f"engine {precision}", "seconds": t_warm, "seconds_cold": t_cold,
+    name = f"engine {precision}" + (f" stride {stride}" if stride else "")
+    return {"variant": name, "seconds": t_warm, "seconds_cold": t_cold,
             "px_per_s": pixels / t_warm, "cells": cold.cells_done,
             "peak_rss_gib": rss.peak / 2**30, "mosaic": str(Path(out) / "warm" / "mosaic.vrt")}
+
+
+def edge_scene(path: Path, size: int) -> Path:
+    """Real imagery at its own 0.5 m GSD: the Kootenay drone ortho (UTM 11) mirrored to size²."""
+    import rasterio
+    from affine import Affine
+
+    src = ROOT.parent / "shared" / "data" / "rgb_chm_pairs" / "kootenay_bc_drone" / "kootenayOrtho_from_rda.tif"
+    with rasterio.open(src) as ds:
+        a = ds.read()[:3]
+        crs, t = ds.crs, ds.transform
+    ry = np.arange(size) % (2 * a.shape[1])
+    ry = np.where(ry < a.shape[1], ry, 2 * a.shape[1] - 1 - ry)
+    rx = np.arange(size) % (2 * a.shape[2])
+    rx = np.where(rx < a.shape[2], rx, 2 * a.shape[2] - 1 - rx)
+    big = np.ascontiguousarray(a[:, ry][:, :, rx])
+    x0 = np.floor(t.c / 512) * 512  # on the engine's lattice (cells of 1024 px at 0.5 m = 512 m)
+    y0 = np.ceil(t.f / 512) * 512
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs=crs, transform=Affine(t.a, 0, x0, 0, t.e, y0), tiled=True,
+                       compress="deflate") as out:
+        out.write(big)
+    return path
+
+
+def _ratio_at(a: np.ndarray, col_borders, row_borders) -> dict:
+    """Mean |Δ| across the given borders ÷ mean |Δ| elsewhere (horizontal + vertical pairs)."""
+    from canopy.evaluate.metrics import EdgeSums, _pair_sums
+
+    h, w = a.shape
+    a = a.astype(np.float64)
+    across_c = np.isin(np.arange(1, w), col_borders)
+    across_r = np.isin(np.arange(1, h), row_borders)
+    sums = _pair_sums(a[:, 1:] - a[:, :-1], np.broadcast_to(across_c, (h, w - 1)))
+    sums += _pair_sums(a[1:] - a[:-1], np.broadcast_to(across_r[:, None], (h - 1, w)))
+    return EdgeSums.metrics(sums)
+
+
+def edge_errors(args, tmp: Path) -> dict:
+    """Edge error of the reference loop and of the engine, trained weights, real imagery."""
+    import rasterio
+
+    from canopy.evaluate.metrics import tile_border_positions
+    from canopy.model.checkpoints import load_model
+
+    scene = edge_scene(tmp / "edge_scene.tif", args.edge_size)
+    cfg = load_model(args.edge_checkpoint).cfg
+    geo = reference_geometry(cfg.tile_size)
+    out = {"checkpoint": args.edge_checkpoint, "scene": f"Kootenay ortho mirrored to "
+           f"{args.edge_size}² px at 0.5 m", "reference_geometry": geo}
+    ref = sub("ref", scene, args.edge_checkpoint, "fp32", tmp / "edge_ref.tif")
+    with rasterio.open(tmp / "edge_ref.tif") as ds:
+        a = ds.read(1)
+    borders = sorted({w0 + t + d for w0 in window_starts(a.shape[1], geo["window"])
+                      for t in range(0, geo["window"] - geo["tile"] + 1, geo["stride"])
+                      for d in (0, geo["tile"]) if 0 < w0 + t + d < a.shape[1]})
+    out["reference"] = _ratio_at(a, borders, borders)
+    for eighths in args.edge_strides:  # engine stride as eighths of the tile: 6 = the default
+        stride = cfg.tile_size * eighths // 8
+        eng = sub("engine", scene, args.edge_checkpoint, "fp32", tmp / f"edge_engine_{eighths}",
+                  1024, args.batch_size, args.threads, stride)
+        with rasterio.open(eng["mosaic"]) as m:
+            a = m.read(1)
+            g = m.res[0]
+            col0, row0 = round(m.bounds.left / g), round(-m.bounds.top / g)
+        r = _ratio_at(a, tile_border_positions(a.shape[1], cfg.tile_size, stride, (-col0) % stride),
+                      tile_border_positions(a.shape[0], cfg.tile_size, stride, (-row0) % stride))
+        out[f"engine stride {eighths}/8 tile ({stride} px)"] = r
+    return out
 
 
 def engine_tiles(size: int, cell_px: int, tile=256, stride=192) -> int:
@@ -214,16 +293,6 @@ def sub(*args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def edge_error_of(path: str, lattice) -> float:
-    import rasterio
-
-    from canopy.evaluate.metrics import edge_sums
-
-    with rasterio.open(path) as ds:
-        a = ds.read(1)
-    return edge_sums(a, lattice).metrics()["edge_error"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=2048)
@@ -232,7 +301,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; best kept")
-    ap.add_argument("--edge-checkpoint", default=None, help="trained model for the edge-error figure")
+    ap.add_argument("--engine", nargs="+", default=["bf16", "fp32", "int8", "int8:224"],
+                    help="engine variants PRECISION[:STRIDE] (default stride: 3/4 of the tile)")
+    ap.add_argument("--edge-checkpoint", default=None,
+                    help="trained model for the edge-error figure, measured on a real 0.5 m "
+                         "scene (the Kootenay drone ortho, mirrored to --edge-size px)")
+    ap.add_argument("--edge-size", type=int, default=1152)
+    ap.add_argument("--edge-only", action="store_true", help="only the edge-error figures")
+    ap.add_argument("--edge-strides", type=int, nargs="+", default=[6, 7],
+                    help="engine strides for the edge figure, in eighths of the tile (6: default "
+                         "192/256; 7: 224/256)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_run", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -241,21 +319,36 @@ def main() -> None:
         if kind == "ref":
             print(json.dumps(run_reference(*rest)))
         else:
-            scene, ckpt, prec, out, cell, batch, threads = rest
-            print(json.dumps(run_engine(scene, ckpt, prec, out, int(cell), int(batch), int(threads))))
+            scene, ckpt, prec, out, cell, batch, threads, stride = rest
+            print(json.dumps(run_engine(scene, ckpt, prec, out, int(cell), int(batch), int(threads),
+                                        int(stride))))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="canopy_engine_bench_"))
+    if args.edge_only:
+        if not args.edge_checkpoint:
+            ap.error("--edge-only needs --edge-checkpoint")
+        edge = edge_errors(args, tmp)
+        print(json.dumps(edge, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": " ".join(
+                ["python benchmarks/engine_vs_reference.py", *sys.argv[1:]]), "edge_error": edge},
+                indent=2))
+        return
     scene = make_scene(tmp / "scene.tif", args.size, args.cell_px)
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
-        for kind, prec in (("ref", "fp32"), ("ref", "bf16"), ("engine", "bf16"), ("engine", "fp32")):
-            out = tmp / f"{kind}_{prec}_{rep}"
+        variants = [("ref", "fp32", 0), ("ref", "bf16", 0)] + [
+            ("engine", v.split(":")[0], int(v.split(":")[1]) if ":" in v else 0) for v in args.engine]
+        for kind, prec, stride in variants:
+            out = tmp / f"{kind}_{prec}_{stride}_{rep}"
             if kind == "ref":
                 r = sub("ref", scene, args.checkpoint, prec, f"{out}.tif")
                 r["output"] = f"{out}.tif"
             else:
-                r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size, args.threads)
+                r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size,
+                        args.threads, stride)
+                r["stride"] = stride or 192
             print(f"{r['variant']}: {r['px_per_s']:,.0f} px/s", file=sys.stderr, flush=True)
             if r["variant"] not in best or r["px_per_s"] > best[r["variant"]]["px_per_s"]:
                 best[r["variant"]] = r
@@ -279,12 +372,12 @@ def main() -> None:
     for _ in range(5):
         a @ a
     mm = 2 * 2048**3 * 5 / (time.perf_counter() - t0) / 1e9
-    n_eng = engine_tiles(args.size, args.cell_px)
+    for r in best.values():  # model FLOPs of the tiles run per second ÷ the bf16 matmul rate
+        if r["variant"].startswith("engine"):
+            r["tiles"] = engine_tiles(args.size, args.cell_px, stride=r["stride"])
+        r["share_of_bf16_matmul_floor"] = r["tiles"] * gflop / r["seconds"] / mm
     e16 = best["engine bf16"]
-    e16["tiles"] = n_eng
-    e16["share_of_bf16_matmul_floor"] = n_eng * gflop / e16["seconds"] / mm
-    best["reference bf16"]["share_of_bf16_matmul_floor"] = (
-        best["reference bf16"]["tiles"] * gflop / best["reference bf16"]["seconds"] / mm)
+    n_eng = e16["tiles"]
     summary = {"command": " ".join(["python benchmarks/engine_vs_reference.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "size": args.size,
                "gflop_per_tile": gflop, "bf16_matmul_gflops": mm, "results": best}
@@ -293,32 +386,15 @@ def main() -> None:
     summary["california_cpu_days_projection"] = 409_938 / km2_per_s / 86400
 
     if args.edge_checkpoint:
-        from canopy.evaluate.metrics import TileLattice
-
-        edge = {}
-        for kind, prec in (("ref", "fp32"), ("engine", "fp32")):
-            out = tmp / f"edge_{kind}"
-            if kind == "ref":
-                r = sub("ref", scene, args.edge_checkpoint, prec, f"{out}.tif")
-                # reference borders: tiles every 192 px inside each 1024 window + window edges
-                lat = TileLattice(256, 192, 0, 0)
-                edge["reference"] = edge_error_of(f"{out}.tif", lat)
-            else:
-                r = sub("engine", scene, args.edge_checkpoint, prec, out, args.cell_px, args.batch_size, args.threads)
-                import rasterio
-
-                with rasterio.open(Path(r["mosaic"]).parent / "cells" / sorted(os.listdir(Path(r["mosaic"]).parent / "cells"))[0]) as ds:
-                    t = ds.tags()
-                lat = TileLattice(int(t["CANOPY_TILE_SIZE"]), int(t["CANOPY_TILE_STRIDE"]),
-                                  int(t["CANOPY_TILE_ORIGIN_COL"]), int(t["CANOPY_TILE_ORIGIN_ROW"]))
-                edge["engine"] = edge_error_of(r["mosaic"], lat)
-        summary["edge_error"] = edge
+        summary["edge_error"] = edge_errors(args, tmp)
 
     print(f"\n`{summary['command']}` — {summary['machine']}\n")
-    print("| variant | px/s | × ref fp32 | × ref bf16 | seconds | peak RSS (GiB) |\n|---|---|---|---|---|---|")
+    print("| variant | px/s | × ref fp32 | × ref bf16 | seconds | tiles | FLOPs ÷ bf16 matmul rate | peak RSS (GiB) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in best.values():
         print(f"| {r['variant']} | {r['px_per_s']:,.0f} | {r['x_ref_fp32']:.2f} | {r['x_ref_bf16']:.2f} "
-              f"| {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |")
+              f"| {r['seconds']:.1f} | {r['tiles']} | {r['share_of_bf16_matmul_floor']:.0%} "
+              f"| {r['peak_rss_gib']:.2f} |")
     print(f"\nGFLOP per tile {gflop:.0f}; bf16 matmul {mm:.0f} GFLOP/s; engine tiles {n_eng}, "
           f"reference tiles {best['reference bf16']['tiles']}; engine bf16 reaches "
           f"{e16['share_of_bf16_matmul_floor']:.0%} of the matmul floor "

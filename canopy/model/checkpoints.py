@@ -246,7 +246,7 @@ def load_model(path_or_name, device="cpu") -> HeightModel:
         if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
             return load_native(DEFAULT_MODEL_DIR, device)
         raise NoDefaultModelError(
-            "no trained default model is bundled yet; pass --checkpoint PATH "
+            "no trained default model is bundled with this install; pass --checkpoint PATH "
             "(e.g. the HighResCanopyHeight v1 SSLhuge_satellite.pth or compressed_SSLlarge.pth)"
         )
     path = Path(path_or_name)
