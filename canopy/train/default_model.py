@@ -436,9 +436,9 @@ def model_card(recipe: Recipe, summary: dict, result, evals: dict, mean_height: 
                  "The recipe with " + ", ".join(f"{k} = {v}" for k, v in differs.items()))
         lines += [
             "## A landscape it has never seen",
-            f"{which} and OSBS_029 held out entirely (`python -m canopy.train.default_model "
+            f"{which}, with OSBS_029 held out entirely (`python -m canopy.train.default_model "
             "--holdout site`: trained on BART, Kootenay and synthetic scenes only), scored on the "
-            "whole OSBS plot:",
+            "whole OSBS plot (`evaluation_site_holdout.json`):",
             "",
             "| predictor | MAE (m) | RMSE (m) | bias (m) | R² |",
             "|---|---|---|---|---|",
@@ -540,6 +540,8 @@ def main(argv=None) -> int:
          "synthetic_validation": result.final_val, "recipe": asdict(recipe),
          "train_seconds": result.seconds}, indent=2, default=str) + "\n")
     shutil.copy(run_dir / "train" / "log.csv", tmp / "training_log.csv")
+    if args.site_holdout_json:
+        shutil.copy(args.site_holdout_json, tmp / "evaluation_site_holdout.json")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
