@@ -28,6 +28,23 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def match_input_grid(logits: torch.Tensor, hw, patch_size: int) -> torch.Tensor:
+    """Decoder logits on the input's pixel grid.
+
+    The DPT upsamples the token grid 16×, which is the (padded) input grid only for 16-px
+    patches, as in HRCH; then cropping is enough. For other patch sizes (DINOv2's 14) the output
+    is first resized to the padded input, otherwise pixel i would hold the value of 16/14·i.
+    Training and inference both go through here, so they agree.
+    """
+    h, w = hw
+    if patch_size != 16:
+        p = patch_size
+        padded = (-(-h // p) * p, -(-w // p) * p)
+        logits = torch.nn.functional.interpolate(logits, size=padded, mode="bilinear",
+                                                 align_corners=False)
+    return logits[..., :h, :w]
+
+
 class HeightModel(nn.Module):
     """``backbone`` and ``decode_head`` match the released checkpoints' top-level key prefixes."""
 
@@ -54,9 +71,8 @@ class HeightModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised [B,3,H,W] → bin logits [B,K,H,W] (cropped back to H×W)."""
-        h, w = x.shape[-2:]
         logits = self.decode_head(self.backbone.forward_taps(x))
-        return logits[..., :h, :w]
+        return match_input_grid(logits, x.shape[-2:], self.cfg.backbone.patch_size)
 
     def heights(self, logits: torch.Tensor, with_std: bool = False):
         """Bin logits → metres [B,H,W] (and the distribution's spread in metres)."""
@@ -120,7 +136,8 @@ class HeightModel(nn.Module):
             x = self.normalize(rgb)
             taps = self.backbone.forward_taps(x)  # int8 Linear layers, float32 activations
             with autocast_context(self.device, "bf16"):
-                logits = self.decode_head(taps)[..., :x.shape[-2], :x.shape[-1]]
+                logits = match_input_grid(self.decode_head(taps), x.shape[-2:],
+                                          self.cfg.backbone.patch_size)
             return self.heights(logits, with_std=with_std)
         if self.is_int8:
             raise ValueError(f"this model was quantised to int8; load it again for {precision}")

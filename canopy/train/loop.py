@@ -49,7 +49,7 @@ from torch import nn
 from canopy.errors import CheckpointError, InputError, OutputError
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTConfig
-from canopy.model.height_model import PRECISIONS, HeightModel, autocast_context
+from canopy.model.height_model import PRECISIONS, HeightModel, autocast_context, match_input_grid
 from canopy.train.augment import AugmentConfig
 from canopy.train.cosub import enable_stochastic_depth, mutual_distillation
 from canopy.train.datasets import (
@@ -269,22 +269,6 @@ def set_trainable(model: HeightModel, finetune_blocks: int) -> int:
     for p in model.decode_head.parameters():
         p.requires_grad_(True)
     return first
-
-
-def match_input_grid(logits: torch.Tensor, hw, patch_size: int) -> torch.Tensor:
-    """Logits on the input's pixel grid.
-
-    The DPT upsamples the token grid 16×, which is the input grid only for 16-px patches; for
-    other patch sizes (DINOv2's 14) the output is resized to the padded input before cropping,
-    otherwise pixel i would be trained against the label at 16/14·i.
-    """
-    h, w = hw
-    if patch_size != 16:
-        p = patch_size
-        padded = (-(-h // p) * p, -(-w // p) * p)
-        logits = torch.nn.functional.interpolate(logits, size=padded, mode="bilinear",
-                                                 align_corners=False)
-    return logits[..., :h, :w]
 
 
 @contextlib.contextmanager
