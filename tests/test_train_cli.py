@@ -259,6 +259,8 @@ def test_training_with_a_backbone_file_patch14(tmp_path):
     predicted = model.predict_tensor(img)
     assert predicted.shape == (1, 56, 56)
     torch.testing.assert_close(predicted, trained_view, rtol=1e-5, atol=1e-4)
+    # the run folder itself works as --checkpoint / --model (its model is in model/)
+    torch.testing.assert_close(load_model(tmp_path / "run").predict_tensor(img), predicted)
 
 
 def test_lidar_imagery_date_mismatch_masks_the_pair(scene):

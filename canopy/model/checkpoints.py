@@ -176,6 +176,8 @@ def load_hrch_checkpoint(path: Path, device="cpu") -> HeightModel:
 
 def _native_paths(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
+        if not (path / "model.safetensors").exists() and (path / "model" / "model.safetensors").exists():
+            path = path / "model"  # a `canopy train` run folder: its model is in model/
         weights = path / "model.safetensors"
         if not weights.exists():
             raise CheckpointError(f"{path}: folder holds no model.safetensors")
