@@ -86,13 +86,54 @@ def dequantize_state_dict(sd: dict) -> dict:
     return out
 
 
+def vit_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backbone") -> ViTConfig:
+    """The ViT architecture implied by the tensors' shapes (keys without the ``backbone.``
+    prefix): one reader for HRCH checkpoints, native files and ``--backbone`` weights."""
+    if "register_tokens" in sd or "reg_token" in sd:
+        raise CheckpointError(f"{source}: ViTs with register tokens are not supported "
+                              "(the HRCH-style backbone has a CLS token only)")
+    if any(".mlp.w12." in k for k in sd):
+        raise CheckpointError(f"{source}: SwiGLU MLP blocks (DINOv2 ViT-g) are not supported")
+    try:
+        cls = sd["cls_token"]
+        pos = sd["pos_embed"]
+        patch = sd["patch_embed.proj.weight"]
+        fc1 = sd["blocks.0.mlp.fc1.weight"]
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{source}: not a ViT backbone (missing {exc.args[0]}); expected DINOv2, timm or "
+            "canopy 'backbone.*' naming") from None
+    embed_dim = int(cls.shape[-1])
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1
+    if blocks != set(range(depth)):
+        raise CheckpointError(f"{source}: blocks {sorted(set(range(depth)) - blocks)} are missing")
+    n_pos = int(pos.shape[1]) - 1
+    grid = int(round(n_pos ** 0.5))
+    if grid * grid != n_pos:
+        raise CheckpointError(f"{source}: pos_embed has {n_pos + 1} entries; expected CLS + a "
+                              "square grid")
+    if patch.shape[1] != 3 or patch.shape[-1] != patch.shape[-2]:
+        raise CheckpointError(f"{source}: patch embedding {tuple(patch.shape)} is not a square "
+                              "3-channel (RGB) kernel")
+    if embed_dim % 64:
+        raise CheckpointError(f"{source}: width {embed_dim} is not a multiple of 64 (head size)")
+    return ViTConfig(
+        embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64,
+        patch_size=int(patch.shape[-1]), pos_grid=grid,
+        mlp_ratio=int(fc1.shape[0]) / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        out_indices=default_out_indices(depth),
+    )
+
+
 def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
     """Build the architecture from tensor shapes (HRCH layout)."""
     try:
-        cls = sd["backbone.cls_token"]
-        pos = sd["backbone.pos_embed"]
-        patch = sd["backbone.patch_embed.proj.weight"]
-        mlp_hidden = int(sd["backbone.blocks.0.mlp.fc1.weight"].shape[0])
+        for key in ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+                    "backbone.blocks.0.mlp.fc1.weight"):
+            sd[key]
         heads_w = sd["decode_head.conv_depth.head.4.weight"]
         hidden_w = sd["decode_head.conv_depth.head.2.weight"]
         fusion_w = sd["decode_head.project.conv.weight"]
@@ -103,16 +144,10 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
             f"{source or 'checkpoint'}: not a canopy height model (missing key {exc.args[0]}); "
             "expected backbone.* and decode_head.* entries"
         ) from None
-    embed_dim = int(cls.shape[-1])
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
-    grid = int(round((pos.shape[1] - 1) ** 0.5))
-    backbone = ViTConfig(
-        embed_dim=embed_dim, depth=depth, num_heads=max(1, embed_dim // 64),
-        patch_size=int(patch.shape[-1]), pos_grid=grid, mlp_ratio=mlp_hidden / embed_dim,
-        qkv_bias="backbone.blocks.0.attn.qkv.bias" in sd,
-        layerscale_init=1.0 if "backbone.blocks.0.ls1.gamma" in sd else None,
-        out_indices=default_out_indices(depth),
-    )
+    backbone = vit_config_from_state_dict(
+        {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")},
+        source or "checkpoint")
+    embed_dim, depth = backbone.embed_dim, backbone.depth
     decoder = DPTConfig(
         post_process_channels=post, channels=int(fusion_w.shape[0]),
         head_hidden=int(hidden_w.shape[0]), n_bins=int(heads_w.shape[0]),

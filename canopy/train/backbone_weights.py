@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from canopy.errors import CheckpointError
-from ssl_backbone.vit import DinoViT, ViTConfig, default_out_indices
+from ssl_backbone.vit import DinoViT, ViTConfig
 
 PREFIXES = ("module.", "teacher.", "student.", "model.", "backbone.", "encoder.")
 IGNORED = re.compile(r"^(head\.|fc_norm\.|decode_head\.|dino_head\.|ibot_head\.|dino_loss\.|"
@@ -82,54 +82,13 @@ def filter_backbone_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backbone") -> ViTConfig:
-    """The ViT architecture implied by the tensors' shapes."""
-    if "register_tokens" in sd or "reg_token" in sd:
-        raise CheckpointError(f"{source}: ViTs with register tokens are not supported "
-                              "(the HRCH-style backbone has a CLS token only)")
-    if any(".mlp.w12." in k for k in sd):
-        raise CheckpointError(f"{source}: SwiGLU MLP blocks (DINOv2 ViT-g) are not supported")
-    try:
-        cls = sd["cls_token"]
-        pos = sd["pos_embed"]
-        patch = sd["patch_embed.proj.weight"]
-        fc1 = sd["blocks.0.mlp.fc1.weight"]
-    except KeyError as exc:
-        raise CheckpointError(
-            f"{source}: not a ViT backbone (missing {exc.args[0]}); expected DINOv2, timm or "
-            "canopy 'backbone.*' naming") from None
-    embed_dim = int(cls.shape[-1])
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    depth = max(blocks) + 1
-    if blocks != set(range(depth)):
-        raise CheckpointError(f"{source}: blocks {sorted(set(range(depth)) - blocks)} are missing")
-    n_pos = int(pos.shape[1]) - 1
-    grid = int(round(n_pos ** 0.5))
-    if grid * grid != n_pos:
-        raise CheckpointError(f"{source}: pos_embed has {n_pos + 1} entries; expected CLS + a "
-                              "square grid")
-    if patch.shape[1] != 3 or patch.shape[-1] != patch.shape[-2]:
-        raise CheckpointError(f"{source}: patch embedding {tuple(patch.shape)} is not a square "
-                              "3-channel (RGB) kernel")
-    if embed_dim % 64:
-        raise CheckpointError(f"{source}: width {embed_dim} is not a multiple of 64 (head size)")
-    return ViTConfig(
-        embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64,
-        patch_size=int(patch.shape[-1]), pos_grid=grid,
-        mlp_ratio=int(fc1.shape[0]) / embed_dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else None,
-        out_indices=default_out_indices(depth),
-    )
-
-
 def load_backbone(path: str | Path) -> tuple[DinoViT, ViTConfig]:
     """A DinoViT holding the file's weights, and its config (read from the shapes)."""
-    from canopy.model.checkpoints import load_state_dict_strict
+    from canopy.model.checkpoints import load_state_dict_strict, vit_config_from_state_dict
 
     source = f"--backbone {path}"
     sd = filter_backbone_state_dict(read_state_dict(path))
-    cfg = config_from_state_dict(sd, source)
+    cfg = vit_config_from_state_dict(sd, source)
     vit = DinoViT(cfg)
     if "mask_token" not in sd:  # timm files have none; only iBOT masking uses it
         sd["mask_token"] = torch.zeros_like(vit.mask_token)
