@@ -55,8 +55,8 @@ from canopy.train.cosub import enable_stochastic_depth, mutual_distillation
 from canopy.train.datasets import (
     ChipDataset, ChipRecord, batch_indices, collate, label_heights, label_mean, steps_per_epoch)
 from canopy.train.losses import (
-    LeakyGradReLU, LossConfig, dense_loss, gedi_loss, logit_scale_penalty, paired_pixels,
-    relu_leaky_grad, train_bin_probabilities, train_heights)
+    LeakyGradReLU, LossConfig, dense_loss, gedi_loss, logit_scale_penalty, loss_from_pairs,
+    paired_pixels, relu_leaky_grad, train_bin_probabilities, train_heights)
 from ssl_backbone.vit import VARIANTS, ViTConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -314,7 +314,6 @@ class TrainForward(nn.Module):
 
     def forward(self, x: torch.Tensor, views: int = 1) -> list[torch.Tensor]:
         vit = self.model.backbone
-        h, w = x.shape[-2:]
         taps_at = set(vit.cfg.out_indices)
         first = self.first_trainable
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
@@ -531,7 +530,7 @@ def validate(model: HeightModel, records: Sequence[ChipRecord], cfg: TrainConfig
         valid = batch["valid"].to(device)
         targets = [t.to(device) for t in batch["targets"]]
         p, t = paired_pixels(heights, valid, targets, cfg.loss.min_target_coverage)
-        terms = dense_loss(heights, valid, targets, cfg.loss)
+        terms = loss_from_pairs(p, t, cfg.loss)
         preds.append(p.float().cpu().numpy())
         refs.append(t.float().cpu().numpy())
         losses.append(float(terms["total"]))

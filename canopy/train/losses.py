@@ -155,7 +155,12 @@ def paired_pixels(pred: torch.Tensor, valid: torch.Tensor, targets: Sequence[tor
 def dense_loss(pred: torch.Tensor, valid: torch.Tensor, targets: Sequence[torch.Tensor],
                cfg: LossConfig = LossConfig()) -> dict[str, torch.Tensor]:
     """Weighted SiLog + L1 at each target's resolution. Returns the terms and their ``total``."""
-    p, t = paired_pixels(pred, valid, targets, cfg.min_target_coverage)
+    return loss_from_pairs(*paired_pixels(pred, valid, targets, cfg.min_target_coverage), cfg)
+
+
+def loss_from_pairs(p: torch.Tensor, t: torch.Tensor, cfg: LossConfig = LossConfig()
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`dense_loss` of already paired (prediction, target) pixels."""
     everything = torch.ones_like(p, dtype=torch.bool)
     silog = silog_from_terms(silog_terms(p, t, everything, cfg.silog_eps), cfg.silog_lambda)
     l1 = (p - t).abs().mean() if p.numel() else p.sum() * 0.0
