@@ -240,18 +240,15 @@ def held_out_reference(chm: str, chm_crs: str | None, split_x: float, out: Path)
     """The CHM with everything west of ``split_x`` (the trained-on part) set to NaN."""
     import rasterio
 
-    with rasterio.open(chm) as src:
-        arr = src.read(1).astype(np.float32)
-        profile = src.profile
-        crs = src.crs or rasterio.crs.CRS.from_user_input(chm_crs)
-        if src.nodata is not None:
-            arr[arr == np.float32(src.nodata)] = np.nan
-        arr[arr <= -1000] = np.nan
-        cols = src.transform.c + (np.arange(src.width) + 0.5) * src.transform.a
+    from data_catalog.chm import read_chm
+
+    c = read_chm(chm, crs=chm_crs)  # float32 metres, every nodata variant NaN
+    arr = c.array
+    cols = c.transform.c + (np.arange(arr.shape[1]) + 0.5) * c.transform.a
     arr[:, cols < split_x] = np.nan
-    profile.update(dtype="float32", nodata=float("nan"), crs=crs, count=1, compress="deflate")
-    profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
-    with rasterio.open(out, "w", **profile) as dst:
+    with rasterio.open(out, "w", driver="GTiff", width=arr.shape[1], height=arr.shape[0], count=1,
+                       dtype="float32", crs=c.crs, transform=c.transform, nodata=float("nan"),
+                       compress="deflate") as dst:
         dst.write(arr, 1)
     return out
 
