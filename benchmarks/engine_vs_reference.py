@@ -229,7 +229,7 @@ def edge_scene(path: Path, size: int) -> Path:
 
 def _ratio_at(a: np.ndarray, col_borders, row_borders) -> dict:
     """Mean |Δ| across the given borders ÷ mean |Δ| elsewhere (horizontal + vertical pairs)."""
-    from canopy.evaluate.metrics import EdgeSums, _pair_sums
+    from canopy.evaluate.metrics import _pair_sums
 
     h, w = a.shape
     a = a.astype(np.float64)
@@ -237,7 +237,7 @@ def _ratio_at(a: np.ndarray, col_borders, row_borders) -> dict:
     across_r = np.isin(np.arange(1, h), row_borders)
     sums = _pair_sums(a[:, 1:] - a[:, :-1], np.broadcast_to(across_c, (h, w - 1)))
     sums += _pair_sums(a[1:] - a[:-1], np.broadcast_to(across_r[:, None], (h - 1, w)))
-    return EdgeSums.metrics(sums)
+    return sums.metrics()
 
 
 def edge_errors(args, tmp: Path) -> dict:
@@ -245,14 +245,14 @@ def edge_errors(args, tmp: Path) -> dict:
     import rasterio
 
     from canopy.evaluate.metrics import tile_border_positions
-    from canopy.model.checkpoints import load_model
+    from canopy.model.checkpoints import load_config
 
     scene = edge_scene(tmp / "edge_scene.tif", args.edge_size)
-    cfg = load_model(args.edge_checkpoint).cfg
+    cfg = load_config(args.edge_checkpoint)
     geo = reference_geometry(cfg.tile_size)
     out = {"checkpoint": args.edge_checkpoint, "scene": f"Kootenay ortho mirrored to "
            f"{args.edge_size}² px at 0.5 m", "reference_geometry": geo}
-    ref = sub("ref", scene, args.edge_checkpoint, "fp32", tmp / "edge_ref.tif")
+    sub("ref", scene, args.edge_checkpoint, "fp32", tmp / "edge_ref.tif")
     with rasterio.open(tmp / "edge_ref.tif") as ds:
         a = ds.read(1)
     borders = sorted({w0 + t + d for w0 in window_starts(a.shape[1], geo["window"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from canopy.model.checkpoints import DEFAULT_MODEL_DIR, load_model
