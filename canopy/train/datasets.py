@@ -453,7 +453,8 @@ def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict
                                   block_size_m=spec.block_size_m, seed=spec.seed,
                                   chm_mode="native", gedi=gedi)
             if not sampler.pairs:
-                raise InputError(f"--catalog {spec.catalog}: no imagery overlaps a CHM"
+                where = f"--catalog {spec.catalog}" if kind == "catalog" else "--pairs"
+                raise InputError(f"{where}: no imagery overlaps a CHM"
                                  + (" inside the AOI" if spec.aoi else ""))
             windows = sampler.windows()
             pair_dates = {(p.imagery, p.chm): (dates.get(p.imagery), dates.get(p.chm))
