@@ -134,7 +134,13 @@ class HeightModel(nn.Module):
         if precision == "int8":
             self.quantize_int8()
             x = self.normalize(rgb)
-            taps = self.backbone.forward_taps(x)  # int8 Linear layers, float32 activations
+            # One tile per backbone call: dynamic quantisation takes each Linear input's scale
+            # from the whole tensor it sees, so a batched call made a tile's heights depend on
+            # its batch-mates (a different cell size changed the map by centimetres, and a tile
+            # shared by two cells could disagree with itself). Per tile it depends on that tile
+            # only, and it ran faster here (0.61 vs 0.71 s per ViT-L tile on one thread).
+            per_tile = [self.backbone.forward_taps(x[i:i + 1]) for i in range(x.shape[0])]
+            taps = [tuple(torch.cat(parts) for parts in zip(*level)) for level in zip(*per_tile)]
             with autocast_context(self.device, "bf16"):
                 logits = match_input_grid(self.decode_head(taps), x.shape[-2:],
                                           self.cfg.backbone.patch_size)
