@@ -139,6 +139,33 @@ def test_heights_follow_hrch_bins():
     assert s.item() == pytest.approx(10 * (10 - 0.001) / math.sqrt(12), rel=0.02)
 
 
+@pytest.mark.parametrize("patch", [16, 14])
+def test_inference_fuses_the_last_conv_with_the_bins_exactly(patch, rgb_array):
+    """predict_tensor never builds the per-bin logits (256 values per pixel): the head's last
+    1×1 conv is reduced against the bins chunk by chunk. Same heights and spreads as the plain
+    logits path, also for 14-px patches where the hidden map, not the logits, is resized."""
+    from dataclasses import replace
+
+    from canopy.model.height_model import autocast_context
+
+    cfg = micro_config()
+    cfg = replace(cfg, backbone=replace(cfg.backbone, patch_size=patch))
+    torch.manual_seed(0)
+    model = HeightModel(cfg).eval()
+    with torch.no_grad():  # a spread of heights, not the flat ~50 m of a fresh head
+        model.decode_head.conv_depth.head[-1].weight.normal_(0, 20)
+    x = torch.from_numpy(rgb_array(100, 100))[None].repeat(3, 1, 1, 1)  # 100: not a patch multiple
+    for precision in ("fp32", "bf16"):
+        with torch.no_grad(), autocast_context(model.device, precision):
+            logits = model(model.normalize(x))
+        h0, s0 = model.heights(logits, with_std=True)
+        h1, s1 = model.predict_tensor(x, precision=precision, with_std=True)
+        assert h1.shape == (3, 100, 100) and float(h0.std()) > 0.1
+        torch.testing.assert_close(h1, h0, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(model.predict_tensor(x, precision=precision), h1)
+
+
 def test_normalisation_is_part_of_the_model():
     model = load_model("micro")
     assert model.cfg.mean == (0.420, 0.411, 0.296)

@@ -151,8 +151,14 @@ class DPTHead(nn.Module):
         self.conv_depth = HeadDepth(cfg.channels, cfg.head_hidden, cfg.n_bins)
 
     def forward(self, taps) -> torch.Tensor:
+        return self.conv_depth.head[-1](self.forward_hidden(taps))
+
+    def forward_hidden(self, taps) -> torch.Tensor:
+        """Everything up to the last 1×1 conv: the ``head_hidden``-channel map at full
+        resolution. Inference turns it into heights without materialising the per-bin logits
+        (:func:`canopy.model.bins.heights_from_hidden`)."""
         x = [conv(f) for conv, f in zip(self.convs, self.reassemble_blocks(taps))]
         out = self.fusion_blocks[0](x[-1])
         for i in range(1, len(self.fusion_blocks)):
             out = self.fusion_blocks[i](out, x[-(i + 1)])
-        return self.conv_depth(self.project(out))
+        return self.conv_depth.head[:-1](self.project(out))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from canopy.model.bins import bin_centres, heights_from_logits
+from canopy.model.bins import bin_centres, heights_from_hidden, heights_from_logits
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTHead
 from ssl_backbone.vit import DinoViT
@@ -79,6 +79,18 @@ class HeightModel(nn.Module):
         return heights_from_logits(logits, self.bin_centres, self.cfg.decoder.output_scale,
                                    with_std=with_std)
 
+    def heights_from_taps(self, taps, hw, with_std: bool = False):
+        """Backbone taps → metres [B,H,W] (and spread), as ``heights(forward(x))`` but without
+        the per-bin logit tensor: the head's last 1×1 conv is fused with the bin reduction
+        (:func:`canopy.model.bins.heights_from_hidden`). Resizing the 32-channel hidden map
+        instead of the logits (non-16 patches) is the same: bilinear weights sum to one and the
+        conv is affine per pixel."""
+        hidden = match_input_grid(self.decode_head.forward_hidden(taps), hw,
+                                  self.cfg.backbone.patch_size)
+        last = self.decode_head.conv_depth.head[-1]
+        return heights_from_hidden(hidden, last.weight, last.bias, self.bin_centres,
+                                   self.cfg.decoder.output_scale, with_std=with_std)
+
     @property
     def is_int8(self) -> bool:
         return getattr(self, "_int8", False)
@@ -142,14 +154,13 @@ class HeightModel(nn.Module):
             per_tile = [self.backbone.forward_taps(x[i:i + 1]) for i in range(x.shape[0])]
             taps = [tuple(torch.cat(parts) for parts in zip(*level)) for level in zip(*per_tile)]
             with autocast_context(self.device, "bf16"):
-                logits = match_input_grid(self.decode_head(taps), x.shape[-2:],
-                                          self.cfg.backbone.patch_size)
-            return self.heights(logits, with_std=with_std)
+                return self.heights_from_taps(taps, x.shape[-2:], with_std=with_std)
         if self.is_int8:
             raise ValueError(f"this model was quantised to int8; load it again for {precision}")
         with autocast_context(self.device, precision):
-            logits = self(self.normalize(rgb))
-        return self.heights(logits, with_std=with_std)
+            x = self.normalize(rgb)
+            return self.heights_from_taps(self.backbone.forward_taps(x), x.shape[-2:],
+                                          with_std=with_std)
 
     @torch.no_grad()
     def predict(self, images, precision: str = "fp32", batch_size: int = 8, with_std: bool = False):
