@@ -161,8 +161,12 @@ def test_inference_fuses_the_last_conv_with_the_bins_exactly(patch, rgb_array):
         h0, s0 = model.heights(logits, with_std=True)
         h1, s1 = model.predict_tensor(x, precision=precision, with_std=True)
         assert h1.shape == (3, 100, 100) and float(h0.std()) > 0.1
-        torch.testing.assert_close(h1, h0, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-5)
+        # bf16 with 14-px patches rounds the resized hidden map, not the resized logits, to
+        # bf16: equal to bf16's own precision (2^-8 relative), not bit for bit
+        tol = dict(atol=1e-4, rtol=4e-3) if (precision, patch) == ("bf16", 14) else \
+            dict(atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(h1, h0, **tol)
+        torch.testing.assert_close(s1, s0, **tol)
         torch.testing.assert_close(model.predict_tensor(x, precision=precision), h1)
 
 
