@@ -8,7 +8,8 @@ floor 1e-14), no blending between windows. Run as published (fp32) and in bf16 a
 precision and engineering are told apart.
 
 Engine: ``canopy predict --aoi`` (predict_aoi) on a LocalCluster with one worker process, cells
-aligned with the raster, timed twice: cold (cluster start + model load included) and warm.
+aligned with the raster, timed twice: cold (cluster start + model load included) and warm; with
+``--warm-only`` the model is loaded on the worker first and one run is timed.
 
 Each variant runs in its own process; peak RSS is the largest summed RSS of that process and its
 children, sampled every 0.1 s. Random weights measure speed only; ``--edge-checkpoint`` names a
@@ -114,6 +115,21 @@ def window_starts(n: int, window: int) -> list[int]:
     return s
 
 
+def hrch_heights(model, batch, precision: str) -> np.ndarray:
+    """Heights as the HRCH model computes them: the full per-bin logit tensor, normalised bin
+    weights (relu(l) + 0.1) / Σ materialised, then the expected bin value (hrch_compat.md §1.2)."""
+    import torch
+
+    from canopy.model.bins import bin_probabilities, expected_height
+    from canopy.model.height_model import autocast_context
+
+    with torch.no_grad():
+        with autocast_context(model.device, precision):
+            logits = model(model.normalize(batch))
+        probs = bin_probabilities(logits)
+        return expected_height(probs, model.bin_centres, model.cfg.decoder.output_scale).numpy()
+
+
 def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, tile: int = 256,
                    stride: int = 192, border: int = 16, sigma: float = 8.0) -> np.ndarray:
     """The notebook's method, faithfully: no overlap between windows, no blending across them."""
@@ -129,7 +145,7 @@ def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, t
             pos = [(r, c) for r in range(0, window - tile + 1, stride)
                    for c in range(0, window - tile + 1, stride)]
             batch = torch.from_numpy(np.stack([win[:, r:r + tile, c:c + tile] for r, c in pos]))
-            hgt = model.predict_tensor(batch, precision=precision).float().numpy()
+            hgt = hrch_heights(model, batch, precision)
             num = np.zeros((window, window))
             den = np.zeros((window, window))
             for (r, c), p in zip(pos, hgt):
@@ -168,13 +184,20 @@ def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict
             "tiles": ref_tile_count(img.shape[1]), "peak_rss_gib": rss.peak / 2**30}
 
 
+def _preload(job) -> None:
+    """Load the model in a worker (client.run), so a warm timing excludes it."""
+    from canopy.predict.engine import worker_model
+
+    worker_model(job)
+
+
 def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: int,
-               batch: int, threads: int, stride: int = 0) -> dict:
-    from distributed import Client, LocalCluster
+               batch: int, threads: int, stride: int = 0, cold: bool = True) -> dict:
+    from distributed import Client
     import rasterio
     from rasterio.warp import transform_bounds
 
-    from canopy.predict.engine import JobSpec, predict_aoi
+    from canopy.predict.engine import JobSpec, local_cluster, predict_aoi
 
     with rasterio.open(scene) as ds:
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
@@ -186,21 +209,24 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
                   torch_threads=threads, stride=stride or None)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)
+        cluster = local_cluster(1)  # the engine's own LocalCluster settings
         client = Client(cluster)
-        cold = predict_aoi(aoi, scene, Path(out) / "cold", job, cell_px=cell_px, client=client,
-                           progress=False)
-        t_cold = time.perf_counter() - t0
+        t_cold = None
+        if cold:
+            predict_aoi(aoi, scene, Path(out) / "cold", job, cell_px=cell_px, client=client,
+                        progress=False)
+            t_cold = time.perf_counter() - t0
+        else:
+            client.run(_preload, job)
         t1 = time.perf_counter()
-        predict_aoi(aoi, scene, Path(out) / "warm", job, cell_px=cell_px, client=client,
-                    progress=False)
+        warm = predict_aoi(aoi, scene, Path(out) / "warm", job, cell_px=cell_px, client=client,
+                           progress=False)
         t_warm = time.perf_counter() - t1
         client.close()
         cluster.close()
     name = f"engine {precision}" + (f" stride {stride}" if stride else "")
     return {"variant": name, "seconds": t_warm, "seconds_cold": t_cold,
-            "px_per_s": pixels / t_warm, "cells": cold.cells_done,
+            "px_per_s": pixels / t_warm, "cells": warm.cells_done,
             "peak_rss_gib": rss.peak / 2**30, "mosaic": str(Path(out) / "warm" / "mosaic.vrt")}
 
 
@@ -260,16 +286,16 @@ def edge_errors(args, tmp: Path) -> dict:
                       for d in (0, geo["tile"]) if 0 < w0 + t + d < a.shape[1]})
     out["reference"] = _ratio_at(a, borders, borders)
     for eighths in args.edge_strides:  # engine stride as eighths of the tile: 6 = the default
-        stride = cfg.tile_size * eighths // 8
-        eng = sub("engine", scene, args.edge_checkpoint, "fp32", tmp / f"edge_engine_{eighths}",
-                  1024, args.batch_size, args.threads, stride)
+        stride = round(cfg.tile_size * eighths / 8)
+        eng = sub("engine", scene, args.edge_checkpoint, args.edge_precision,
+                  tmp / f"edge_engine_{eighths}", 1024, args.batch_size, args.threads, stride, 1)
         with rasterio.open(eng["mosaic"]) as m:
             a = m.read(1)
             g = m.res[0]
             col0, row0 = round(m.bounds.left / g), round(-m.bounds.top / g)
         r = _ratio_at(a, tile_border_positions(a.shape[1], cfg.tile_size, stride, (-col0) % stride),
                       tile_border_positions(a.shape[0], cfg.tile_size, stride, (-row0) % stride))
-        out[f"engine stride {eighths}/8 tile ({stride} px)"] = r
+        out[f"engine {args.edge_precision}, stride {eighths}/8 tile ({stride} px)"] = r
     return out
 
 
@@ -308,9 +334,14 @@ def main() -> None:
                          "scene (the Kootenay drone ortho, mirrored to --edge-size px)")
     ap.add_argument("--edge-size", type=int, default=1152)
     ap.add_argument("--edge-only", action="store_true", help="only the edge-error figures")
-    ap.add_argument("--edge-strides", type=int, nargs="+", default=[6, 7],
+    ap.add_argument("--edge-strides", type=float, nargs="+", default=[6, 7],
                     help="engine strides for the edge figure, in eighths of the tile (6: default "
                          "192/256; 7: 224/256)")
+    ap.add_argument("--edge-precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                    help="engine precision for the edge figure (the reference runs fp32)")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="time the engine once after loading the model on its worker, instead "
+                         "of a cold run (cluster start + model load) then a warm one")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_run", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -319,9 +350,9 @@ def main() -> None:
         if kind == "ref":
             print(json.dumps(run_reference(*rest)))
         else:
-            scene, ckpt, prec, out, cell, batch, threads, stride = rest
+            scene, ckpt, prec, out, cell, batch, threads, stride, cold = rest
             print(json.dumps(run_engine(scene, ckpt, prec, out, int(cell), int(batch), int(threads),
-                                        int(stride))))
+                                        int(stride), bool(int(cold)))))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="canopy_engine_bench_"))
@@ -347,7 +378,7 @@ def main() -> None:
                 r["output"] = f"{out}.tif"
             else:
                 r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size,
-                        args.threads, stride)
+                        args.threads, stride, int(not args.warm_only))
                 r["stride"] = stride or 192
             print(f"{r['variant']}: {r['px_per_s']:,.0f} px/s", file=sys.stderr, flush=True)
             if r["variant"] not in best or r["px_per_s"] > best[r["variant"]]["px_per_s"]:
