@@ -63,9 +63,10 @@ def heights_from_logits(logits: torch.Tensor, centres: torch.Tensor, scale: floa
     return height, torch.sqrt(torch.clamp(second - first * first, min=0.0)) * scale
 
 
-# pixels per chunk in heights_from_hidden: a chunk's fp32 logits (256 bins) are 1 MiB, so they
-# stay in a core's L2 cache between the matmul that makes them and the one that reduces them
-HIDDEN_CHUNK_PX = 1024
+# pixels per chunk in heights_from_hidden. CPU: a chunk's fp32 logits (256 bins) are 1 MiB, so
+# they stay in a core's L2 cache between the matmul that makes them and the one that reduces them.
+# GPU: large chunks (256 MiB of logits), or kernel launches would dominate.
+HIDDEN_CHUNK_PX = {"cpu": 1024, "cuda": 1 << 18}
 
 
 def heights_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -76,7 +77,7 @@ def heights_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     logits of one chunk (``[P, K]``) are made, rectified and reduced against ``[b, b², 1]``
     while in cache. The full ``B×K×H×W`` logit tensor — 256 values per pixel, 0.5 GB for a
     batch of eight 256² tiles — is never written. On one core this took the bin-to-metres step
-    from 0.24 s to 0.03 s per 256² tile (docs/performance.md). The conv runs in the caller's
+    from 0.24–0.40 s to 0.035 s per 256² tile (docs/performance.md). The conv runs in the caller's
     autocast dtype, as the unfused conv did; rectification and sums run in float32.
     """
     b, c, h, w = hidden.shape
@@ -91,9 +92,10 @@ def heights_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         cols = [centres, centres * centres] if with_std else [centres]
         proj = torch.stack([*cols, torch.ones_like(centres)], dim=1).float()  # K × (2|3)
         sums = torch.empty(x.shape[0], proj.shape[1], dtype=torch.float32, device=hidden.device)
-        for i in range(0, x.shape[0], HIDDEN_CHUNK_PX):
-            logits = torch.addmm(bias, x[i:i + HIDDEN_CHUNK_PX], wt)
-            torch.mm(torch.relu(logits.float()), proj, out=sums[i:i + HIDDEN_CHUNK_PX])
+        step = HIDDEN_CHUNK_PX.get(dev, HIDDEN_CHUNK_PX["cuda"])
+        for i in range(0, x.shape[0], step):
+            logits = torch.addmm(bias, x[i:i + step], wt)
+            torch.mm(torch.relu(logits.float()), proj, out=sums[i:i + step])
     sums = sums.reshape(b, h, w, -1)
     denom = sums[..., -1] + BIN_EPS * k
     first = (sums[..., 0] + BIN_EPS * centres.sum()) / denom
