@@ -131,9 +131,11 @@ def vit_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backb
 def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
     """Build the architecture from tensor shapes (HRCH layout)."""
     try:
-        for key in ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
-                    "backbone.blocks.0.mlp.fc1.weight"):
-            sd[key]
+        missing = next((k for k in ("backbone.cls_token", "backbone.pos_embed",
+                                     "backbone.patch_embed.proj.weight",
+                                     "backbone.blocks.0.mlp.fc1.weight") if k not in sd), None)
+        if missing:
+            raise KeyError(missing)
         heads_w = sd["decode_head.conv_depth.head.4.weight"]
         hidden_w = sd["decode_head.conv_depth.head.2.weight"]
         fusion_w = sd["decode_head.project.conv.weight"]

@@ -15,7 +15,7 @@ from ssl_backbone.vit import DinoViT
 
 PRECISIONS = ("fp32", "bf16")  # autocast modes (training and inference)
 # Inference also offers int8: the backbone's Linear layers dynamically quantised to int8 (weights
-# per tensor, activations per batch) with the DPT head in bf16 autocast. CPU only.
+# per tensor, activation scales per tile) with the DPT head in bf16 autocast. CPU only.
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 
@@ -99,7 +99,8 @@ class HeightModel(nn.Module):
         """Replace the backbone's Linear layers by dynamically quantised int8 ones, in place.
 
         The ViT's Linear layers are ~70 % of the FLOPs of a v1 tile (162 of 237 GFLOP for ViT-L).
-        With int8 weights and per-batch int8 activations (fbgemm/x86 VNNI kernels) the ViT-L
+        With int8 weights and dynamic int8 activations (fbgemm/x86 VNNI kernels; one scale per
+        call, and :meth:`predict_tensor` calls the backbone once per tile) the ViT-L
         backbone ran 3.1× faster than fp32 and 1.6× faster than bf16 autocast on one core here
         (docs/performance.md). This is also how the released "compressed" HRCH checkpoint was
         made (``torch.ao.quantization.quantize_dynamic`` on Linear), so it is the reference's own
