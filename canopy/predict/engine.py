@@ -15,7 +15,6 @@ window rather than as one giant graph (geo.md §4.2).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import sys
@@ -90,8 +89,6 @@ def worker_model(job: JobSpec):
     """The model for this worker process, loaded on first use and kept."""
     key = (job.checkpoint, job.device, job.precision)
     if key not in _MODELS:
-        import torch
-
         from canopy.model.checkpoints import load_model
 
         _MODELS.clear()  # one model per worker: never two big ones side by side
