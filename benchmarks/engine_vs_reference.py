@@ -181,7 +181,8 @@ def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict
     with rasterio.open(out, "w", **profile) as o:
         o.write(pred, 1)
     return {"variant": f"reference {precision}", "seconds": dt, "px_per_s": pred.size / dt,
-            "tiles": ref_tile_count(img.shape[1]), "peak_rss_gib": rss.peak / 2**30}
+            "tiles": ref_tile_count(img.shape[1], geo["window"], geo["tile"], geo["stride"]),
+            "peak_rss_gib": rss.peak / 2**30}
 
 
 def _preload(job) -> None:
@@ -366,6 +367,12 @@ def main() -> None:
                 ["python benchmarks/engine_vs_reference.py", *sys.argv[1:]]), "edge_error": edge},
                 indent=2))
         return
+    from canopy.model.checkpoints import load_config
+    from canopy.predict.blend import default_stride
+
+    tile = load_config(args.checkpoint).tile_size
+    if args.size < reference_geometry(tile)["window"]:
+        ap.error(f"--size must be at least the reference window, {reference_geometry(tile)['window']} px")
     scene = make_scene(tmp / "scene.tif", args.size, args.cell_px)
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
@@ -379,7 +386,7 @@ def main() -> None:
             else:
                 r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size,
                         args.threads, stride, int(not args.warm_only))
-                r["stride"] = stride or 192
+                r["stride"] = stride or default_stride(tile)
             print(f"{r['variant']}: {r['px_per_s']:,.0f} px/s", file=sys.stderr, flush=True)
             if r["variant"] not in best or r["px_per_s"] > best[r["variant"]]["px_per_s"]:
                 best[r["variant"]] = r
@@ -395,7 +402,7 @@ def main() -> None:
 
     model = load_model(args.checkpoint)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(model.normalize(torch.zeros(1, 3, 256, 256)))
+        model(model.normalize(torch.zeros(1, 3, tile, tile)))
     gflop = fc.get_total_flops() / 1e9
     a = torch.randn(2048, 2048, dtype=torch.bfloat16)
     a @ a
@@ -405,7 +412,7 @@ def main() -> None:
     mm = 2 * 2048**3 * 5 / (time.perf_counter() - t0) / 1e9
     for r in best.values():  # model FLOPs of the tiles run per second ÷ the bf16 matmul rate
         if r["variant"].startswith("engine"):
-            r["tiles"] = engine_tiles(args.size, args.cell_px, stride=r["stride"])
+            r["tiles"] = engine_tiles(args.size, args.cell_px, tile=tile, stride=r["stride"])
         r["share_of_bf16_matmul_floor"] = r["tiles"] * gflop / r["seconds"] / mm
     e16 = best["engine bf16"]
     n_eng = e16["tiles"]
