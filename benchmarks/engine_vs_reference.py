@@ -68,6 +68,15 @@ class PeakRSS:
         self._t.join()
 
 
+def scene_cell(cell_px: int) -> tuple[int, int]:
+    """(ix, iy) of the engine cell at the scene's upper-left corner: in Florida near the NEON
+    sample's own place (≈ 405 km E, 3,286 km N in UTM 17), whatever the cell size. (A fixed
+    cell index put a 4096-px-cell scene at 59° N, 311 km east of zone 17's meridian: the engine
+    then mapped it in zone 18, warped and over four cells, which the first 4096² runs timed.)"""
+    cell_m = cell_px * GSD
+    return round(405_504 / cell_m), round(3_285_811 / cell_m) - 1
+
+
 def make_scene(path: Path, size: int, cell_px: int) -> Path:
     """size² uint8 RGB at 0.6 m in EPSG:32617, mirrored from the real NEON sample scene, with its
     upper-left corner on the engine's cell lattice so one cell is one block of the raster."""
@@ -80,7 +89,8 @@ def make_scene(path: Path, size: int, cell_px: int) -> Path:
     reps = -(-size // tile.shape[1]) + 1
     row = np.concatenate([tile if i % 2 == 0 else tile[:, :, ::-1] for i in range(reps)], axis=2)
     cell_m = cell_px * GSD
-    x0, y0 = 330 * cell_m, 2674 * cell_m
+    ix, iy = scene_cell(cell_px)
+    x0, y0 = ix * cell_m, (iy + 1) * cell_m
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
                        crs="EPSG:32617", transform=Affine(GSD, 0, x0, 0, -GSD, y0), tiled=True,
                        compress="deflate", BIGTIFF="IF_SAFER") as out:
@@ -223,6 +233,13 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
         warm = predict_aoi(aoi, scene, Path(out) / "warm", job, cell_px=cell_px, client=client,
                            progress=False)
         t_warm = time.perf_counter() - t1
+        done = sorted(r["id"] for r in (json.loads(line) for line in
+                      open(Path(out) / "warm" / "manifest.jsonl")) if r["status"] == "done")
+        ix, iy = scene_cell(cell_px)
+        n = (pixels ** 0.5) // cell_px
+        expected = sorted(f"32617_E{ix + j:04d}_N{iy - i:04d}" for i in range(int(n)) for j in range(int(n)))
+        if done != expected:  # the tile count and the comparison assume cells = raster blocks
+            raise RuntimeError(f"the engine mapped cells {done}, expected the raster's blocks {expected}")
         client.close()
         cluster.close()
     name = f"engine {precision}" + (f" stride {stride}" if stride else "")
@@ -304,10 +321,11 @@ def engine_tiles(size: int, cell_px: int, tile=256, stride=192) -> int:
     from canopy.predict.grid import Cell, tile_window
 
     n = size // cell_px
+    ix, iy = scene_cell(cell_px)
     total = 0
     for i in range(n):
         for j in range(n):
-            _, _, nr, nc = tile_window(Cell(32617, 330 + j, 2673 - i, cell_px, GSD), tile, stride)
+            _, _, nr, nc = tile_window(Cell(32617, ix + j, iy - i, cell_px, GSD), tile, stride)
             total += ((nr - tile) // stride + 1) * ((nc - tile) // stride + 1)
     return total
 
