@@ -28,6 +28,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --aoi: worker processes of the local cluster (default 1)."),
     cell_size: int = typer.Option(4096, "--cell-size", min=64, help="With --aoi: output cell size in pixels."),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1, help="With --aoi: torch threads per worker."),
+    lanes: Optional[int] = typer.Option(None, "--lanes", min=1, help="CPU: batches run at once, each on its share of the torch threads (default: automatic, one thread per lane up to 4 lanes). Does not change the output."),
     gedi_correction: Optional[Path] = typer.Option(None, "--gedi-correction", help="Folder of a GEDI correction model (canopy train-gedi-correction): heights × its smooth per-block factor field."),
     verify: bool = typer.Option(False, "--verify", help="With --aoi, on resume: re-hash every finished cell instead of trusting unchanged size and mtime."),
     checkpoint: str = typer.Option(
@@ -55,7 +56,7 @@ def predict(
                               "need uint8 RGB scenes with a CRS (make a VRT that selects bands)")
         return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
                             dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
-                            torch_threads, quiet, verify, gedi_correction)
+                            torch_threads, quiet, verify, gedi_correction, lanes)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
@@ -75,7 +76,8 @@ def predict(
     opts = PredictOptions(device=device, precision=precision, batch_size=batch_size, dtype=dtype,
                           uncertainty=uncertainty, overwrite=overwrite, bands=bands, crs=crs,
                           scale=scale, stride=stride, progress=not quiet,
-                          gedi_correction=str(gedi_correction) if gedi_correction else None)
+                          gedi_correction=str(gedi_correction) if gedi_correction else None,
+                          lanes=lanes)
     out = predict_raster(input, output, model, opts)
     typer.echo(f"wrote {out}")
 
@@ -92,7 +94,7 @@ def _check_precision(precision: str, device_type: str) -> None:
 
 def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size, dtype,
                  uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet,
-                 verify, gedi_correction):
+                 verify, gedi_correction, lanes=None):
     from canopy.predict.engine import JobSpec, predict_aoi
     from canopy.predict.raster import resolve_device
 
@@ -105,7 +107,7 @@ def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size
         resolve_device(device)
     job = JobSpec(checkpoint=str(checkpoint), device=device, precision=precision,
                   batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
-                  torch_threads=torch_threads,
+                  torch_threads=torch_threads, lanes=lanes,
                   gedi_correction=str(gedi_correction) if gedi_correction else None)
     summary = predict_aoi(aoi, imagery, output, job, cell_px=cell_size, scheduler=scheduler,
                           workers=workers, overwrite=overwrite, progress=not quiet, verify=verify)

@@ -385,7 +385,9 @@ def test_int8_maps_are_seam_free_across_cell_sizes(tmp_path, client):
     aoi = f"{w},{s},{e},{n}"
     job = JobSpec(checkpoint="default", batch_size=8, precision="int8")
     a = predict_aoi(aoi, src, tmp_path / "c128", job, cell_px=128, client=client, progress=False)
-    b = predict_aoi(aoi, src, tmp_path / "c200", job, cell_px=200, client=client, progress=False)
+    # and two lanes of one torch thread each (the default on a 2-core worker) change nothing
+    lanes = JobSpec(checkpoint="default", batch_size=8, precision="int8", torch_threads=2, lanes=2)
+    b = predict_aoi(aoi, src, tmp_path / "c200", lanes, cell_px=200, client=client, progress=False)
     A, B = read_common(a.mosaic, b.mosaic)
     assert np.isfinite(A).sum() > 50_000
     np.testing.assert_array_equal(A, B)

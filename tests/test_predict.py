@@ -148,6 +148,51 @@ def test_int8_tile_does_not_depend_on_its_batch_mates():
     assert not torch.equal(a[1], b[1])  # the batch-mates did change: their own heights differ
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_lanes_do_not_change_the_map(precision, rgb_array):
+    """Batches run in parallel lanes (each on its share of the torch threads) give bit-identical
+    heights to one batch after another, and the caller keeps its own thread count."""
+    from canopy.model.checkpoints import load_model
+    from canopy.predict.blend import predict_array
+
+    model = load_model("micro").prepare_for_inference(precision)
+    img = rgb_array(300, 260)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one, sd_one = predict_array(model, img, precision=precision, batch_size=2, lanes=1,
+                                    with_std=True, fixed_batch=True)
+        two, sd_two = predict_array(model, img, precision=precision, batch_size=2, lanes=2,
+                                    with_std=True, fixed_batch=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert np.isfinite(one).all() and one.std() > 0
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(sd_one, sd_two)
+
+
+def test_lane_plan_splits_the_threads_evenly():
+    from canopy.predict.blend import lane_plan
+
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    try:
+        plans = {}
+        for n in (1, 2, 3, 6, 16):
+            torch.set_num_threads(n)
+            plans[n] = lane_plan(None, cpu)
+        torch.set_num_threads(6)
+        assert lane_plan(4, cpu) == (4, 1) and lane_plan(9, cpu) == (6, 1)
+        with pytest.raises(ValueError, match="at least 1"):
+            lane_plan(0, cpu)
+        if torch.cuda.is_available():
+            assert lane_plan(None, torch.device("cuda"))[0] == 1
+    finally:
+        torch.set_num_threads(before)
+    # one thread per lane up to 4 lanes, then equal teams; never more threads than given
+    assert plans == {1: (1, 1), 2: (2, 1), 3: (3, 1), 6: (3, 2), 16: (4, 4)}
+
+
 def test_geographic_input_is_mapped_in_utm(tmp_path, micro_model, rgb_array):
     t = Affine(0.6 / 111320, 0, -81.9, 0, -0.6 / 110900, 29.7)
     src = write_raster(tmp_path / "geo.tif", rgb_array(200, 200), crs="EPSG:4326", transform=t)

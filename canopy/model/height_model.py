@@ -136,16 +136,26 @@ class HeightModel(nn.Module):
             self.decode_head.to(torch.bfloat16)
         return self
 
-    @torch.no_grad()
-    def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
-        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
+    def weights_for(self, precision: str) -> "HeightModel":
+        """Put the weights in the form ``precision`` runs with. :meth:`predict_tensor` does this
+        itself; callers that share the model between threads call it first, so that no two
+        threads convert or quantise the weights at once."""
         if precision == "fp32" and self.pixel_mean.dtype == torch.float32 and \
                 next(self.backbone.parameters()).dtype != torch.float32:
             self.backbone.float()  # an earlier bf16 GPU call kept bf16 weights: fp32 wants fp32
             self.decode_head.float()
-        rgb = rgb.to(self.device)
         if precision == "int8":
             self.quantize_int8()
+        elif self.is_int8:
+            raise ValueError(f"this model was quantised to int8; load it again for {precision}")
+        return self
+
+    @torch.no_grad()
+    def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
+        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
+        self.weights_for(precision)
+        rgb = rgb.to(self.device)
+        if precision == "int8":
             x = self.normalize(rgb)
             # One tile per backbone call: dynamic quantisation takes each Linear input's scale
             # from the whole tensor it sees, so a batched call made a tile's heights depend on
@@ -156,8 +166,6 @@ class HeightModel(nn.Module):
             taps = [tuple(torch.cat(parts) for parts in zip(*level)) for level in zip(*per_tile)]
             with autocast_context(self.device, "bf16"):
                 return self.heights_from_taps(taps, x.shape[-2:], with_std=with_std)
-        if self.is_int8:
-            raise ValueError(f"this model was quantised to int8; load it again for {precision}")
         with autocast_context(self.device, precision):
             x = self.normalize(rgb)
             return self.heights_from_taps(self.backbone.forward_taps(x), x.shape[-2:],

@@ -12,7 +12,9 @@ weighted sum is divided by the summed weights: a 256×256 input is one unmodifie
 
 from __future__ import annotations
 
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -92,6 +94,32 @@ def iter_batches(items: list, batch_size: int) -> Iterator[list]:
         yield items[i:i + batch_size]
 
 
+MAX_AUTO_LANES = 4  # each lane holds one batch's activations (~1 GB for ViT-L at batch 8)
+
+
+def lane_plan(lanes: int | None, device: torch.device) -> tuple[int, int]:
+    """(lanes, torch threads per lane) for this thread's torch thread budget.
+
+    A lane is a thread that runs whole batches on its own share of the cores. On a CPU, one
+    batch split over all cores (torch's intra-op threads) scales badly for ViT tiles: a tile's
+    matrices are small (257 tokens), and every op ends at a barrier where all threads wait for
+    the slowest. Two lanes of one thread each ran ViT-L 1.20× faster than one batch on two
+    threads in int8 and 1.06× in bf16 here, with bit-identical heights (docs/performance.md).
+    ``None`` picks at most ``MAX_AUTO_LANES`` lanes, all with the same number of threads (so
+    every batch runs with the same kernels); a GPU always has one lane.
+    """
+    total = torch.get_num_threads()
+    if device.type != "cpu" or total < 2:
+        return 1, total
+    if lanes is None:
+        per = -(-total // MAX_AUTO_LANES)
+        return total // per, per
+    if lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
+    n = min(lanes, total)
+    return n, total // n
+
+
 def predict_array(
     model,
     image: np.ndarray,
@@ -105,6 +133,7 @@ def predict_array(
     pad_mode: str = "reflect",
     fixed_batch: bool = False,
     progress: Callable[[int], None] | None = None,
+    lanes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Blend overlapping model tiles over a ``3×H×W`` uint8 image.
 
@@ -113,6 +142,8 @@ def predict_array(
     (row, col) anchors the tile lattice, so a caller cutting a big raster into cells can keep one
     lattice for all of them. ``fixed_batch`` pads the last batch to ``batch_size`` so results do
     not depend on batch composition. ``progress`` is called with the number of tiles done per batch.
+    ``lanes`` runs that many batches at once, each on its share of this thread's torch threads
+    (:func:`lane_plan`; ``None`` chooses); the result does not depend on it.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a 3×H×W image, got {image.shape}")
@@ -148,7 +179,8 @@ def predict_array(
              if valid_p[r + top:r + top + tile, c + left:c + left + tile].any()]
     # the (uint8, small) image goes to the device once; tiles are cut there
     img_t = torch.from_numpy(np.ascontiguousarray(img_p)).to(device)
-    for batch in iter_batches(tiles, batch_size):
+
+    def run(batch):
         xt = torch.stack([img_t[:, r:r + tile, c:c + tile] for r, c in batch])
         if fixed_batch and len(batch) < batch_size:
             # Every forward pass sees exactly batch_size tiles: BLAS kernels are chosen by shape,
@@ -156,14 +188,24 @@ def predict_array(
             # tile's value independent of which other tiles share its batch (seam-free cells).
             xt = torch.cat([xt, xt[:1].expand(batch_size - len(batch), -1, -1, -1)])
         out = model.predict_tensor(xt, precision=precision, with_std=with_std)
-        hgt, sd = (out if with_std else (out, None))
-        for i, (r, c) in enumerate(batch):
-            num[r:r + tile, c:c + tile] += weight * hgt[i]
-            den[r:r + tile, c:c + tile] += weight
-            if with_std:
-                num_std[r:r + tile, c:c + tile] += weight * sd[i]
-        if progress is not None:
-            progress(len(batch))
+        return out if with_std else (out, None)
+
+    n_lanes, lane_threads = lane_plan(lanes, device)
+    batches = list(iter_batches(tiles, batch_size))
+    with _lanes(n_lanes, lane_threads) as pool:
+        if pool is not None:
+            model.weights_for(precision)  # once, before threads share the model
+        # Results are blended in tile order whatever lane computed them: float sums in another
+        # order could differ in the last bit, and the map must not depend on the lanes.
+        results = map(run, batches) if pool is None else pool.map(run, batches)
+        for batch, (hgt, sd) in zip(batches, results):
+            for i, (r, c) in enumerate(batch):
+                num[r:r + tile, c:c + tile] += weight * hgt[i]
+                den[r:r + tile, c:c + tile] += weight
+                if with_std:
+                    num_std[r:r + tile, c:c + tile] += weight * sd[i]
+            if progress is not None:
+                progress(len(batch))
 
     crop = (slice(top, top + h), slice(left, left + w))
     height = (num[crop] / den[crop]).float().cpu().numpy()
@@ -173,6 +215,25 @@ def predict_array(
         if spread is not None:
             spread[~valid] = np.nan
     return height, spread
+
+
+@contextlib.contextmanager
+def _lanes(n: int, threads: int):
+    """A pool of ``n`` lane threads with ``threads`` torch threads each (None for one lane).
+
+    ``torch.set_num_threads`` sets the OpenMP team of the calling thread (and torch's default
+    for threads that start later), so each lane sets its own, and the caller's is put back."""
+    if n < 2:
+        yield None
+        return
+    caller = torch.get_num_threads()
+    pool = ThreadPoolExecutor(n, thread_name_prefix="canopy-lane",
+                              initializer=torch.set_num_threads, initargs=(threads,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(caller)
 
 
 def count_tiles(valid: np.ndarray, tile_size: int, stride: int, origin=(0, 0)) -> int:

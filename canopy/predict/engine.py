@@ -52,6 +52,7 @@ class JobSpec:
     stride: int | None = None
     torch_threads: int | None = None
     gedi_correction: str | None = None
+    lanes: int | None = None  # CPU batches run at once per worker (blend.lane_plan; None: auto)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     height, spread = predict_array(model, rgb, valid, precision=job.precision,
                                    batch_size=job.batch_size, with_std=job.uncertainty,
                                    stride=stride, origin=(0, 0), pad_mode="fill",
-                                   fixed_batch=True)
+                                   fixed_batch=True, lanes=job.lanes)
     crop = (slice(-dr, -dr + cell.cell_px), slice(-dc, -dc + cell.cell_px))
     height = height[crop]
     spread = spread[crop] if spread is not None else None

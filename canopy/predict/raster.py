@@ -33,6 +33,7 @@ class PredictOptions:
     stride: int | None = None
     progress: bool = True
     gedi_correction: str | None = None  # folder of a fitted GEDI correction model
+    lanes: int | None = None  # CPU batches run at once (blend.lane_plan; None: auto)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -138,6 +139,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
         height, spread = predict_array(
             model, img.rgb, img.valid, precision=opts.precision, batch_size=opts.batch_size,
             with_std=opts.uncertainty, stride=stride, progress=bar.update if bar else None,
+            lanes=opts.lanes,
         )
     finally:
         if bar is not None:
