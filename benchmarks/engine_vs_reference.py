@@ -212,7 +212,7 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
 
     with rasterio.open(scene) as ds:
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
-        pixels = ds.width * ds.height
+        width, pixels = ds.width, ds.width * ds.height
     # an AOI a hair inside the raster: cells are exactly the raster's blocks
     eps = 1e-6
     aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
@@ -235,9 +235,7 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
         t_warm = time.perf_counter() - t1
         done = sorted(r["id"] for r in (json.loads(line) for line in
                       open(Path(out) / "warm" / "manifest.jsonl")) if r["status"] == "done")
-        ix, iy = scene_cell(cell_px)
-        n = (pixels ** 0.5) // cell_px
-        expected = sorted(f"32617_E{ix + j:04d}_N{iy - i:04d}" for i in range(int(n)) for j in range(int(n)))
+        expected = sorted(c.id for c in scene_cells(width, cell_px))
         if done != expected:  # the tile count and the comparison assume cells = raster blocks
             raise RuntimeError(f"the engine mapped cells {done}, expected the raster's blocks {expected}")
         client.close()
@@ -317,16 +315,22 @@ def edge_errors(args, tmp: Path) -> dict:
     return out
 
 
-def engine_tiles(size: int, cell_px: int, tile=256, stride=192) -> int:
-    from canopy.predict.grid import Cell, tile_window
+def scene_cells(size: int, cell_px: int) -> list:
+    """The engine cells that make up the size² scene of :func:`make_scene`."""
+    from canopy.predict.grid import Cell
 
-    n = size // cell_px
     ix, iy = scene_cell(cell_px)
+    n = size // cell_px
+    return [Cell(32617, ix + j, iy - i, cell_px, GSD) for i in range(n) for j in range(n)]
+
+
+def engine_tiles(size: int, cell_px: int, tile=256, stride=192) -> int:
+    from canopy.predict.grid import tile_window
+
     total = 0
-    for i in range(n):
-        for j in range(n):
-            _, _, nr, nc = tile_window(Cell(32617, ix + j, iy - i, cell_px, GSD), tile, stride)
-            total += ((nr - tile) // stride + 1) * ((nc - tile) // stride + 1)
+    for cell in scene_cells(size, cell_px):
+        _, _, nr, nc = tile_window(cell, tile, stride)
+        total += ((nr - tile) // stride + 1) * ((nc - tile) // stride + 1)
     return total
 
 

@@ -108,14 +108,14 @@ def lane_plan(lanes: int | None, device: torch.device) -> tuple[int, int]:
     ``None`` picks at most ``MAX_AUTO_LANES`` lanes, all with the same number of threads (so
     every batch runs with the same kernels); a GPU always has one lane.
     """
+    if lanes is not None and lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
     total = torch.get_num_threads()
     if device.type != "cpu" or total < 2:
         return 1, total
     if lanes is None:
         per = -(-total // MAX_AUTO_LANES)
         return total // per, per
-    if lanes < 1:
-        raise ValueError(f"lanes must be at least 1, got {lanes}")
     n = min(lanes, total)
     return n, total // n
 
