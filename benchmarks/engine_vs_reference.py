@@ -212,7 +212,7 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
 
     with rasterio.open(scene) as ds:
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
-        width, pixels = ds.width, ds.width * ds.height
+        pixels = ds.width * ds.height
     # an AOI a hair inside the raster: cells are exactly the raster's blocks
     eps = 1e-6
     aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
@@ -235,15 +235,13 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
         t_warm = time.perf_counter() - t1
         done = sorted(r["id"] for r in (json.loads(line) for line in
                       open(Path(out) / "warm" / "manifest.jsonl")) if r["status"] == "done")
-        expected = sorted(c.id for c in scene_cells(width, cell_px))
-        if done != expected:  # the tile count and the comparison assume cells = raster blocks
-            raise RuntimeError(f"the engine mapped cells {done}, expected the raster's blocks {expected}")
         client.close()
         cluster.close()
     name = f"engine {precision}" + (f" stride {stride}" if stride else "")
     return {"variant": name, "seconds": t_warm, "seconds_cold": t_cold,
             "px_per_s": pixels / t_warm, "cells": warm.cells_done,
-            "peak_rss_gib": rss.peak / 2**30, "mosaic": str(Path(out) / "warm" / "mosaic.vrt")}
+            "peak_rss_gib": rss.peak / 2**30, "mosaic": str(Path(out) / "warm" / "mosaic.vrt"),
+            "cell_ids": done}
 
 
 def edge_scene(path: Path, size: int) -> Path:
@@ -409,6 +407,10 @@ def main() -> None:
                 r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size,
                         args.threads, stride, int(not args.warm_only))
                 r["stride"] = stride or default_stride(tile)
+                expected = sorted(c.id for c in scene_cells(args.size, args.cell_px))
+                if r["cell_ids"] != expected:  # the tile count assumes cells = the scene's blocks
+                    raise RuntimeError(f"the engine mapped cells {r['cell_ids']}, expected the "
+                                       f"scene's blocks {expected}")
             print(f"{r['variant']}: {r['px_per_s']:,.0f} px/s", file=sys.stderr, flush=True)
             if r["variant"] not in best or r["px_per_s"] > best[r["variant"]]["px_per_s"]:
                 best[r["variant"]] = r

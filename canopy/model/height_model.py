@@ -96,17 +96,22 @@ class HeightModel(nn.Module):
         return getattr(self, "_int8", False)
 
     def quantize_int8(self) -> "HeightModel":
-        """Replace the backbone's Linear layers by dynamically quantised int8 ones, in place.
+        """Quantise the model for int8 inference on the CPU, in place.
 
-        The ViT's Linear layers are ~70 % of the FLOPs of a v1 tile (162 of 237 GFLOP for ViT-L).
-        With int8 weights and dynamic int8 activations (fbgemm/x86 VNNI kernels; one scale per
-        call, and :meth:`predict_tensor` calls the backbone once per tile) the ViT-L
-        backbone ran 3.1× faster than fp32 and 1.6× faster than bf16 autocast on one core here
-        (docs/performance.md). This is also how the released "compressed" HRCH checkpoint was
-        made (``torch.ao.quantization.quantize_dynamic`` on Linear), so it is the reference's own
-        deployment trade-off. torch.ao's eager quantisation is deprecated in favour of torchao,
-        which is not a dependency here and whose CPU int8 path we have not measured; revisit when
-        torch drops it. Irreversible: load the model again for fp32/bf16.
+        * The backbone's Linear layers (~70 % of the FLOPs of a v1 tile, 162 of 237 GFLOP for
+          ViT-L) become dynamically quantised int8 ones (``torch.ao.quantization.quantize_dynamic``:
+          int8 weights, one activation scale per call, fbgemm/VNNI kernels). The ViT-L backbone
+          ran 3.1× faster than fp32 and 1.6× faster than bf16 autocast on one core here. This is
+          also how the released "compressed" HRCH checkpoint was made. torch.ao's eager
+          quantisation is deprecated in favour of torchao, which is not a dependency here and
+          whose CPU int8 path we have not measured; revisit when torch drops it.
+        * The DPT head's convolutions except its last two become oneDNN int8 convolutions with
+          per-tile activation scales (:mod:`canopy.model.int8`): the head ran 1.45× faster than
+          in bf16 (0.41 → 0.28 s per ViT-L tile on one core). Skipped, with the head left in
+          bf16, where torch lacks those ops (non-x86 builds).
+
+        :meth:`predict_tensor` runs the model one tile at a time in int8, so that every scale comes
+        from the tile itself. Irreversible: load the model again for fp32/bf16.
         """
         if self.is_int8:
             return self
@@ -114,11 +119,14 @@ class HeightModel(nn.Module):
             raise ValueError("int8 inference runs on the CPU only; use bf16 on a GPU")
         import warnings
 
+        from canopy.model import int8
+
         self.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice, see docstring
             torch.ao.quantization.quantize_dynamic(self.backbone, {nn.Linear}, dtype=torch.qint8,
                                                    inplace=True)
+        self.int8_head_convs = int8.quantize_decoder_convs(self.decode_head) if int8.available() else 0
         self._int8 = True
         return self
 
@@ -157,15 +165,19 @@ class HeightModel(nn.Module):
         rgb = rgb.to(self.device)
         if precision == "int8":
             x = self.normalize(rgb)
-            # One tile per backbone call: dynamic quantisation takes each Linear input's scale
-            # from the whole tensor it sees, so a batched call made a tile's heights depend on
-            # its batch-mates (a different cell size changed the map by centimetres, and a tile
-            # shared by two cells could disagree with itself). Per tile it depends on that tile
-            # only, and it ran faster here (0.61 vs 0.71 s per ViT-L tile on one thread).
-            per_tile = [self.backbone.forward_taps(x[i:i + 1]) for i in range(x.shape[0])]
-            taps = [tuple(torch.cat(parts) for parts in zip(*level)) for level in zip(*per_tile)]
-            with autocast_context(self.device, "bf16"):
-                return self.heights_from_taps(taps, x.shape[-2:], with_std=with_std)
+            # One tile per call: int8 scales come from the whole tensor an op sees, so a batched
+            # call made a tile's heights depend on its batch-mates (a different cell size changed
+            # the map by centimetres, and a tile shared by two cells could disagree with itself).
+            # Per tile it depends on that tile only, and it ran faster here (backbone 0.61 vs
+            # 0.71 s per ViT-L tile on one thread; the int8 head has no batch to gain from).
+            outs = []
+            for i in range(x.shape[0]):
+                taps = self.backbone.forward_taps(x[i:i + 1])
+                with autocast_context(self.device, "bf16"):
+                    outs.append(self.heights_from_taps(taps, x.shape[-2:], with_std=with_std))
+            if with_std:
+                return tuple(torch.cat(parts) for parts in zip(*outs))
+            return torch.cat(outs)
         with autocast_context(self.device, precision):
             x = self.normalize(rgb)
             return self.heights_from_taps(self.backbone.forward_taps(x), x.shape[-2:],

@@ -1,0 +1,115 @@
+"""int8 convolutions for the DPT head on CPUs, with one activation scale per tile.
+
+The head is ~40 % of a ViT-L tile once the backbone runs in int8, and its time is in 3×3
+convolutions at 64² and 128² (bf16 already reaches the CPU's bf16 matmul rate there). oneDNN's
+int8 convolution (``torch.ops.onednn.qconv2d_pointwise``, the kernel torch's x86 inductor
+quantisation lowers to) ran at 435 GOP/s on one core here against 216 GFLOP/s for bf16.
+
+Why not an existing recipe: torch.ao's eager dynamic quantisation has no fast conv (measured
+slower than bf16), and static quantisation (PT2E) fixes activation scales at calibration; that
+moved heights by 0.38 m on average even when calibrated on the evaluation image itself. Here
+each conv takes its activation scale from the tile it is running on (asymmetric uint8 from the
+tile's min/max; weights symmetric int8 per output channel), so a tile's heights depend on that
+tile only — the property the engine's seam-free and resumable maps rest on — and no scale can
+be stale. The head's last 3×3 conv (full resolution, feeding the per-bin logits) and the logit
+conv stay in bf16: quantising the former tripled the error (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def available() -> bool:
+    """oneDNN's int8 convolution ops are registered (x86 builds of torch)."""
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise") \
+        and hasattr(torch.ops.onednn, "qconv_prepack")
+
+
+def quantize_activation(x: torch.Tensor, nonnegative: bool = False):
+    """``x`` (one tile) → (uint8 channels-last tensor, scale, zero point) from its own range.
+
+    ``nonnegative`` fixes the lower end at 0, so values below it clamp to 0: a ReLU in front of
+    the conv comes for free and the 8 bits cover only what the conv sees.
+    """
+    xf = x.float().contiguous(memory_format=torch.channels_last)
+    # a reduction over the channels-last memory as one flat vector: 20× faster than over the
+    # NCHW-strided view here
+    lo, hi = torch.aminmax(xf.permute(0, 2, 3, 1).reshape(-1))
+    lo = 0.0 if nonnegative else min(float(lo), 0.0)
+    hi = max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0
+    if not scale > 0 or scale != scale:  # an all-zero (or non-finite) tile
+        scale = 1.0
+    zero_point = int(round(-lo / scale))
+    # round(x / s) + zp, clamped to uint8; the deprecated quantized-tensor API would do the same
+    q = xf.mul_(1.0 / scale).round_().add_(zero_point).clamp_(0, 255)
+    return q.to(torch.uint8), scale, zero_point
+
+
+class Int8Conv2d(nn.Module):
+    """A ``Conv2d`` with int8 weights (per output channel) and per-tile int8 activations.
+
+    Returns bf16 (the dtype the rest of the head runs in), channels-last. Each sample of a batch
+    is quantised and convolved on its own, so results never depend on batch-mates.
+    Inference only; the prepacked weights are not in ``state_dict``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu_in: bool = False, relu_out: bool = False):
+        super().__init__()
+        w = conv.weight.detach().float().cpu()
+        w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
+        qw = torch.clamp(torch.round(w / w_scale[:, None, None, None]), -127, 127).to(torch.int8)
+        self.conv_args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        # the packed layout does not depend on the activation scale given here (checked in
+        # tests/test_int8.py): each call passes its own
+        self.packed = torch.ops.onednn.qconv_prepack(qw, w_scale, 1.0, 0, *self.conv_args, None)
+        self.w_scale = w_scale
+        self.w_zero_point = torch.zeros(w.shape[0], dtype=torch.int64)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().cpu()
+        self.relu_in, self.relu_out = relu_in, relu_out
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(x.shape[0]):
+            qx, scale, zero_point = quantize_activation(x[i:i + 1], self.relu_in)
+            outs.append(torch.ops.onednn.qconv2d_pointwise(
+                qx, scale, zero_point, self.packed, self.w_scale, self.w_zero_point, self.bias,
+                *self.conv_args, 1.0, 0, torch.bfloat16, "relu" if self.relu_out else "none", [], ""))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, int8 per-tile activations, "
+                f"relu_in={self.relu_in}, relu_out={self.relu_out}")
+
+
+def quantize_decoder_convs(head: nn.Module) -> int:
+    """Swap the DPT head's convolutions for :class:`Int8Conv2d`, in place; returns how many.
+
+    Quantised: every ``ConvUnit`` (reassemble projections, the 3×3 convs into the fusion width,
+    the fusion blocks' residual units and projections, the head's ``project``), the stride-2
+    resize conv and the first conv of the height head. A ``ConvUnit``'s ReLU moves into the int8
+    op (before: a clamp at quantisation; after: oneDNN's fused ReLU). Left in bf16: the
+    transposed resize convs (small), the head's last 3×3 conv and its 1×1 logit conv.
+    """
+    from canopy.model.dpt import ConvUnit
+
+    n = 0
+    for module in list(head.modules()):
+        if isinstance(module, ConvUnit) and isinstance(module.conv, nn.Conv2d):
+            module.conv = Int8Conv2d(module.conv, relu_in=module.act == "pre",
+                                     relu_out=module.act == "post")
+            module.act = None
+            n += 1
+    resize = head.reassemble_blocks.resize_layers
+    for i, layer in enumerate(resize):
+        if type(layer) is nn.Conv2d:
+            resize[i] = Int8Conv2d(layer)
+            n += 1
+    seq = head.conv_depth.head
+    if type(seq[0]) is nn.Conv2d:
+        seq[0] = Int8Conv2d(seq[0])
+        n += 1
+    return n
