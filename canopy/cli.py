@@ -36,7 +36,7 @@ def predict(
         help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
              "or a random-weight variant name (micro, hrch_v1_large_random) for plumbing tests."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast, CPU or GPU) or int8 (CPU: int8 ViT Linear layers + bf16 head; fastest on CPUs with VNNI)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast, CPU or GPU) or int8 (CPU: int8 ViT Linear layers and decoder convolutions, scales per tile; fastest on CPUs with VNNI)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Model tiles per forward pass."),
     dtype: str = typer.Option("float32", help="float32 (metres, NaN nodata) or uint8 (whole metres, nodata 255)."),
     uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),

@@ -111,8 +111,8 @@ def test_bf16_close_to_fp32(tmp_path, micro_model, rgb_array):
 
 
 def test_int8_close_to_fp32_with_trained_weights_on_real_imagery(tmp_path):
-    """--precision int8 (int8 ViT Linear layers, bf16 head) changes the trained default model's
-    heights on the real Kootenay ortho by centimetres on average, not its map."""
+    """--precision int8 (int8 ViT Linear layers and decoder convolutions) changes the trained
+    default model's heights on the real Kootenay ortho by centimetres on average, not its map."""
     from canopy.model.checkpoints import load_model
 
     src = shared("rgb_chm_pairs", "kootenay_bc_drone", "kootenayOrtho_from_rda.tif")
@@ -125,15 +125,15 @@ def test_int8_close_to_fp32_with_trained_weights_on_real_imagery(tmp_path):
     ok = np.isfinite(A)
     assert ok.sum() > 50_000 and np.array_equal(ok, np.isfinite(B))
     d = np.abs(A[ok] - B[ok])
-    assert 0 < d.mean() < 0.1 and np.percentile(d, 99) < 1.0  # measured 0.018 m and 0.14 m
+    assert 0 < d.mean() < 0.1 and np.percentile(d, 99) < 1.0  # measured 0.036 m and 0.28 m
     assert np.corrcoef(A[ok], B[ok])[0, 1] > 0.99
     with pytest.raises(ValueError, match="quantised to int8"):
         q.predict_tensor(torch.zeros(1, 3, 96, 96, dtype=torch.uint8), precision="fp32")
 
 
 def test_int8_tile_does_not_depend_on_its_batch_mates():
-    """Dynamic int8 scales come from the tensor a Linear layer sees: the engine runs the backbone
-    one tile at a time, so a tile's heights are the same whichever tiles share its batch (cells
+    """int8 activation scales come from the tensor an op sees: the model runs one tile at a
+    time, so a tile's heights are the same whichever tiles share its batch (cells
     of another size batch other tiles together; a tile in two cells' halos must agree)."""
     from canopy.model.checkpoints import load_model
 

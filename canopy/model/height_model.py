@@ -14,8 +14,9 @@ from canopy.model.dpt import DPTHead
 from ssl_backbone.vit import DinoViT
 
 PRECISIONS = ("fp32", "bf16")  # autocast modes (training and inference)
-# Inference also offers int8: the backbone's Linear layers dynamically quantised to int8 (weights
-# per tensor, activation scales per tile) with the DPT head in bf16 autocast. CPU only.
+# Inference also offers int8: the backbone's Linear layers dynamically quantised to int8 and the
+# DPT head's convolutions (all but its last two) as int8 convolutions, activation scales per tile;
+# the rest of the head in bf16 autocast. CPU only (HeightModel.quantize_int8).
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 

@@ -141,7 +141,8 @@ def predict_array(
     (``spread`` is None unless ``with_std``). Tiles with no valid pixel are skipped. ``origin``
     (row, col) anchors the tile lattice, so a caller cutting a big raster into cells can keep one
     lattice for all of them. ``fixed_batch`` pads the last batch to ``batch_size`` so results do
-    not depend on batch composition. ``progress`` is called with the number of tiles done per batch.
+    not depend on batch composition (int8 runs tiles one at a time: its batches are single tiles,
+    never padded). ``progress`` is called with the number of tiles done per batch.
     ``lanes`` runs that many batches at once, each on its share of this thread's torch threads
     (:func:`lane_plan`; ``None`` chooses); the result does not depend on it.
     """
@@ -179,6 +180,12 @@ def predict_array(
              if valid_p[r + top:r + top + tile, c + left:c + left + tile].any()]
     # the (uint8, small) image goes to the device once; tiles are cut there
     img_t = torch.from_numpy(np.ascontiguousarray(img_p)).to(device)
+
+    if precision == "int8":
+        # int8 runs the model one tile at a time anyway (HeightModel.predict_tensor: activation
+        # scales per tile), so no batch shape reaches a kernel: batches of one tile need no
+        # padding, and no lane sits idle while another finishes the last large batch.
+        batch_size, fixed_batch = 1, False
 
     def run(batch):
         xt = torch.stack([img_t[:, r:r + tile, c:c + tile] for r, c in batch])
