@@ -92,3 +92,14 @@ def test_quantize_int8_swaps_the_head_convs_and_keeps_the_last_two_in_bf16():
     assert type(head.conv_depth.head[2]) is nn.Conv2d and type(head.conv_depth.head[4]) is nn.Conv2d
     out = m.predict_tensor(torch.full((2, 3, 96, 96), 120, dtype=torch.uint8), precision="int8")
     assert out.shape == (2, 96, 96) and torch.isfinite(out).all()
+
+
+def test_without_the_int8_conv_ops_the_head_stays_in_bf16(monkeypatch):
+    from canopy.model.checkpoints import load_model
+
+    monkeypatch.setattr(int8, "available", lambda: False)
+    m = load_model("default").quantize_int8()
+    assert m.int8_head_convs == 0
+    assert not any(isinstance(mod, int8.Int8Conv2d) for mod in m.decode_head.modules())
+    out = m.predict_tensor(torch.full((1, 3, 96, 96), 120, dtype=torch.uint8), precision="int8")
+    assert torch.isfinite(out).all()
