@@ -57,7 +57,6 @@ def run_one(src: str, out: str, checkpoint: str, precision: str, batch_size: int
 
     with rasterio.open(out) as ds:
         pixels = ds.width * ds.height
-        n_tiles = None
     return {"precision": precision, "seconds": seconds, "pixels": pixels,
             "px_per_s": pixels / seconds, "torch_threads": torch.get_num_threads(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

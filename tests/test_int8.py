@@ -103,3 +103,27 @@ def test_without_the_int8_conv_ops_the_head_stays_in_bf16(monkeypatch):
     assert not any(isinstance(mod, int8.Int8Conv2d) for mod in m.decode_head.modules())
     out = m.predict_tensor(torch.full((1, 3, 96, 96), 120, dtype=torch.uint8), precision="int8")
     assert torch.isfinite(out).all()
+
+
+def test_bf16_core_attention_matches_timm_attention():
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4, qkv_bias=True).eval()
+    blocks = nn.Module()
+    blocks.blocks = nn.ModuleList([nn.Module()])
+    blocks.blocks[0].attn = attn
+    assert int8.swap_attention(blocks) == 1
+    fast = blocks.blocks[0].attn
+    assert isinstance(fast, int8.Bf16CoreAttention) and fast.qkv is attn.qkv
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        ref, out = attn(x), fast(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    with pytest.raises(ValueError, match="no masks"):
+        fast(x, is_causal=True)
+    normed = nn.Module()
+    normed.blocks = nn.ModuleList([nn.Module()])
+    normed.blocks[0].attn = Attention(64, num_heads=4, qk_norm=True, norm_layer=nn.LayerNorm)
+    assert int8.swap_attention(normed) == 0  # q/k norms: left to timm

@@ -110,6 +110,8 @@ class HeightModel(nn.Module):
           per-tile activation scales (:mod:`canopy.model.int8`): the head ran 1.45× faster than
           in bf16 (0.41 → 0.28 s per ViT-L tile on one core). Skipped, with the head left in
           bf16, where torch lacks those ops (non-x86 builds).
+        * Attention's softmax(QKᵀ)V runs as bf16 matmuls (:class:`canopy.model.int8.Bf16CoreAttention`):
+          torch's fused CPU attention is slow for 257 tokens (4.3 vs 2.6 ms per ViT-L block).
 
         :meth:`predict_tensor` runs the model one tile at a time in int8, so that every scale comes
         from the tile itself. Irreversible: load the model again for fp32/bf16.
@@ -128,6 +130,7 @@ class HeightModel(nn.Module):
             torch.ao.quantization.quantize_dynamic(self.backbone, {nn.Linear}, dtype=torch.qint8,
                                                    inplace=True)
         self.int8_head_convs = int8.quantize_decoder_convs(self.decode_head) if int8.available() else 0
+        self.bf16_attention_blocks = int8.swap_attention(self.backbone)
         self._int8 = True
         return self
 
