@@ -14,7 +14,7 @@ subclass adds the two things timm does differently from DINOv2:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch

@@ -127,3 +127,13 @@ def test_bf16_core_attention_matches_timm_attention():
     normed.blocks = nn.ModuleList([nn.Module()])
     normed.blocks[0].attn = Attention(64, num_heads=4, qk_norm=True, norm_layer=nn.LayerNorm)
     assert int8.swap_attention(normed) == 0  # q/k norms: left to timm
+
+
+def test_both_uint8_paths_give_the_same_bytes(monkeypatch):
+    torch.manual_seed(1)
+    x = torch.randn(1, 64, 64, 64).contiguous(memory_format=torch.channels_last) * 3
+    fast = int8._to_uint8(x.clone(), 0.021, 117)
+    monkeypatch.setattr(int8, "_QUANTIZED_TENSORS", False)
+    slow = int8._to_uint8(x.clone(), 0.021, 117)
+    assert fast.dtype == slow.dtype == torch.uint8 and torch.equal(fast, slow)
+    assert fast.is_contiguous(memory_format=torch.channels_last)

@@ -71,7 +71,7 @@ def test_exact_resume(tmp_path, synthetic_chips):
     tr, va = tr[:24], va[:4]  # 3 steps per epoch: the resume point falls inside epoch 1
     common = dict(steps=8, finetune_blocks=2, cosub=True, drop_path=0.3, seed=5, log_every=1,
                   checkpoint_every=100)
-    full = train(micro_config(tmp_path / "full", **common), tr, va)
+    train(micro_config(tmp_path / "full", **common), tr, va)  # its checkpoint is compared below
     half = train(micro_config(tmp_path / "split", stop_after_steps=4, **common), tr, va)
     assert not half.finished and half.model_dir is None
     assert (tmp_path / "split" / CHECKPOINT_NAME).exists()
