@@ -18,6 +18,9 @@ PRECISIONS = ("fp32", "bf16")  # autocast modes (training and inference)
 # DPT head's convolutions (all but its last two) as int8 convolutions, activation scales per tile;
 # the rest of the head in bf16 autocast. CPU only (HeightModel.quantize_int8).
 INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
+# precisions whose activation scales come from the tensor an op sees: predict_tensor runs the
+# model one tile per call, so no tile depends on its batch-mates (and batches gain nothing)
+PER_TILE_PRECISIONS = ("int8",)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -130,7 +133,7 @@ class HeightModel(nn.Module):
             torch.ao.quantization.quantize_dynamic(self.backbone, {nn.Linear}, dtype=torch.qint8,
                                                    inplace=True)
         self.int8_head_convs = int8.quantize_decoder_convs(self.decode_head) if int8.available() else 0
-        self.bf16_attention_blocks = int8.swap_attention(self.backbone)
+        int8.swap_attention(self.backbone)
         self._int8 = True
         return self
 
@@ -167,7 +170,7 @@ class HeightModel(nn.Module):
         """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
         self.weights_for(precision)
         rgb = rgb.to(self.device)
-        if precision == "int8":
+        if precision in PER_TILE_PRECISIONS:
             x = self.normalize(rgb)
             # One tile per call: int8 scales come from the whole tensor an op sees, so a batched
             # call made a tile's heights depend on its batch-mates (a different cell size changed

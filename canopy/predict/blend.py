@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from canopy.model.height_model import PER_TILE_PRECISIONS
+
 DEFAULT_OVERLAP_FRACTION = 0.25  # 64 px of a 256 px tile, as the HRCH notebook
 
 
@@ -181,10 +183,10 @@ def predict_array(
     # the (uint8, small) image goes to the device once; tiles are cut there
     img_t = torch.from_numpy(np.ascontiguousarray(img_p)).to(device)
 
-    if precision == "int8":
-        # int8 runs the model one tile at a time anyway (HeightModel.predict_tensor: activation
-        # scales per tile), so no batch shape reaches a kernel: batches of one tile need no
-        # padding, and no lane sits idle while another finishes the last large batch.
+    if precision in PER_TILE_PRECISIONS:
+        # the model runs one tile per call anyway (HeightModel.predict_tensor), so no batch
+        # shape reaches a kernel: batches of one tile need no padding, and no lane sits idle
+        # while another finishes the last large batch.
         batch_size, fixed_batch = 1, False
 
     def run(batch):
