@@ -17,4 +17,12 @@ def load_model(path_or_name, device="cpu"):
     return _load(path_or_name, device=device)
 
 
-__all__ = ["CanopyError", "load_model", "__version__"]
+def predict_image(model, rgb, **kwargs):
+    """Canopy height (metres) of an ``H×W×3`` uint8 RGB array, tiled and blended without seams
+    as ``canopy predict`` does (:func:`canopy.predict.blend.predict_image`)."""
+    from canopy.predict.blend import predict_image as _predict_image
+
+    return _predict_image(model, rgb, **kwargs)
+
+
+__all__ = ["CanopyError", "load_model", "predict_image", "__version__"]

@@ -291,7 +291,7 @@ def correction_dir(tmp_path_factory):
     """An untrained correction model whose factor varies from block to block (plumbing only)."""
     import torch
 
-    from canopy.train.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
+    from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 
     torch.manual_seed(3)
     model = GediCorrectionNet(CorrectionConfig(block_px=64, input_px=32, gsd=0.6)).eval()

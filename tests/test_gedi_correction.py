@@ -17,10 +17,11 @@ from canopy.predict.correction import (
     apply_correction, block_span, factor_field, interpolate_block_grid, load_correction,
     pixel_block_coords, required_window)
 from canopy.synth import GediConfig, gedi_like_shots, make_scene
+from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 from canopy.train.gedi_correction import (
-    CorrectionConfig, FitOptions, GediCorrectionNet, TrainingScene, block_samples, fit_correction,
-    footprint_percentiles, predict_block_factors, save_correction, scenes_from_catalog,
-    train_gedi_correction)
+    FitOptions, fit_correction, predict_block_factors, train_gedi_correction)
+from canopy.train.gedi_samples import (
+    TrainingScene, block_samples, footprint_percentiles, scenes_from_catalog)
 from tests.conftest import write_raster
 
 CRS = "EPSG:32617"

@@ -179,17 +179,24 @@ def test_normalisation_is_part_of_the_model():
 
 
 def test_predict_api_numpy_and_tensor(micro_model, rgb_array):
+    import canopy
+
     img = np.moveaxis(rgb_array(300, 280), 0, 2)
-    out = micro_model.predict(img)
+    out = canopy.predict_image(micro_model, img)
     assert out.shape == (300, 280) and out.dtype == np.float32 and np.isfinite(out).all()
     t = torch.from_numpy(np.moveaxis(img[:256, :256], 2, 0)[None].copy())
-    out_t = micro_model.predict(t)
+    out_t = micro_model.predict_tensor(t)
     assert tuple(out_t.shape) == (1, 256, 256)
     # one tile, two routes, same numbers
-    np.testing.assert_array_equal(micro_model.predict(np.ascontiguousarray(img[:256, :256])),
+    np.testing.assert_array_equal(canopy.predict_image(micro_model, np.ascontiguousarray(img[:256, :256])),
                                   out_t[0].numpy())
-    h, s = micro_model.predict(t, with_std=True)
+    h, s = micro_model.predict_tensor(t, with_std=True)
     assert (s >= 0).all()
+    # float images are refused (a [0, 1] float image would give ~50 m everywhere)
+    with pytest.raises(TypeError, match="uint8"):
+        canopy.predict_image(micro_model, img.astype(np.float32) / 255)
+    with pytest.raises(TypeError, match="uint8"):
+        micro_model.predict_tensor(t.float() / 255)
 
 
 def test_float_checkpoint_loads_strictly(tmp_path, micro_model, rgb_array):
@@ -197,7 +204,7 @@ def test_float_checkpoint_loads_strictly(tmp_path, micro_model, rgb_array):
     torch.save({"state_dict": sd}, tmp_path / "some_name.pth")
     loaded = load_model(tmp_path / "some_name.pth")
     x = torch.from_numpy(rgb_array(256, 256)[None])
-    torch.testing.assert_close(loaded.predict(x), micro_model.predict(x), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.predict_tensor(x), micro_model.predict_tensor(x), atol=0, rtol=0)
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path, micro_model):
@@ -240,7 +247,7 @@ def test_compressed_dynamic_int8_checkpoint(tmp_path, micro_model, rgb_array):
     # same int8 weights, float activations: tiny differences from activation quantisation only
     assert (loaded.heights(ours) - micro_model.heights(ref_q)).abs().max() < 0.05
     # and it now runs in bf16 too (the int8 modules themselves are CPU/fp32-only)
-    h_bf16 = loaded.predict(x, precision="bf16")
+    h_bf16 = loaded.predict_tensor(x, precision="bf16")
     assert torch.isfinite(h_bf16).all()
 
 
@@ -250,7 +257,7 @@ def test_native_roundtrip_and_config(tmp_path, micro_model, rgb_array):
     loaded = load_model(out)
     assert loaded.cfg == micro_model.cfg
     x = torch.from_numpy(rgb_array(256, 256)[None])
-    torch.testing.assert_close(loaded.predict(x), micro_model.predict(x), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.predict_tensor(x), micro_model.predict_tensor(x), atol=0, rtol=0)
     # the single .safetensors file carries its config in its metadata, which wins over a
     # config.json edited (or left from another save) beside it
     (out / "config.json").write_text('{"name": "x", "colour": "blue"}')

@@ -66,7 +66,7 @@ def test_one_tile_at_model_gsd_is_the_model_output(tmp_path, micro_model, rgb_ar
     rgb = rgb_array(256, 256)
     src = write_raster(tmp_path / "tile.tif", rgb)
     out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(progress=False))
-    expected = micro_model.predict(torch.from_numpy(rgb[None]))[0].numpy()
+    expected = micro_model.predict_tensor(torch.from_numpy(rgb[None]))[0].numpy()
     with rasterio.open(out) as ds:
         assert ds.tags()["CANOPY_RESAMPLING"] == "none"
         assert ds.transform == Affine(0.6, 0, 400000.0, 0, -0.6, 3280000.0)
@@ -208,7 +208,7 @@ def test_band_selection_and_scaling(tmp_path, micro_model, rgb_array):
     src = write_raster(tmp_path / "rgbn.tif", rgbn)
     out = predict_raster(src, tmp_path / "o.tif", micro_model,
                          PredictOptions(progress=False, bands="1,2,3", scale=(0, 2550)))
-    expected = micro_model.predict(torch.from_numpy((rgbn[:3] // 10).astype(np.uint8)[None]))[0]
+    expected = micro_model.predict_tensor(torch.from_numpy((rgbn[:3] // 10).astype(np.uint8)[None]))[0]
     with rasterio.open(out) as ds:
         np.testing.assert_allclose(ds.read(1), expected.numpy(), atol=1e-4)
 
@@ -333,7 +333,7 @@ def test_gedi_correction_multiplies_by_the_factor_field(tmp_path, micro_model, r
     import torch as _torch
 
     from canopy.predict.correction import factor_field
-    from canopy.train.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
+    from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 
     _torch.manual_seed(1)
     corr = GediCorrectionNet(CorrectionConfig(block_px=128, input_px=32, gsd=0.6)).eval()

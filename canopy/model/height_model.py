@@ -1,10 +1,14 @@
-"""The height model: DINOv2-style ViT backbone (timm) + DPT decoder + 256-bin head → metres."""
+"""The height model: DINOv2-style ViT backbone (timm) + DPT decoder + 256-bin head → metres.
+
+A plain ``nn.Module``, as timm's models are: tensors in, tensors out. It knows nothing of rasters
+or tiling; cutting an image of any size into blended tiles is the predict package's job
+(:func:`canopy.predict.blend.predict_image`), so the model never imports prediction code.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -167,7 +171,15 @@ class HeightModel(nn.Module):
 
     @torch.no_grad()
     def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
-        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``)."""
+        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``): one
+        forward pass, no tiling. Spread is the standard deviation of the head's distribution
+        over height bins, in metres. Images of any size are tiled and blended by
+        :func:`canopy.predict_image`."""
+        if rgb.dtype != torch.uint8:
+            # a float image in [0, 1] would silently give ~50 m everywhere
+            raise TypeError(f"rgb must be a uint8 tensor (0..255), got {rgb.dtype}")
+        if rgb.ndim != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"expected a B×3×H×W tensor, got shape {tuple(rgb.shape)}")
         self.weights_for(precision)
         rgb = rgb.to(self.device)
         if precision in PER_TILE_PRECISIONS:
@@ -189,32 +201,3 @@ class HeightModel(nn.Module):
             x = self.normalize(rgb)
             return self.heights_from_taps(self.backbone.forward_taps(x), x.shape[-2:],
                                           with_std=with_std)
-
-    @torch.no_grad()
-    def predict(self, images, precision: str = "fp32", batch_size: int = 8, with_std: bool = False):
-        """Canopy height in metres.
-
-        * numpy ``H×W×3`` uint8 → numpy ``H×W`` float32. Images larger than one model tile are
-          cut into overlapping tiles and blended (no seams), exactly as ``canopy predict`` does.
-        * tensor ``B×3×H×W`` (uint8 values) → tensor ``B×H×W`` float32, one forward pass.
-
-        With ``with_std`` a (height, spread) pair is returned; spread is the standard deviation of
-        the head's distribution over height bins, in metres.
-        """
-        self.eval()
-        if getattr(images, "dtype", None) not in (np.uint8, torch.uint8):
-            # a float image in [0, 1] would silently give ~50 m everywhere
-            raise TypeError(f"images must be uint8 RGB (0..255), got dtype {getattr(images, 'dtype', type(images))}")
-        if isinstance(images, np.ndarray):
-            if images.ndim != 3 or images.shape[2] != 3:
-                raise ValueError(f"expected an H×W×3 RGB array, got shape {images.shape}")
-            from canopy.predict.blend import predict_array
-
-            out = predict_array(self, np.moveaxis(images, 2, 0), precision=precision,
-                                batch_size=batch_size, with_std=with_std)
-            return (out[0], out[1]) if with_std else out[0]
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"expected a B×3×H×W tensor, got shape {tuple(images.shape)}")
-            return self.predict_tensor(images, precision=precision, with_std=with_std)
-        raise TypeError("images must be a numpy H×W×3 array or a torch B×3×H×W tensor")

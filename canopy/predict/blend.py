@@ -226,6 +226,27 @@ def predict_array(
     return height, spread
 
 
+def predict_image(model, rgb: np.ndarray, *, precision: str = "fp32", batch_size: int = 8,
+                  with_std: bool = False, stride: int | None = None, lanes: int | None = None,
+                  progress: Callable[[int], None] | None = None):
+    """Canopy height (metres, float32 ``H×W``) of an ``H×W×3`` uint8 RGB array at the model's GSD.
+
+    Images of any size are cut into overlapping model tiles and blended (no seams), exactly as
+    ``canopy predict`` does; an image of one tile is that tile's output. With ``with_std`` a
+    ``(height, spread)`` pair is returned; spread is the standard deviation of the head's
+    distribution over height bins, in metres.
+    """
+    if getattr(rgb, "dtype", None) != np.uint8:
+        # a float image in [0, 1] would silently give ~50 m everywhere
+        raise TypeError(f"rgb must be a uint8 array (0..255), got {getattr(rgb, 'dtype', type(rgb))}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
+    height, spread = predict_array(model, np.moveaxis(rgb, 2, 0), precision=precision,
+                                   batch_size=batch_size, with_std=with_std, stride=stride,
+                                   lanes=lanes, progress=progress)
+    return (height, spread) if with_std else height
+
+
 @contextlib.contextmanager
 def _lanes(n: int, threads: int):
     """A pool of ``n`` lane threads with ``threads`` torch threads each (None for one lane).

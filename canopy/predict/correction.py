@@ -1,6 +1,6 @@
 """Apply a GEDI correction model: one factor per block of imagery, interpolated without seams.
 
-The correction model (``canopy.train.gedi_correction``) looks at a downsampled block of imagery
+The correction model (:mod:`canopy.model.gedi_correction`) looks at a downsampled block of imagery
 and returns one multiplicative factor for the decoder's heights in that block. Here those block
 factors become a smooth factor field that multiplies the height map.
 
@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from affine import Affine
 
 from canopy.errors import InputError
+from canopy.model.gedi_correction import (
+    INTERPOLATIONS, GediCorrectionNet, block_centres_lonlat, cut_block, downsample_block,
+    load_correction, scalar_features)
 
-if TYPE_CHECKING:  # the model lives with its training code; only its type is needed here
-    from canopy.train.gedi_correction import GediCorrectionNet
+__all__ = ["apply_correction", "factor_field", "load_correction", "required_window"]
 
-INTERPOLATIONS = ("bilinear", "bicubic")
 GSD_TOLERANCE = 1e-6  # relative, as canopy.io.imagery
-SCALAR_WIDTHS = {"latlon": 3, "sun": 1}  # features each optional scalar input adds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def block_span(start: int, length: int, block_px: int, interpolation: str) -> tu
     raise InputError(f"interpolation must be one of {INTERPOLATIONS}, got '{interpolation}'")
 
 
-def required_window(transform: Affine, shape: tuple[int, int], correction: "GediCorrectionNet",
+def required_window(transform: Affine, shape: tuple[int, int], correction: GediCorrectionNet,
                     interpolation: str | None = None) -> PixelWindow:
     """The imagery window (relative to the output window) that holds every block the factors of
     an output window of ``shape`` read: pass imagery over it to :func:`apply_correction`.
@@ -157,84 +156,11 @@ def interpolate_block_grid(grid: np.ndarray, first_block: tuple[int, int], rows_
 
 
 # ---------------------------------------------------------------------------------------------
-# block inputs (shared with training, so the model sees the same pixels in both)
-
-
-def downsample_block(rgb: np.ndarray, valid: np.ndarray, input_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """A ``3×P×P`` uint8 block → ``3×S×S`` uint8 means over valid pixels and an ``S×S`` mask.
-
-    Integer arithmetic, so the result is exact and identical wherever it is computed. An output
-    pixel is valid when at least half of the pixels it averages are; invalid ones hold 0.
-    """
-    p = rgb.shape[-1]
-    k = p // input_px
-    if rgb.shape != (3, p, p) or k * input_px != p or valid.shape != (p, p):
-        raise ValueError(f"block {rgb.shape} cannot be averaged down to {input_px} px")
-    v = valid.reshape(input_px, k, input_px, k)
-    count = v.sum(axis=(1, 3), dtype=np.int64)
-    sums = (rgb.astype(np.int64) * valid).reshape(3, input_px, k, input_px, k).sum(axis=(2, 4))
-    ok = 2 * count >= k * k
-    mean = (2 * sums + count) // np.maximum(2 * count, 1)  # round half up, in integers
-    return np.where(ok[None], mean, 0).astype(np.uint8), ok
-
-
-def cut_block(rgb: np.ndarray, valid: np.ndarray, origin: tuple[int, int], block: tuple[int, int],
-              block_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Block ``(br, bc)`` of an image whose upper-left pixel is at global ``origin``; the part
-    outside the image is invalid."""
-    p = block_px
-    r0, c0 = block[0] * p - origin[0], block[1] * p - origin[1]
-    h, w = valid.shape
-    out = np.zeros((3, p, p), np.uint8)
-    ok = np.zeros((p, p), bool)
-    rs, re_ = max(r0, 0), min(r0 + p, h)
-    cs, ce = max(c0, 0), min(c0 + p, w)
-    if rs < re_ and cs < ce:
-        out[:, rs - r0:re_ - r0, cs - c0:ce - c0] = rgb[:, rs:re_, cs:ce]
-        ok[rs - r0:re_ - r0, cs - c0:ce - c0] = valid[rs:re_, cs:ce]
-    return out, ok
-
-
-def block_centres_lonlat(blocks_r: np.ndarray, blocks_c: np.ndarray, block_px: int, gsd: float,
-                         crs) -> tuple[np.ndarray, np.ndarray]:
-    """Longitude and latitude (degrees) of block centres on the lattice of ``crs``."""
-    from pyproj import CRS, Transformer
-
-    x = (np.asarray(blocks_c, np.float64) + 0.5) * block_px * gsd
-    y = -(np.asarray(blocks_r, np.float64) + 0.5) * block_px * gsd
-    to_wgs84 = Transformer.from_crs(CRS.from_user_input(crs), CRS.from_epsg(4326), always_xy=True)
-    lon, lat = to_wgs84.transform(x, y)
-    return np.asarray(lon, np.float64), np.asarray(lat, np.float64)
-
-
-def scalar_features(names: Sequence[str], lon: np.ndarray, lat: np.ndarray,
-                    sun_elevation: float | None) -> np.ndarray:
-    """The optional scalar inputs, (n, k) float32. Location is a point on the unit sphere (no
-    jump at the antimeridian); sun elevation enters as its sine (shadow length ∝ 1/tan)."""
-    lon, lat = np.atleast_1d(lon), np.atleast_1d(lat)
-    cols = []
-    for name in names:
-        if name == "latlon":
-            la, lo = np.radians(lat), np.radians(lon)
-            cols += [np.sin(la), np.cos(la) * np.sin(lo), np.cos(la) * np.cos(lo)]
-        elif name == "sun":
-            if sun_elevation is None:
-                raise InputError("this GEDI correction model needs the imagery's sun elevation "
-                                 "(--sun-elevation DEGREES)")
-            cols.append(np.full(lon.shape, math.sin(math.radians(sun_elevation))))
-        else:
-            raise InputError(f"unknown scalar input '{name}' (known: {', '.join(SCALAR_WIDTHS)})")
-    if not cols:
-        return np.zeros((lon.size, 0), np.float32)
-    return np.stack(cols, axis=1).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # applying a model
 
 
 def block_log_factors(rgb: np.ndarray, valid: np.ndarray | None, rgb_transform: Affine, crs,
-                      correction: "GediCorrectionNet", rows: tuple[int, int],
+                      correction: GediCorrectionNet, rows: tuple[int, int],
                       cols: tuple[int, int], sun_elevation: float | None = None) -> np.ndarray:
     """Log-factors of blocks ``rows[0]..rows[1]`` × ``cols[0]..cols[1]`` (inclusive) from imagery
     ``rgb`` (3×H×W uint8) on the lattice at ``rgb_transform``. Returns (nr, nc) float64.
@@ -268,7 +194,7 @@ def block_log_factors(rgb: np.ndarray, valid: np.ndarray | None, rgb_transform: 
 
 
 def factor_field(transform: Affine, shape: tuple[int, int], rgb: np.ndarray, crs,
-                 correction: "GediCorrectionNet", *, valid: np.ndarray | None = None,
+                 correction: GediCorrectionNet, *, valid: np.ndarray | None = None,
                  rgb_transform: Affine | None = None, sun_elevation: float | None = None,
                  interpolation: str | None = None) -> np.ndarray:
     """The multiplicative factor (float64, H×W) for an output window; see :func:`apply_correction`."""
@@ -291,7 +217,7 @@ def factor_field(transform: Affine, shape: tuple[int, int], rgb: np.ndarray, crs
 
 
 def apply_correction(height: np.ndarray, rgb: np.ndarray, transform: Affine, crs,
-                     correction: "GediCorrectionNet", *, valid: np.ndarray | None = None,
+                     correction: GediCorrectionNet, *, valid: np.ndarray | None = None,
                      rgb_transform: Affine | None = None, sun_elevation: float | None = None,
                      interpolation: str | None = None) -> np.ndarray:
     """Corrected heights: ``height × factor field`` (float32, NaN stays NaN).
@@ -312,10 +238,3 @@ def apply_correction(height: np.ndarray, rgb: np.ndarray, transform: Affine, crs
                          rgb_transform=rgb_transform, sun_elevation=sun_elevation,
                          interpolation=interpolation)
     return (height.astype(np.float64) * field).astype(np.float32)
-
-
-def load_correction(path, device="cpu") -> "GediCorrectionNet":
-    """A fitted correction model from its folder (``model.safetensors`` + ``config.json``)."""
-    from canopy.train.gedi_correction import load_correction_model
-
-    return load_correction_model(path, device=device)

@@ -37,9 +37,9 @@ def train_gedi_correction_command(
     footprint percentile matches GEDI RH. Apply it with `canopy predict --gedi-correction DIR`."""
     from canopy.errors import InputError
     from canopy.predict.raster import resolve_device
-    from canopy.train.gedi_correction import (
-        CorrectionConfig, FitOptions, check_run_dir, scenes_from_catalog, scenes_from_files,
-        train_gedi_correction)
+    from canopy.model.gedi_correction import CorrectionConfig
+    from canopy.train.gedi_correction import FitOptions, check_run_dir, train_gedi_correction
+    from canopy.train.gedi_samples import scenes_from_catalog, scenes_from_files
 
     if catalog is not None and (imagery or gedi):
         raise InputError("give --catalog or --imagery with --gedi, not both")
