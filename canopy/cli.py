@@ -179,13 +179,11 @@ def main() -> None:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    try:
-        from data_catalog.errors import CatalogError
-    except ImportError:  # pragma: no cover - the package ships both
-        CatalogError = CanopyError
+    from canopy.errors import USER_ERRORS
+
     try:
         app()
-    except (CanopyError, CatalogError) as exc:
+    except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # full disk, permissions, a vanished file: still one line

@@ -1,7 +1,17 @@
-"""Errors a user can cause. The CLI prints them as one line and exits non-zero.
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero; the server
+answers them with a 4xx.
 
-Every layer raises these (never a bare ValueError for user input), so the CLI needs one handler.
+Every layer raises these (never a bare ValueError for user input). The packages below ``canopy``
+have roots of their own (``data_catalog.errors.CatalogError``, ``ssl_backbone.errors.BackboneError``)
+because they cannot import this module; :data:`USER_ERRORS` is the one tuple of all three roots
+that the CLI and the server catch. ``CheckpointError`` is the backbone layer's class, re-exported:
+a bad weights file is the same problem whichever layer finds it.
 """
+
+from __future__ import annotations
+
+from data_catalog.errors import CatalogError
+from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
 
 
 class CanopyError(Exception):
@@ -12,8 +22,14 @@ class InputError(CanopyError):
     """An input raster, vector or option is unusable."""
 
 
-class CheckpointError(CanopyError):
-    """A checkpoint cannot be loaded into the model it claims to be."""
+class OptionError(InputError):
+    """A setting has an impossible value. ``field`` is its name in the options type (e.g.
+    ``stride``); the CLI shows it as the flag (``--stride``), an API as the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
 
 
 class OutputError(CanopyError):
@@ -22,3 +38,10 @@ class OutputError(CanopyError):
 
 class NoDefaultModelError(CanopyError):
     """No trained default model ships with this version."""
+
+
+#: The roots of every error a user can cause, in all three packages.
+USER_ERRORS = (CanopyError, CatalogError, BackboneError)
+
+__all__ = ["USER_ERRORS", "BackboneError", "CanopyError", "CatalogError", "CheckpointError",
+           "ConfigError", "InputError", "NoDefaultModelError", "OptionError", "OutputError"]

@@ -14,7 +14,7 @@ from affine import Affine
 from shapely.geometry import Point
 from typer.testing import CliRunner
 
-from canopy.errors import CanopyError, CheckpointError
+from canopy.errors import USER_ERRORS, CheckpointError
 from tests.conftest import shared, write_raster
 
 SMALL = ["--arch", "vit_micro", "--n-bins", "64", "--gsd", "0.5", "--chip-size", "64",
@@ -29,7 +29,7 @@ def run_cli(args: list[str]):
     register(app)
     app.command("version")(lambda: None)  # a second command keeps 'train' a subcommand
     result = CliRunner().invoke(app, ["train", *args])
-    if isinstance(result.exception, CanopyError):
+    if isinstance(result.exception, USER_ERRORS):
         message = str(result.exception)
         return 2, f"error: {message}", message
     if result.exception and not isinstance(result.exception, SystemExit):
