@@ -273,6 +273,30 @@ def test_native_roundtrip_and_config(tmp_path, micro_model, rgb_array):
         load_model(out)
 
 
+def test_saved_configs_read_back_to_the_same_json():
+    """The bundled model's config.json and the config in its weights' metadata read back and
+    write out unchanged; a file from a newer format version is refused, not half-read."""
+    import json
+
+    from safetensors import safe_open
+
+    from canopy.model.checkpoints import DEFAULT_MODEL_DIR
+    from canopy.model.config import HeightModelConfig
+    from ssl_backbone.errors import ConfigError
+
+    text = (DEFAULT_MODEL_DIR / "config.json").read_text()
+    assert HeightModelConfig.from_dict(json.loads(text)).to_json() + "\n" == text
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()["config"]
+    assert HeightModelConfig.from_dict(json.loads(meta)).to_json() == meta
+    with pytest.raises(ConfigError, match="newer") as err:
+        HeightModelConfig.from_dict({**json.loads(text), "format_version": 99})
+    assert err.value.field == "format_version"
+    with pytest.raises(ConfigError, match="unknown decoder config keys") as err:
+        HeightModelConfig.from_dict({"decoder": {"bins": 3}})
+    assert err.value.field == "decoder.bins"
+
+
 def test_missing_default_model_says_so_plainly(tmp_path, monkeypatch):
     """An install without the bundled weights (e.g. stripped by a packager) gets a plain message."""
     from canopy.model import checkpoints
@@ -283,7 +307,7 @@ def test_missing_default_model_says_so_plainly(tmp_path, monkeypatch):
 
 
 def reference_hrch_decoder(sd: dict, taps, channels: int = 32):
-    """Independent functional restatement of the released DPT head (hrch_compat.md §1.2):
+    """Independent functional restatement of the released DPT head (docs/reference_model.md):
     CLS readout 'project' → 1×1 conv → resize ×4/×2/×1/×½ → 3×3 conv (no bias) → fusion from
     coarsest to finest (pre-activation residual units, bilinear ×2 align_corners=True, 1×1
     projection) → 3×3 conv + ReLU → head (3×3, ×2, 3×3, ReLU, 1×1) → bin logits."""

@@ -187,7 +187,7 @@ def _vit_tensors(dim=64, depth=2, patch=14, grid=37, mlp=4, prefix="", dinov2_ch
 
 
 def test_dinov2_official_layout_patch14(tmp_path):
-    from canopy.train.backbone_weights import load_backbone
+    from ssl_backbone.checkpoints import load_backbone
 
     sd = _vit_tensors(patch=14, grid=37, dinov2_chunks=True)
     sd["mask_token"] = torch.zeros(1, 64)
@@ -203,7 +203,7 @@ def test_dinov2_official_layout_patch14(tmp_path):
 def test_timm_and_canopy_layouts(tmp_path):
     from safetensors.torch import save_file
 
-    from canopy.train.backbone_weights import load_backbone
+    from ssl_backbone.checkpoints import load_backbone
 
     timm_sd = _vit_tensors(patch=16, grid=14)
     timm_sd["head.weight"] = torch.randn(10, 64)  # a classifier: dropped
@@ -218,7 +218,7 @@ def test_timm_and_canopy_layouts(tmp_path):
 
 
 def test_backbone_mismatch_is_one_clear_error(tmp_path):
-    from canopy.train.backbone_weights import load_backbone
+    from ssl_backbone.checkpoints import load_backbone
 
     sd = _vit_tensors()
     sd["blocks.1.mlp.fc2.weight"] = torch.randn(64, 100)  # wrong width for this block

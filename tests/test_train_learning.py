@@ -56,7 +56,8 @@ def test_training_on_synthetic_scenes_learns(tmp_path, synthetic_chips):
     model = load_model(result.model_dir)
     assert model.cfg.trained and model.cfg.gsd == 0.5 and model.cfg.tile_size == 64
     batch = collate([ChipDataset(va).sample(i, 0) for i in range(len(va))])
-    pred = model.predict_tensor(batch["image"]).numpy().ravel()
+    rgb = torch.from_numpy(np.stack([r.image for r in va]))  # the uint8 chips validation saw
+    pred = model.predict_tensor(rgb).numpy().ravel()
     ref = torch.stack(batch["targets"]).numpy().ravel()
     assert mae(pred, ref) == pytest.approx(v["val_mae"], rel=1e-4)
     assert pred.std() > 1.0 and r2(pred, ref) > 0.1
@@ -106,6 +107,26 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_chips):
         train(micro_config(tmp_path / "r", steps=2, seed=1, lr=5e-4), tr[:16], va[:2], resume=True)
     with pytest.raises(OutputError, match="not empty"):
         train(micro_config(tmp_path / "r", steps=2, seed=1), tr[:16], va[:2])
+
+
+def test_train_config_reads_back_and_a_bad_checkpoint_is_one_error(tmp_path, synthetic_chips):
+    import json
+
+    from canopy.errors import InputError
+    from canopy.train.augment import NO_AUGMENT
+    from canopy.train.losses import LossConfig
+    from ssl_backbone.errors import ConfigError
+
+    cfg = micro_config(tmp_path / "c", steps=2, loss=LossConfig(gedi_weight=0.5), augment=NO_AUGMENT)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown loss config keys") as err:
+        TrainConfig.from_dict({**cfg.to_dict(), "loss": {"silog": 1.0}})
+    assert err.value.field == "loss.silog"
+    tr, va = synthetic_chips
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="--resume: .*cannot read"):
+        train(cfg, tr[:8], va[:1], resume=True)
 
 
 def test_training_forward_matches_the_model(synthetic_chips):

@@ -11,7 +11,11 @@ Formats:
 * **native**: a folder with ``model.safetensors`` + ``config.json`` (+ ``MODEL_CARD.md``), or a
   single ``.safetensors`` whose metadata holds the config.
 
-The architecture is read from the tensors' shapes, never from the file name.
+The architecture is read from the tensors' shapes, never from the file name. The backbone part
+of every format goes through :mod:`ssl_backbone.checkpoints` (reader, wrapper prefixes, ViT
+architecture from shapes, strict load), so a ViT is read one way whether it arrives alone
+(``canopy train --backbone``) or inside a height model; this module adds only what is about
+height models: the decoder's shapes, int8 dequantisation and the native format's config.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from canopy.errors import CheckpointError, NoDefaultModelError
 from canopy.model.config import HeightModelConfig, hrch_config, micro_config
 from canopy.model.dpt import DPTConfig
 from canopy.model.height_model import HeightModel
-from ssl_backbone.vit import ViTConfig, default_out_indices
+from ssl_backbone.checkpoints import (
+    load_state_dict_strict, read_state_dict, strip_prefixes, unwrap_containers,
+    vit_config_from_state_dict)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODEL_DIR = WEIGHTS_DIR / "default"
@@ -59,14 +65,6 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
 # state-dict filters
 
 
-def _strip_prefixes(sd: dict) -> dict:
-    """Drop wrappers some tools add around the HRCH keys (Lightning's ``chm_module_.``, DDP's ``module.``)."""
-    for prefix in ("chm_module_.", "module.", "model."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def dequantize_state_dict(sd: dict) -> dict:
     """Turn dynamic-int8 Linear entries into float ``weight``/``bias``; leave everything else."""
     out = {}
@@ -84,48 +82,6 @@ def dequantize_state_dict(sd: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def vit_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backbone") -> ViTConfig:
-    """The ViT architecture implied by the tensors' shapes (keys without the ``backbone.``
-    prefix): one reader for HRCH checkpoints, native files and ``--backbone`` weights."""
-    if "register_tokens" in sd or "reg_token" in sd:
-        raise CheckpointError(f"{source}: ViTs with register tokens are not supported "
-                              "(the HRCH-style backbone has a CLS token only)")
-    if any(".mlp.w12." in k for k in sd):
-        raise CheckpointError(f"{source}: SwiGLU MLP blocks (DINOv2 ViT-g) are not supported")
-    try:
-        cls = sd["cls_token"]
-        pos = sd["pos_embed"]
-        patch = sd["patch_embed.proj.weight"]
-        fc1 = sd["blocks.0.mlp.fc1.weight"]
-    except KeyError as exc:
-        raise CheckpointError(
-            f"{source}: not a ViT backbone (missing {exc.args[0]}); expected DINOv2, timm or "
-            "canopy 'backbone.*' naming") from None
-    embed_dim = int(cls.shape[-1])
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    depth = max(blocks) + 1
-    if blocks != set(range(depth)):
-        raise CheckpointError(f"{source}: blocks {sorted(set(range(depth)) - blocks)} are missing")
-    n_pos = int(pos.shape[1]) - 1
-    grid = int(round(n_pos ** 0.5))
-    if grid * grid != n_pos:
-        raise CheckpointError(f"{source}: pos_embed has {n_pos + 1} entries; expected CLS + a "
-                              "square grid")
-    if patch.shape[1] != 3 or patch.shape[-1] != patch.shape[-2]:
-        raise CheckpointError(f"{source}: patch embedding {tuple(patch.shape)} is not a square "
-                              "3-channel (RGB) kernel")
-    if embed_dim % 64:
-        raise CheckpointError(f"{source}: width {embed_dim} is not a multiple of 64 (head size)")
-    return ViTConfig(
-        embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64,
-        patch_size=int(patch.shape[-1]), pos_grid=grid,
-        mlp_ratio=int(fc1.shape[0]) / embed_dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else None,
-        out_indices=default_out_indices(depth),
-    )
 
 
 def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
@@ -160,47 +116,12 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
                              source=source)
 
 
-def load_state_dict_strict(model: HeightModel, sd: dict, source: str) -> None:
-    """Strict load with one readable error listing missing/unexpected keys and shape mismatches."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(
-        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"mismatched shapes: {show(mismatched)}")
-        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(parts))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-
-
 # ---------------------------------------------------------------------------------------------
 # readers
 
 
-def _read_torch_checkpoint(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-torch files
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: no state dict inside")
-    return _strip_prefixes(obj)
-
-
 def load_hrch_checkpoint(path: Path, device="cpu") -> HeightModel:
-    sd = _read_torch_checkpoint(path)
+    sd = strip_prefixes(read_state_dict(path, tensors_only=False))
     compressed = any("_packed_params" in k for k in sd)
     if compressed:
         sd = dequantize_state_dict(sd)
@@ -324,8 +245,7 @@ def load_config(path_or_name) -> HeightModelConfig:
         obj = None
     if obj is None:
         return load_hrch_checkpoint(path).cfg
-    sd = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(unwrap_containers(obj))
     if any("_packed_params" in k for k in sd):
         sd = dequantize_state_dict(sd)
     return infer_config(sd, source=path.name)

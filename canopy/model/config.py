@@ -1,15 +1,20 @@
 """The height model's typed configuration: architecture, input normalisation, ground sample distance.
 
 The normalisation lives here, not with the caller: a model file carries everything needed to
-turn uint8 RGB into metres. Unknown keys are errors (a config from a newer version says so).
+turn uint8 RGB into metres. Files are read by the project's one strict reader
+(:func:`ssl_backbone.config.from_dict`): unknown keys, wrong types and a ``format_version``
+newer than :data:`FORMAT_VERSION` are errors naming the field, so a config from a newer version
+says so instead of being half-read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from canopy.model.dpt import DPTConfig
+from ssl_backbone.config import from_dict as config_from_dict
+from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.vit import VARIANTS, ViTConfig
 
 # inference.py of the HRCH release (its notebook's 0.430 red mean is a slip: decimetres of change)
@@ -34,32 +39,15 @@ class HeightModelConfig:
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        d["decoder"] = self.decoder.to_dict()
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        return config_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeightModelConfig":
-        d = dict(d)
-        if d.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(
-                f"model config format {d['format_version']} is newer than this version "
-                f"understands ({FORMAT_VERSION}); upgrade canopy-height"
-            )
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        d["backbone"] = ViTConfig.from_dict(d.get("backbone", {}))
-        d["decoder"] = DPTConfig.from_dict(d.get("decoder", {}))
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
+        """Refuses unknown keys and a ``format_version`` newer than :data:`FORMAT_VERSION`."""
+        return config_from_dict(cls, d, what="model config")
 
 
 def hrch_config(size: str) -> HeightModelConfig:

@@ -2,16 +2,19 @@
 
 Module names mirror the released checkpoints' ``decode_head.*`` keys (``reassemble_blocks``,
 ``convs``, ``fusion_blocks``, ``project``, ``conv_depth.head``) so v1 weights load strictly with
-no key renaming. Shapes and order follow ../shared/specs/hrch_compat.md §1.2.
+no key renaming. Shapes and order follow docs/reference_model.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ssl_backbone.config import from_dict as config_from_dict
+from ssl_backbone.config import to_dict as config_to_dict
 
 
 @dataclass
@@ -25,19 +28,11 @@ class DPTConfig:
     output_scale: float = 10.0  # HRCH multiplies the expected bin value by 10: metres in [0.01, 100]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["post_process_channels"] = list(self.post_process_channels)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DPTConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown decoder config keys: {sorted(unknown)}")
-        d = dict(d)
-        if "post_process_channels" in d:
-            d["post_process_channels"] = tuple(d["post_process_channels"])
-        return cls(**d)
+        return config_from_dict(cls, d, what="decoder config")
 
 
 class ConvUnit(nn.Module):

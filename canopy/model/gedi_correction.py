@@ -33,7 +33,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,6 +45,8 @@ from torch import nn
 
 from canopy.errors import CheckpointError, InputError, OutputError
 from canopy.model.config import HRCH_MEAN, HRCH_STD
+from ssl_backbone.config import from_dict as config_from_dict
+from ssl_backbone.config import to_dict as config_to_dict
 
 FORMAT = "canopy-gedi-correction"
 FORMAT_VERSION = 1
@@ -110,24 +112,14 @@ class CorrectionConfig:
         return sum(SCALAR_WIDTHS[s] for s in self.scalars)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k in ("scalars", "widths", "mean", "std"):
-            d[k] = list(d[k])
-        return d
+        return config_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorrectionConfig":
-        d = dict(d)
-        if d.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"correction config format {d['format_version']} is newer than this "
-                             f"version understands ({FORMAT_VERSION}); upgrade canopy-height")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown correction config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, what="correction config")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Modules, ground floor first: ``losses`` (SiLog, L1, GEDI footprint loss; torch only),
 ``augment`` (dihedral + photometric, image and labels together), ``datasets`` (chips from the
 catalog sampler or synthetic scenes, in memory, deterministic), ``cosub`` (submodel co-training),
-``backbone_weights`` (``--backbone FILE``), ``loop`` (the training loop), ``cli`` (the command),
-``default_model`` (reproduces the bundled default model). Nothing heavy is imported here.
+``loop`` (the training loop), ``cli`` (the command), ``default_model`` (reproduces the bundled
+default model). ``--backbone FILE`` weights are read by ``ssl_backbone.checkpoints``, and the
+processes/RNG/schedule/checkpoint runtime is ``ssl_backbone.runtime``. Nothing heavy is
+imported here.
 """
 
 __all__ = ["TrainConfig", "DataSpec", "build_data", "train"]

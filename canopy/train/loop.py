@@ -18,7 +18,11 @@ of :mod:`canopy.train.datasets`. What it does, and why:
 * AdamW with linear warm-up and cosine decay; gradient clipping; bf16 autocast (CPU or CUDA).
 * **Exact resume.** The checkpoint holds model, optimizer, scheduler, every RNG state and the
   data position (epoch, step); batches and augmentations are pure functions of (seed, epoch,
-  index), so N steps = N/2 + resume + N/2, bit for bit.
+  index), so N steps = N/2 + resume + N/2, bit for bit. Processes, RNG capture, the schedule
+  and the atomic checkpoint file are the shared runtime's (:mod:`ssl_backbone.runtime`), which
+  pretraining uses too; this module adds what is about height models.
+* The backbone is run through the ViT's public token API (``prepare_tokens``, ``run_blocks``,
+  ``tokens_to_maps``), the same steps as ``HeightModel.forward``.
 * **DDP** when launched by ``torchrun`` (``WORLD_SIZE`` > 1): the global batch is split across
   ranks (rank r takes every world-size-th sample of it); rank 0 validates, logs and writes.
 * Logs: ``log.csv`` (train rows every ``log_every`` steps, a validation row per epoch: loss, MAE,
@@ -33,17 +37,15 @@ import csv
 import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from canopy.errors import CheckpointError, InputError, OutputError
@@ -57,9 +59,16 @@ from canopy.train.datasets import (
 from canopy.train.losses import (
     LeakyGradReLU, LossConfig, dense_loss, gedi_loss, logit_scale_penalty, loss_from_pairs,
     paired_pixels, relu_leaky_grad, train_bin_probabilities, train_heights)
+from ssl_backbone.config import from_dict as config_from_dict
+from ssl_backbone.config import to_dict as config_to_dict
+from ssl_backbone.runtime import (
+    WarmupCosine, barrier, init_distributed, load_checkpoint, restore_training_state,
+    save_checkpoint, seed_all, training_state)
 from ssl_backbone.vit import VARIANTS, ViTConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "canopy-train-checkpoint"
+CHECKPOINT_VERSION = 1
 LOG_NAME = "log.csv"
 MODEL_DIR_NAME = "model"
 LOG_COLUMNS = ("step", "epoch", "kind", "lr", "loss", "silog", "l1", "gedi", "cosub",
@@ -111,19 +120,11 @@ class TrainConfig:
     tensorboard: bool = False
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["loss"], d["augment"] = self.loss.to_dict(), self.augment.to_dict()
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
-        d["loss"] = LossConfig(**d.get("loss", {}))
-        d["augment"] = AugmentConfig(**d.get("augment", {}))
-        return cls(**d)
+        return config_from_dict(cls, d, what="train config")
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -185,9 +186,9 @@ def build_model(cfg: TrainConfig) -> tuple[HeightModel, bool]:
     torch.manual_seed(cfg.seed)  # the same seed builds the same initial weights
     backbone_sd = None
     if cfg.backbone_path:
-        from canopy.train.backbone_weights import load_backbone
+        from ssl_backbone.checkpoints import load_backbone
 
-        vit, vcfg = load_backbone(cfg.backbone_path)
+        vit, vcfg = load_backbone(cfg.backbone_path, source=f"--backbone {cfg.backbone_path}")
         backbone_sd = vit.state_dict()
         arch = f"vit{vcfg.embed_dim}x{vcfg.depth}/p{vcfg.patch_size}"
     else:
@@ -305,44 +306,21 @@ class TrainForward(nn.Module):
         self.model = model
         self.first_trainable = first_trainable
 
-    def _prefix(self, x: torch.Tensor):
-        vit = self.model.backbone
-        x = vit.pad_to_patch_multiple(x)
-        grid = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-        return x, grid
-
     def forward(self, x: torch.Tensor, views: int = 1) -> list[torch.Tensor]:
         vit = self.model.backbone
-        taps_at = set(vit.cfg.out_indices)
+        taps_at = sorted(vit.cfg.out_indices)
         first = self.first_trainable
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
-            tokens, grid = self._prefix(x)
-        prefix_taps = []
+            tokens, grid = vit.prepare_tokens(x)
         with torch.no_grad() if first > 0 else contextlib.nullcontext():
-            for i in range(first):
-                tokens = vit.blocks[i](tokens)
-                if i in taps_at:
-                    prefix_taps.append(tokens)
+            tokens, prefix_taps = vit.run_blocks(tokens, 0, first, taps=taps_at)
         outs = []
         for _ in range(views):
-            t, taps = tokens, list(prefix_taps)
-            for i in range(first, len(vit.blocks)):
-                t = vit.blocks[i](t)
-                if i in taps_at:
-                    taps.append(t)
-            logits = self.model.decode_head(self._as_maps(taps, grid))
+            _, tail_taps = vit.run_blocks(tokens, first, None, taps=taps_at)
+            taps = {**prefix_taps, **tail_taps}
+            logits = self.model.decode_head(vit.tokens_to_maps([taps[i] for i in taps_at], grid))
             outs.append(match_input_grid(logits, x.shape[-2:], vit.cfg.patch_size))
         return outs
-
-    @staticmethod
-    def _as_maps(taps, grid):
-        out = []
-        for t in taps:
-            b, _, d = t.shape
-            spatial = t[:, 1:].reshape(b, grid[0], grid[1], d).permute(0, 3, 1, 2).contiguous()
-            out.append((spatial, t[:, 0]))
-        return out
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -367,90 +345,21 @@ def param_groups(model: HeightModel, cfg: TrainConfig, head_mult: float) -> list
             for (part, decay), ps in sorted(groups.items())]
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, min_share: float) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine decay to ``min_share`` at the last step."""
-
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_share + (1 - min_share) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-# ------------------------------------------------------------------------------ distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------------- state
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _save_checkpoint(path: Path, model: HeightModel, opt, sched, step: int, cfg: TrainConfig,
+                     extra: dict) -> None:
+    state = training_state(step, {"model": model, "optimizer": opt, "scheduler": sched},
+                           model_config=model.cfg.to_dict(), train_config=cfg.to_dict(), **extra)
+    save_checkpoint(path, state, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model: HeightModel, opt, sched, step: int, cfg: TrainConfig,
-                    extra: dict) -> None:
-    """Atomic: a half-written checkpoint never replaces a good one."""
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({
-        "format": "canopy-train-checkpoint", "version": 1, "step": step,
-        "model": model.state_dict(), "model_config": model.cfg.to_dict(),
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "rng": rng_state(), "train_config": cfg.to_dict(), **extra,
-    }, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
+def _load_checkpoint(path: Path) -> dict:
     try:
-        # RNG states hold numpy/python objects: a checkpoint this code wrote, so not weights_only
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InputError(f"--resume: cannot read {path} ({type(exc).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("format") != "canopy-train-checkpoint":
-        raise InputError(f"--resume: {path} is not a canopy training checkpoint")
-    return ck
+        return load_checkpoint(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+    except CheckpointError as exc:
+        raise InputError(f"--resume: {exc}") from None
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -629,7 +538,7 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     ck_path = out / CHECKPOINT_NAME
     if info.is_main:
         _prepare_out_dir(out, resume)
-    _barrier(info)
+    barrier(info)
     say = progress if (progress and info.is_main) else (lambda s: None)
 
     n = len(train_records)
@@ -653,28 +562,24 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
         fwd = nn.parallel.DistributedDataParallel(
             fwd, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(model, cfg, head_mult), betas=(0.9, 0.999), foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, cfg.min_lr_share))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, WarmupCosine(total_steps=total, warmup_steps=warmup, base=1.0, final=cfg.min_lr_share))
 
     step = 0
     elapsed_before = 0.0
     history: list = []
     if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path)
+        ck = _load_checkpoint(ck_path)
         check_resume_config(ck["train_config"], cfg, ck_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        step = int(ck["step"])
+        step = restore_training_state(
+            ck, {"model": model, "optimizer": opt, "scheduler": sched}, str(ck_path))
         elapsed_before = float(ck.get("seconds", 0.0))
         history = list(ck.get("history", []))
         say(f"resumed from {ck_path} at step {step}/{total}")
     elif resume:
         say(f"--resume: no checkpoint in {out} yet; starting from step 0")
     else:
-        torch.manual_seed(cfg.seed)  # drop-path masks etc. start from the seed
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        seed_all(cfg.seed)  # drop-path masks etc. start from the seed
 
     if not (cfg.backbone_path or cfg.init_model) and cfg.finetune_blocks == 0:
         warnings.warn(f"the {cfg.arch} backbone has random weights and stays frozen: only the "
@@ -738,13 +643,13 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
                 say(f"epoch {epoch}: val MAE {final_val['val_mae']:.2f} m, RMSE "
                     f"{final_val['val_rmse']:.2f} m, bias {final_val['val_bias']:+.2f} m "
                     f"(mean-height baseline MAE {final_val['baseline_mae']:.2f} m)")
-            _barrier(info)
+            barrier(info)
             if info.is_main and (step % cfg.checkpoint_every == 0 or step == stop_at):
-                save_checkpoint(ck_path, model, opt, sched, step, cfg,
+                _save_checkpoint(ck_path, model, opt, sched, step, cfg,
                                 {"seconds": elapsed_before + time.perf_counter() - t0,
                                  "history": history, "epoch": step // spe,
                                  "step_in_epoch": step % spe})
-            _barrier(info)
+            barrier(info)
 
     seconds = elapsed_before + time.perf_counter() - t0
     finished = step >= total
@@ -765,7 +670,7 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
         say(f"model written to {model_dir}")
     if log is not None:
         log.close()
-    _barrier(info)
+    barrier(info)
     return TrainResult(out, model_dir, step, total, seconds, final_val, baseline, finished, history)
 
 
