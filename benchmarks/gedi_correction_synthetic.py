@@ -23,7 +23,8 @@ import torch
 from canopy.errors import InputError
 from canopy.model.gedi_correction import CorrectionConfig
 from canopy.train.gedi_correction import FitOptions, fit_correction
-from canopy.train.gedi_samples import block_samples, footprint_percentiles
+from canopy.train.gedi_samples import FOOTPRINT_MIN_VALID_SHARE, block_samples
+from data_catalog.gedi import footprint_percentiles
 
 
 BIAS_SCENARIOS = ("uniform", "cover")
@@ -111,7 +112,8 @@ def synthetic_benchmark(scenario: str = "cover", n_train: int = 12, n_test: int 
                 ("exact_chm", scene.chm))
         for name, m in maps:
             pct = footprint_percentiles(m, transform, pts.x.to_numpy(), pts.y.to_numpy(),
-                                        cfg.footprint_diameter_m, cfg.percentile)
+                                        cfg.percentile, diameter_m=cfg.footprint_diameter_m,
+                                        min_valid_share=FOOTPRINT_MIN_VALID_SHARE)
             ok = np.isfinite(pct)
             scores[name]["gedi"].append(np.abs(pct[ok] - rh[ok]))
             scores[name]["map"].append((_map_scores(m, scene.chm), m.size))

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from canopy.errors import InputError, OutputError
+from data_catalog.gedi import FOOTPRINT_DIAMETER_M, footprint_percentiles
 
 # Land-cover codes of the ``landcover`` layer.
 GROUND, TREE, FIELD, ROAD, BUILDING = 0, 1, 2, 3, 4
@@ -41,7 +42,6 @@ LANDCOVER_NAMES = {GROUND: "ground", TREE: "tree", FIELD: "field", ROAD: "road",
 DEFAULT_CRS = "EPSG:32617"
 # Top-left corner (x_min, y_max) used when no origin is given: round numbers, clearly not a site.
 DEFAULT_ORIGIN = (500000.0, 4000000.0)
-GEDI_FOOTPRINT_DIAMETER_M = 25.0
 
 # Colours are display reflectances in 0..1 (multiplied by 255 at the end).
 _CONIFER_COLOURS = np.array([[0.10, 0.20, 0.12], [0.12, 0.22, 0.17], [0.14, 0.24, 0.13]])
@@ -737,33 +737,17 @@ def make_scene(width: int, height: int, gsd: float = 0.6, seed: int = 0,
 class GediConfig:
     along_track_spacing_m: float = 60.0
     track_spacing_m: float = 600.0       # GEDI beams are ~600 m apart across track
-    footprint_diameter_m: float = GEDI_FOOTPRINT_DIAMETER_M
+    footprint_diameter_m: float = FOOTPRINT_DIAMETER_M
     rh_sigma_m: float = 1.5              # waveform-processing noise on RH metrics
     geolocation_sigma_m: float = 10.0    # radial RMS error of the reported position
 
 
-def footprint_percentiles(chm: np.ndarray, gsd: float, x: np.ndarray, y: np.ndarray,
-                          percentiles: Sequence[float], diameter_m: float = GEDI_FOOTPRINT_DIAMETER_M
-                          ) -> np.ndarray:
-    """Percentiles of ``chm`` over pixel centres within ``diameter_m``/2 of each (x, y) scene point.
+def scene_transform(gsd: float):
+    """Scene metres (x east, y south from the top-left corner) as a map: pixel (r, c) spans
+    x in [c, c+1)·gsd and y in [r, r+1)·gsd."""
+    from affine import Affine
 
-    Returns (len(x), len(percentiles)); NaN where the footprint holds no pixel.
-    """
-    r = diameter_m / 2
-    out = np.full((len(x), len(percentiles)), np.nan)
-    h, w = chm.shape
-    for i, (px, py) in enumerate(zip(x, y)):
-        c0, c1 = max(int(math.floor((px - r) / gsd)), 0), min(int(math.ceil((px + r) / gsd)) + 1, w)
-        r0, r1 = max(int(math.floor((py - r) / gsd)), 0), min(int(math.ceil((py + r) / gsd)) + 1, h)
-        if c1 <= c0 or r1 <= r0:
-            continue
-        xs = (np.arange(c0, c1) + 0.5) * gsd - px
-        ys = (np.arange(r0, r1) + 0.5) * gsd - py
-        inside = xs[None, :] ** 2 + ys[:, None] ** 2 <= r * r
-        vals = chm[r0:r1, c0:c1][inside]
-        if vals.size:
-            out[i] = np.percentile(vals, percentiles)
-    return out
+    return Affine(gsd, 0, 0, 0, gsd, 0)
 
 
 def gedi_like_shots(chm: np.ndarray, gsd: float, seed: int, config: GediConfig = GediConfig()) -> dict:
@@ -797,7 +781,9 @@ def gedi_like_shots(chm: np.ndarray, gsd: float, seed: int, config: GediConfig =
         idx.append(np.flatnonzero(inside))
     x = np.concatenate(xs) if xs else np.zeros(0)
     y = np.concatenate(ys) if ys else np.zeros(0)
-    true = footprint_percentiles(chm, gsd, x, y, (95, 98, 100), config.footprint_diameter_m)
+    # whole footprints inside the scene (kept above), so every share rule gives the same value
+    true = footprint_percentiles(chm, scene_transform(gsd), x, y, (95, 98, 100),
+                                 diameter_m=config.footprint_diameter_m)
     n = x.size
     noise = rng.normal(0, config.rh_sigma_m, n)
     rh95 = true[:, 0] + noise

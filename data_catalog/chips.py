@@ -2,16 +2,20 @@
 
 For each (imagery, CHM) pair the sampler lays a lattice of square chips over the area where both
 rasters (and the AOI, if any) overlap, in the imagery's CRS (the local UTM zone if the imagery is
-in degrees). The lattice is global — chip corners sit on multiples of ``stride × gsd`` from the CRS
-origin — so chips from neighbouring files line up and chip ids are stable between runs.
+in degrees or feet, as for a prediction). The lattice is global — chip corners sit on multiples
+of ``stride × gsd`` from the CRS origin — so chips from neighbouring files line up and chip ids
+are stable between runs.
 
 What a chip holds:
 
-* ``image``: 3×H×W uint8, the imagery resampled to ``gsd`` — *average* when the source is finer
-  (downsampling), *bilinear* when it is coarser, *nearest* when the grids coincide.
-  ``valid`` is False where the imagery has no data (nodata, outside the file, outside the AOI).
+* ``image``: 3×H×W uint8, the imagery on the chip grid, read by
+  :class:`data_catalog.raster.LatticeReader` — the reader, resampling rule and lattice blocks a
+  state-scale prediction uses, so a chip holds exactly the pixels the model will see there at
+  inference. ``valid`` is False (and the pixel 0) where the imagery has no data (nodata, alpha,
+  outside the file, outside the AOI).
 * ``chm``: float32 metres, NaN where there is no label. ``chm_mode='model_grid'`` resamples it
-  onto the image grid (same transform and shape, same resampling rule); ``chm_mode='native'``
+  onto the image grid (same transform and shape, same resampling rule,
+  :func:`data_catalog.raster.resampling_for`); ``chm_mode='native'``
   keeps the CHM's own resolution over exactly the chip's footprint (``chm_transform``), with
   nearest-neighbour sampling so lidar values are not smoothed. CHMs in another CRS than the
   imagery are reprojected.
@@ -39,22 +43,20 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
-import rasterio.errors
 import shapely
 from affine import Affine
-from pyproj import CRS as ProjCRS
-from pyproj.aoi import AreaOfInterest
-from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.features import geometry_mask
-from rasterio.vrt import WarpedVRT
 from rasterio.warp import reproject
 from shapely.geometry.base import BaseGeometry
 
 from data_catalog.aoi import AOI, reproject_geometry, resolve_aoi
 from data_catalog.chm import read_chm
 from data_catalog.errors import CatalogError
+from data_catalog.raster import (
+    LatticeReader, check_rgb_dtype, grids_coincide, is_metric, open_raster, pixel_size_m,
+    resampling_for, resolve_crs, rgb_bands, utm_crs_for_bounds)
 
 SPLITS = ("train", "val", "test")
 CHM_MODES = ("model_grid", "native")
@@ -141,42 +143,16 @@ def _block_key(crs_tag: str, bx: int, by: int) -> str:
 # ------------------------------------------------------------------------------- raster helpers
 
 
-def _resampling_for(target_res: float, source_res: float, aligned: bool) -> Resampling:
-    """average when the target is coarser, bilinear when finer, nearest when the grids coincide."""
-    ratio = target_res / source_res
-    if abs(ratio - 1.0) < 1e-6 and aligned:
-        return Resampling.nearest
-    return Resampling.average if ratio > 1.0 else Resampling.bilinear
-
-
-def _grid_aligned(transform: Affine, src_transform: Affine) -> bool:
-    offset_x = (transform.c - src_transform.c) / src_transform.a
-    offset_y = (transform.f - src_transform.f) / src_transform.e
-    return abs(offset_x - round(offset_x)) < 1e-6 and abs(offset_y - round(offset_y)) < 1e-6
-
-
-def _rgb_band_indexes(ds: rasterio.DatasetReader, path: str) -> list[int]:
-    if ds.count < 3:
-        raise CatalogError(f"{path}: chips need RGB imagery (3 bands), this raster has {ds.count}")
-    if any(dt != "uint8" for dt in ds.dtypes[:3]):
-        raise CatalogError(f"{path}: chips need 8-bit RGB imagery, bands are {ds.dtypes[0]}; convert it first")
-    interp = [ci.name for ci in ds.colorinterp]
-    if all(c in interp for c in ("red", "green", "blue")):
-        return [interp.index(c) + 1 for c in ("red", "green", "blue")]
-    return [1, 2, 3]
+def _rgb_band_indexes(ds: rasterio.DatasetReader, path: str) -> tuple[int, int, int]:
+    bands = rgb_bands(ds, path)
+    check_rgb_dtype(ds, bands, path)
+    return bands
 
 
 def _footprint(bounds, src_crs: CRS, dst_crs: CRS) -> BaseGeometry:
     # Densify the edges: a straight edge in one CRS is curved in another.
     box = shapely.segmentize(shapely.box(*bounds), max((bounds[2] - bounds[0]), (bounds[3] - bounds[1])) / 16)
     return reproject_geometry(box, src_crs, dst_crs)
-
-
-def _utm_crs_for(lon: float, lat: float) -> CRS:
-    info = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(lon, lat, lon, lat))
-    if not info:
-        raise CatalogError(f"no UTM zone found for lon={lon:.4f}, lat={lat:.4f}")
-    return CRS.from_epsg(int(info[0].code))
 
 
 @dataclass(frozen=True)
@@ -188,8 +164,8 @@ class _PairGrid:
     overlap: BaseGeometry  # in ``crs``
     imagery_crs: CRS
     chm_crs: CRS
-    imagery_res: float
-    chm_res: float
+    chm_res: float  # mean CHM pixel side in its CRS units (read margins)
+    chm_res_m: tuple[float, float]  # CHM pixel (width, height) in metres
     aoi: BaseGeometry | None  # the AOI in ``crs``, to mask chips that reach outside it
 
 
@@ -260,25 +236,24 @@ class ChipSampler:
         return pairs
 
     def _pair_grid(self, pair: ChipPair) -> _PairGrid | None:
-        with _open_raster(pair.imagery) as img:
+        with open_raster(pair.imagery) as img:
             _rgb_band_indexes(img, pair.imagery)
-            img_crs = img.crs if img.crs else _crs_or_error(pair.imagery_crs, pair.imagery, "imagery_crs")
-            img_bounds, img_res = img.bounds, float(abs(img.res[0]) + abs(img.res[1])) / 2
-        with _open_raster(pair.chm) as chm:
-            chm_crs = chm.crs if chm.crs else _crs_or_error(pair.chm_crs, pair.chm, "chm_crs")
+            img_crs = resolve_crs(pair.imagery, img.crs, pair.imagery_crs, option="imagery_crs=")
+            img_bounds = img.bounds
+        with open_raster(pair.chm) as chm:
+            chm_crs = resolve_crs(pair.chm, chm.crs, pair.chm_crs, option="chm_crs=")
             chm_bounds, chm_res = chm.bounds, float(abs(chm.res[0]) + abs(chm.res[1])) / 2
-        grid_crs = img_crs
-        if not ProjCRS.from_user_input(img_crs).is_projected:
-            lon, lat = shapely.box(*img_bounds).centroid.coords[0]
-            grid_crs = _utm_crs_for(lon, lat)
-            img_res = img_res * 111_320.0 * math.cos(math.radians(lat))  # degrees -> ~metres
+            chm_res_m = pixel_size_m(chm.transform, chm_crs, chm.width, chm.height) or (chm_res, chm_res)
+        # Chips are cut in metres, as predictions are made: imagery in degrees or feet is mapped
+        # in the UTM zone of its centre.
+        grid_crs = img_crs if is_metric(img_crs) else utm_crs_for_bounds(img_bounds, img_crs)
         overlap = _footprint(img_bounds, img_crs, grid_crs).intersection(_footprint(chm_bounds, chm_crs, grid_crs))
         aoi = self.aoi.geometry_in(grid_crs) if self.aoi is not None else None
         if aoi is not None:
             overlap = overlap.intersection(aoi)
         if overlap.is_empty or overlap.area == 0:
             return None
-        return _PairGrid(pair, grid_crs, overlap, img_crs, chm_crs, img_res, chm_res, aoi)
+        return _PairGrid(pair, grid_crs, overlap, img_crs, chm_crs, chm_res, chm_res_m, aoi)
 
     def _windows_for(self, grid: _PairGrid) -> list[ChipWindow]:
         step = self.stride * self.gsd
@@ -369,10 +344,15 @@ class ChipSampler:
             if not selected:
                 continue
             shots = self._gedi_for(grid)
-            with _open_raster(grid.pair.imagery) as img:
+            with open_raster(grid.pair.imagery) as img:
                 bands = _rgb_band_indexes(img, grid.pair.imagery)
+                # Blocks of the lattice, as a prediction reads them: a chip's pixels are those
+                # every prediction cell over it sees. Chips come row by row, so the blocks of a
+                # few rows of chips are kept (64 blocks ≈ 64 MB).
+                reader = LatticeReader(img, grid.crs, self.gsd, src_crs=grid.imagery_crs,
+                                       bands=bands, max_blocks=64)
                 for window in selected:
-                    image, valid = _read_image(img, bands, grid, window)
+                    image, valid = _read_image(reader, grid, window)
                     chm, chm_transform = self._read_chm(grid, window)
                     yield Chip(
                         chip_id=window.chip_id,
@@ -397,7 +377,7 @@ class ChipSampler:
             transform, size = window.transform, window.size
             resampling = None  # chosen below, once the source grid is known
         else:
-            n = max(1, round((right - left) / grid.chm_res))
+            n = max(1, round((right - left) / (sum(grid.chm_res_m) / 2)))
             res = (right - left) / n  # the CHM's resolution, nudged so n cells span the chip exactly
             transform, size = Affine(res, 0.0, left, 0.0, -res, top), n
             resampling = Resampling.nearest
@@ -410,8 +390,8 @@ class ChipSampler:
             bounds=(src_bounds[0] - margin, src_bounds[1] - margin, src_bounds[2] + margin, src_bounds[3] + margin),
         )
         if resampling is None:
-            aligned = grid.chm_crs == grid.crs and _grid_aligned(transform, source.transform)
-            resampling = _resampling_for(window.gsd, grid.chm_res, aligned)
+            coincide = grids_coincide(source.transform, source.crs, transform, grid.crs)
+            resampling = resampling_for(min(grid.chm_res_m), window.gsd, coincide)
         out = np.full((size, size), np.nan, dtype=np.float32)
         reproject(
             source=source.array,
@@ -447,26 +427,12 @@ class ChipSampler:
         return shots
 
 
-def _read_image(img: rasterio.DatasetReader, bands: list[int], grid: _PairGrid, window: ChipWindow):
-    aligned = grid.imagery_crs == grid.crs and _grid_aligned(window.transform, img.transform)
-    resampling = _resampling_for(window.gsd, grid.imagery_res, aligned)
-    # add_alpha: the warped alpha band marks pixels outside the file as well as declared nodata,
-    # which a source without a nodata value could not express otherwise.
-    with WarpedVRT(
-        img,
-        src_crs=grid.imagery_crs,
-        crs=grid.crs,
-        transform=window.transform,
-        width=window.size,
-        height=window.size,
-        resampling=resampling,
-        add_alpha=True,
-    ) as vrt:
-        image = vrt.read(indexes=bands)
-        valid = vrt.dataset_mask() > 0
+def _read_image(reader: LatticeReader, grid: _PairGrid, window: ChipWindow):
+    image, valid = reader.read(window.transform, (window.size, window.size))
     if grid.aoi is not None:
         valid &= geometry_mask([grid.aoi], out_shape=valid.shape, transform=window.transform, invert=True)
-    return image.astype(np.uint8, copy=False), valid
+        image[:, ~valid] = 0  # outside the AOI is no data, and no data reads as 0
+    return image, valid
 
 
 def _shots_in_window(shots: pd.DataFrame, window: ChipWindow) -> gpd.GeoDataFrame:
@@ -482,22 +448,6 @@ def _shots_in_window(shots: pd.DataFrame, window: ChipWindow) -> gpd.GeoDataFram
 def _check_split(split: str | None) -> None:
     if split is not None and split not in SPLITS:
         raise CatalogError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-
-
-def _open_raster(path: str) -> rasterio.DatasetReader:
-    try:
-        return rasterio.open(path)
-    except rasterio.errors.RasterioIOError as exc:
-        raise CatalogError(f"{path}: cannot open as a raster ({str(exc).splitlines()[0]})") from None
-
-
-def _crs_or_error(crs, path: str, parameter: str) -> CRS:
-    if crs is None:
-        raise CatalogError(f"{path}: file has no CRS; pass {parameter}= (e.g. 'EPSG:32617')")
-    try:
-        return CRS.from_user_input(crs)
-    except Exception:
-        raise CatalogError(f"{parameter}={crs!r}: not a CRS rasterio understands (try EPSG:32617)") from None
 
 
 # ------------------------------------------------------------------------------------- catalog

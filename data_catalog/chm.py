@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 
 from data_catalog.errors import CatalogError
 from data_catalog.imagery import RasterDescription, describe_raster, warn_if_non_square
+from data_catalog.raster import open_raster, resolve_crs
 
 #: Any height below this is a sentinel, declared or not: no canopy is 1 km below its ground.
 #: Catches undeclared −9999 and the float lows whose declared value differs from the stored one.
@@ -63,19 +62,16 @@ def read_chm(
     """
     if window is not None and bounds is not None:
         raise CatalogError("read_chm: pass window or bounds, not both")
-    try:
-        with rasterio.open(path) as ds:
-            chm_crs = _crs_of(ds, path, crs)
-            if bounds is not None:
-                window = from_bounds(*bounds, transform=ds.transform).round_offsets().round_lengths()
-            if window is None:
-                window = Window(0, 0, ds.width, ds.height)
-            # masked + boundless: cells outside the raster and GDAL-masked cells arrive masked.
-            raw = ds.read(1, window=window, boundless=True, masked=True)
-            heights = heights_with_nan(raw, ds.nodata, ds.scales[0], ds.offsets[0])
-            return ChmArray(heights, ds.window_transform(window), chm_crs)
-    except RasterioIOError as exc:
-        raise CatalogError(f"{path}: cannot open as a raster ({str(exc).splitlines()[0]})") from None
+    with open_raster(path) as ds:
+        chm_crs = resolve_crs(path, ds.crs, crs, option="crs")
+        if bounds is not None:
+            window = from_bounds(*bounds, transform=ds.transform).round_offsets().round_lengths()
+        if window is None:
+            window = Window(0, 0, ds.width, ds.height)
+        # masked + boundless: cells outside the raster and GDAL-masked cells arrive masked.
+        raw = ds.read(1, window=window, boundless=True, masked=True)
+        heights = heights_with_nan(raw, ds.nodata, ds.scales[0], ds.offsets[0])
+        return ChmArray(heights, ds.window_transform(window), chm_crs)
 
 
 def heights_with_nan(
@@ -97,14 +93,3 @@ def heights_with_nan(
     heights = heights.astype(np.float32)
     heights[invalid] = np.nan
     return heights
-
-
-def _crs_of(ds: rasterio.DatasetReader, path: str, override: str | CRS | None) -> CRS:
-    if ds.crs:  # an empty CRS object is falsy
-        return ds.crs
-    if override is None:
-        raise CatalogError(f"{path}: file has no CRS; pass crs= (or --crs EPSG:xxxx)")
-    try:
-        return CRS.from_user_input(override)
-    except Exception:
-        raise CatalogError(f"crs {override!r}: not a CRS rasterio understands (try EPSG:32617)") from None

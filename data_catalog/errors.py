@@ -6,3 +6,7 @@ The ``canopy`` CLI catches :class:`CatalogError` and exits non-zero with its mes
 
 class CatalogError(Exception):
     """A problem with catalog input (wrong kind of file, missing CRS, newer schema...)."""
+
+
+class RasterError(CatalogError):
+    """A raster cannot be used: unreadable, no CRS, wrong bands or data type (names the file)."""

@@ -1,6 +1,6 @@
 """GEDI L2A shots: read granules with h5py, filter them for canopy-height work, store as GeoParquet.
 
-Layout of an L2A granule (../shared/specs/geo.md §5.1): groups ``BEAM0000`` … ``BEAM1011``, each
+Layout of an L2A granule (docs/geo_conventions.md): groups ``BEAM0000`` … ``BEAM1011``, each
 with a ``description`` attribute ("Coverage beam" / "Full power beam") and 1-D datasets of one value
 per shot, plus ``rh`` of shape (n, 101) — relative heights RH0…RH100 in metres. Releases differ in
 details (V001 subsets may miss beams; V002 adds land-cover fields and stores ``rh`` as float32), so
@@ -16,6 +16,11 @@ On-disk layout written by :func:`ingest_gedi` (one file per granule × 1°×1° 
 corner). Inside a file rows are sorted by a Hilbert key over the cell and written in row groups of
 :data:`ROW_GROUP_SIZE` with a GeoParquet 1.1 ``bbox`` covering column, so a bbox query opens only the
 cells it touches and, inside them, only the row groups whose extent intersects it.
+
+Footprints: a shot is compared with a height raster by one measurement, :func:`footprint_percentiles`
+(the rule is stated there), used by the synthetic shots, the GEDI correction's samples, ``canopy
+evaluate`` and — through :func:`footprint_members`, turned into tensors — the training loss. It
+holds because none of them selects footprint pixels or counts partial footprints itself.
 """
 
 from __future__ import annotations
@@ -209,7 +214,7 @@ def _read_empty() -> pd.DataFrame:
 class GediFilters:
     """Shot filters for canopy-height work; each is switched off with False/None.
 
-    Defaults follow common practice (gediDB, ../shared/specs/geo.md §5.1):
+    Defaults follow common practice (gediDB; docs/geo_conventions.md):
 
     * ``quality_flag``: keep ``quality_flag == 1``.
     * ``degrade_flag``: keep ``degrade_flag == 0`` (no degraded pointing/positioning).
@@ -447,3 +452,130 @@ def shots_in_bbox(
 def cell_of(lon: float, lat: float) -> tuple[int, int]:
     """The (lat_cell, lon_cell) partition a point belongs to."""
     return int(math.floor(lat)), int(math.floor(lon))
+
+
+# ------------------------------------------------------------------------------- shot files
+
+
+def read_shots(path: str | os.PathLike, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
+    """GEDI shots (points) from a GeoParquet or any vector file OGR reads (GeoJSON, GPKG...), or
+    from an :func:`ingest_gedi` folder, optionally only those inside ``bbox`` (lon/lat, edges
+    included).
+
+    GEDI positions are lon/lat: a file without a CRS is taken as EPSG:4326, and the frame says so
+    in ``attrs["crs_assumed"]``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CatalogError(f"{path}: no such GEDI shots file or folder")
+    if p.is_dir():
+        return shots_in_bbox(p, bbox if bbox is not None else (-180.0, -90.0, 180.0, 90.0))
+    try:
+        shots = gpd.read_parquet(p) if p.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(p)
+    except Exception as exc:  # any reader failure is a bad input file
+        raise CatalogError(f"{path}: cannot read GEDI shots ({str(exc).splitlines()[0]})") from None
+    kinds = set(shots.geometry.geom_type.dropna().unique())
+    if not kinds <= {"Point"}:
+        raise CatalogError(f"{path}: GEDI shots must be points, found {sorted(kinds)}")
+    assumed = shots.crs is None
+    if assumed:
+        shots = shots.set_crs("EPSG:4326")
+    if bbox is not None and len(shots):
+        lonlat = shots.geometry.to_crs("EPSG:4326")
+        x, y = lonlat.x.to_numpy(), lonlat.y.to_numpy()
+        inside = np.zeros(len(shots), bool)
+        for minx, miny, maxx, maxy in _bbox_parts(bbox):
+            inside |= (x >= minx) & (x <= maxx) & (y >= miny) & (y <= maxy)
+        shots = shots.loc[inside]
+    shots.attrs["crs_assumed"] = "EPSG:4326" if assumed else None
+    return shots
+
+
+# ------------------------------------------------------------------------------- footprints
+
+#: GEDI's nominal footprint diameter (metres).
+FOOTPRINT_DIAMETER_M = 25.0
+
+
+def footprint_members(cols, rows, transform, radius: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of footprints centred at continuous pixel coordinates (``cols``, ``rows``).
+
+    Pixel (r, c) covers [c, c+1) × [r, r+1) and its centre is (c + ½, r + ½). A pixel belongs to a
+    footprint when its centre lies within ``radius`` (CRS units, through ``transform``'s linear
+    part, so rotated or non-square pixels are measured on the ground) of the shot; a relative
+    1e-9 slack on radius² keeps pixel-unit and map-unit callers from disagreeing by rounding. When
+    no pixel centre is that close (pixels wider than ≈ 1.4 × ``radius``) the footprint is the one
+    pixel that holds the shot, so coarse maps can still be compared with GEDI.
+
+    Returns (pixel rows, pixel cols, member), each (n, m, m) over a window of m × m pixels around
+    each shot; the pixels are on the unbounded lattice (a caller decides what is off its raster).
+    """
+    cols = np.atleast_1d(np.asarray(cols, np.float64))
+    rows = np.atleast_1d(np.asarray(rows, np.float64))
+    a, b, d, e = transform.a, transform.b, transform.d, transform.e
+    side = min(math.hypot(a, d), math.hypot(b, e))
+    half = int(math.ceil(radius / side)) + 1
+    off = np.arange(-half, half + 1)
+    cc = np.floor(cols).astype(np.int64)[:, None] + off  # (n, m)
+    rr = np.floor(rows).astype(np.int64)[:, None] + off
+    dc = (cc + 0.5 - cols[:, None])[:, None, :]  # (n, 1, m): pixel-centre offsets from the shot
+    dr = (rr + 0.5 - rows[:, None])[:, :, None]  # (n, m, 1)
+    if b == 0 and d == 0:  # north-up: separable, one (n, m, m) sum instead of six
+        dist2 = (a * dc) ** 2 + (e * dr) ** 2
+    else:
+        dist2 = (a * dc + b * dr) ** 2 + (d * dc + e * dr) ** 2
+    member = dist2 <= radius * radius * (1.0 + 1e-9)
+    empty = ~member.any(axis=(1, 2))
+    member[empty, half, half] = True  # the pixel holding the shot
+    m = off.size
+    return (np.broadcast_to(rr[:, :, None], (len(rows), m, m)),
+            np.broadcast_to(cc[:, None, :], (len(cols), m, m)), member)
+
+
+def footprint_percentiles(height: np.ndarray, transform, x, y, percentiles, *,
+                          diameter_m: float = FOOTPRINT_DIAMETER_M,
+                          min_valid_share: float = 1.0) -> np.ndarray:
+    """The percentile(s) of a height raster inside the footprint of each shot at map (x, y).
+
+    The rule, the only one in the project:
+
+    * the footprint is the pixels whose centres lie within ``diameter_m``/2 of the shot
+      (:func:`footprint_members`; the pixel holding the shot when pixels are larger than that);
+    * pixels off the raster and nodata (NaN) pixels are missing;
+    * a footprint counts when its valid pixels are at least ``min_valid_share`` of its pixels
+      (and at least one); otherwise its value is NaN. 1.0 asks for the whole footprint;
+    * the value is numpy's linear-interpolation percentile of the valid pixels, in the raster's
+      dtype.
+
+    ``height`` (H×W, NaN = nodata) lies on ``transform`` (any affine, map units = metres);
+    ``x``/``y`` are in the same CRS. Returns (n,) for one percentile, (n, k) for a sequence.
+    """
+    one = np.ndim(percentiles) == 0
+    pcts = np.atleast_1d(np.asarray(percentiles, np.float64))
+    x, y = np.atleast_1d(np.asarray(x, np.float64)), np.atleast_1d(np.asarray(y, np.float64))
+    if not 0.0 < min_valid_share <= 1.0:
+        raise CatalogError(f"min_valid_share={min_valid_share}: must be in (0, 1]")
+    inv = ~transform
+    cols = inv.a * x + inv.b * y + inv.c
+    rows = inv.d * x + inv.e * y + inv.f
+    h, w = height.shape
+    out = np.full((len(x), len(pcts)), np.nan)
+    radius = diameter_m / 2.0
+    side = min(math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e))
+    per_shot = (2 * int(math.ceil(radius / side)) + 3) ** 2
+    chunk = max(1, 4_000_000 // per_shot)  # shots per pass: ~32 MB per temporary
+    for s in range(0, len(x), chunk):
+        rr, cc, member = footprint_members(cols[s:s + chunk], rows[s:s + chunk], transform, radius)
+        on = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        vals = height[np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)]
+        ok = member & on & np.isfinite(vals)
+        n_ok = ok.sum(axis=(1, 2))
+        counts = (n_ok > 0) & (n_ok >= min_valid_share * member.sum(axis=(1, 2)) - 1e-9)
+        if not counts.any():
+            continue
+        vals = np.where(ok, vals, np.nan)[counts].reshape(int(counts.sum()), -1)
+        pct = np.nanpercentile(vals, pcts, axis=1).T  # linear interpolation, as np.percentile
+        out[np.flatnonzero(counts) + s] = pct
+    return out[:, 0] if one else out
+

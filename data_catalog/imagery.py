@@ -15,10 +15,10 @@ from typing import Any
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
 from shapely.geometry import Polygon
 
 from data_catalog.errors import CatalogError
+from data_catalog.raster import open_raster, pixel_size_m, resolve_crs
 from data_catalog.schema import crs_to_text
 
 #: Relative difference between pixel width and height above which pixels count as non-square.
@@ -76,34 +76,30 @@ class RasterDescription:
 
 
 def describe_raster(path: str, crs: str | None = None) -> RasterDescription:
-    """Open ``path`` with GDAL and describe it; ``crs`` is used only when the file has none.
+    """Open ``path`` with GDAL and describe it; ``crs`` is used only when the file has none
+    (:func:`data_catalog.raster.resolve_crs`).
 
     Raises CatalogError when the file cannot be opened, has no geotransform, or has no CRS and
     no ``crs`` was given.
     """
-    try:
-        with rasterio.open(path) as ds:
-            file_crs = ds.crs
-            if ds.transform.is_identity:
-                how = "has only ground control points; warp it first" if ds.gcps[0] else "is not georeferenced"
-                raise CatalogError(f"{path}: raster has no geotransform ({how})")
-            resolved_crs, from_override = _choose_crs(path, file_crs, crs)
-            return RasterDescription(
-                path=path,
-                crs=resolved_crs,
-                crs_from_override=from_override,
-                transform=ds.transform,
-                width=ds.width,
-                height=ds.height,
-                count=ds.count,
-                dtypes=tuple(ds.dtypes),
-                nodata=ds.nodata,
-                band_info=tuple(_band_info(ds)),
-                acquisition=acquisition_time(ds.tags()),
-                driver=ds.driver,
-            )
-    except RasterioIOError as exc:
-        raise CatalogError(f"{path}: cannot open as a raster ({_first_line(exc)})") from None
+    with open_raster(path) as ds:
+        if ds.transform.is_identity:
+            how = "has only ground control points; warp it first" if ds.gcps[0] else "is not georeferenced"
+            raise CatalogError(f"{path}: raster has no geotransform ({how})")
+        return RasterDescription(
+            path=path,
+            crs=resolve_crs(path, ds.crs, crs),
+            crs_from_override=not ds.crs,
+            transform=ds.transform,
+            width=ds.width,
+            height=ds.height,
+            count=ds.count,
+            dtypes=tuple(ds.dtypes),
+            nodata=ds.nodata,
+            band_info=tuple(_band_info(ds)),
+            acquisition=acquisition_time(ds.tags()),
+            driver=ds.driver,
+        )
 
 
 def describe_imagery(path: str, crs: str | None = None) -> RasterDescription:
@@ -124,31 +120,10 @@ def warn_if_non_square(description: RasterDescription) -> None:
 
 
 def ground_sample_distance_m(description: RasterDescription) -> float | None:
-    """Mean pixel size in metres: CRS linear units scaled, or degrees converted at the centre latitude."""
-    crs = description.crs
-    mean_res = math.sqrt(description.res_x * description.res_y)
-    if crs.is_projected:
-        _, factor = crs.linear_units_factor
-        return mean_res * factor
-    if crs.is_geographic:
-        centre_lat = description.native_polygon.centroid.y
-        # One degree of latitude is ~111.32 km; longitude shrinks with cos(lat). Good to <1 %.
-        metres_per_degree = 111_320.0 * math.sqrt(max(math.cos(math.radians(centre_lat)), 1e-6))
-        return mean_res * metres_per_degree
-    return None
-
-
-def _choose_crs(path: str, file_crs: CRS | None, override: str | None) -> tuple[CRS, bool]:
-    if file_crs:  # an empty CRS object is falsy
-        if override is not None and crs_to_text(override) != crs_to_text(file_crs):
-            warnings.warn(f"{path}: has CRS {crs_to_text(file_crs)}; --crs {override} applies only to files without one", stacklevel=4)
-        return file_crs, False
-    if override is None:
-        raise CatalogError(f"{path}: file has no CRS; pass --crs EPSG:xxxx (the CRS its coordinates are in)")
-    try:
-        return CRS.from_user_input(override), True
-    except Exception:
-        raise CatalogError(f"--crs {override!r}: not a CRS rasterio understands (try EPSG:32617)") from None
+    """Geometric-mean pixel side in metres (:func:`data_catalog.raster.pixel_size_m`), or None
+    when the CRS has neither degrees nor a linear unit."""
+    size = pixel_size_m(description.transform, description.crs, description.width, description.height)
+    return math.sqrt(size[0] * size[1]) if size is not None else None
 
 
 def _band_info(ds: rasterio.DatasetReader) -> list[dict[str, Any]]:
@@ -215,7 +190,3 @@ def parse_datetimes(text: str) -> list[datetime]:
         except ValueError:  # e.g. month 13: digits that only looked like a date
             continue
     return moments
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,6 +1,6 @@
 """Canopy height models (CHMs) from LAS/LAZ point clouds, with laspy and numpy/scipy only.
 
-PDAL cannot be installed on the project's machines (../shared/specs/geo.md §1), so the classic
+PDAL cannot be installed on the project's machines (docs/geo_conventions.md), so the classic
 pipeline is written out here (§5.2):
 
 1. Read the cloud with laspy (``lazrs`` decodes LAZ). Drop noise (classes 7 and 18) and withheld

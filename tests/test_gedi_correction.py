@@ -20,8 +20,9 @@ from canopy.synth import GediConfig, gedi_like_shots, make_scene
 from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 from canopy.train.gedi_correction import (
     FitOptions, fit_correction, predict_block_factors, train_gedi_correction)
-from canopy.train.gedi_samples import (
-    TrainingScene, block_samples, footprint_percentiles, scenes_from_catalog)
+from canopy.synth import scene_transform
+from canopy.train.gedi_samples import TrainingScene, block_samples, scenes_from_catalog
+from data_catalog.gedi import footprint_percentiles
 from tests.conftest import write_raster
 
 CRS = "EPSG:32617"
@@ -178,16 +179,16 @@ def test_apply_checks_its_inputs(scenes):
 # learning a known bias
 
 
-def test_footprint_percentiles_match_synth_reference(scenes):
-    from canopy.synth import footprint_percentiles as synth_percentiles
-
+def test_footprint_percentiles_on_the_map_match_scene_metres(scenes):
+    """The same shots measured on the georeferenced grid and in synth's scene metres."""
     scene, transform, shots = scenes[0]
     pts = shots.to_crs(CRS).geometry
-    mine = footprint_percentiles(scene.chm, transform, pts.x.to_numpy(), pts.y.to_numpy(), 25.0, 95)
-    ref = synth_percentiles(scene.chm, GSD, pts.x.to_numpy() - transform.c,
-                            transform.f - pts.y.to_numpy(), (95,))[:, 0]
+    mine = footprint_percentiles(scene.chm, transform, pts.x.to_numpy(), pts.y.to_numpy(), 95)
+    ref = footprint_percentiles(scene.chm, scene_transform(GSD), pts.x.to_numpy() - transform.c,
+                                transform.f - pts.y.to_numpy(), 95)
     whole = np.isfinite(mine)
     assert whole.sum() > 150
+    np.testing.assert_array_equal(np.isfinite(ref), whole)
     np.testing.assert_allclose(mine[whole], ref[whole], atol=1e-4)
 
 
@@ -214,7 +215,7 @@ def test_fit_learns_the_inverse_of_a_decoder_bias(scenes):
     rh = shots["rh95"].to_numpy()
 
     def gedi_mae(m):
-        pct = footprint_percentiles(m, transform, pts.x.to_numpy(), pts.y.to_numpy(), 25.0, 95)
+        pct = footprint_percentiles(m, transform, pts.x.to_numpy(), pts.y.to_numpy(), 95)
         ok = np.isfinite(pct)
         return np.abs(pct[ok] - rh[ok]).mean()
 

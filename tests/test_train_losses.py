@@ -11,8 +11,8 @@ import torch
 from canopy.train.augment import NO_AUGMENT, AugmentConfig, augment, dihedral, dihedral_points
 from canopy.train.cosub import mutual_distillation
 from canopy.train.losses import (
-    LossConfig, dense_loss, downsample_target, footprint_mask, gedi_loss, gedi_shot_losses,
-    l1_loss, pool_to_target, shift_offsets, silog_loss, train_bin_probabilities)
+    LossConfig, dense_loss, downsample_target, gedi_loss, gedi_shot_losses, l1_loss,
+    pool_to_target, shift_offsets, silog_loss, train_bin_probabilities)
 
 LN2 = math.log(2.0)
 
@@ -120,8 +120,15 @@ def test_shift_lattice():
 
 
 def test_footprint_disc_uses_pixel_centres():
-    m = footprint_mask((5, 5), 2.5, 2.5, 1.5)  # centre of pixel (2, 2), radius 1.5 px
-    assert int(m.sum()) == 9 and m[1:4, 1:4].all()  # (±1, ±1) is √2 < 1.5 away; (0, ±2) is not
+    from affine import Affine
+
+    from data_catalog.gedi import footprint_members
+
+    # centre of pixel (2, 2), radius 1.5 px (1 m pixels)
+    rr, cc, m = footprint_members([2.5], [2.5], Affine(1, 0, 0, 0, -1, 0), 1.5)
+    picked = {(int(r), int(c)) for r, c in zip(rr[m], cc[m])}
+    # (±1, ±1) is √2 < 1.5 away; (0, ±2) is not
+    assert picked == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
 
 
 def test_footprint_percentile_loss_by_hand():
@@ -161,6 +168,32 @@ def test_geolocation_error_is_forgiven_within_one_radius():
     loss, n = gedi_loss(p[None], valid[None], [shot + torch.tensor([[0.0, 0.0, 1.0]])], 1.0, tolerant)
     loss.backward()
     assert n == 1 and p.grad[7, 7] != 0 and p.grad[0, 0] == 0
+
+
+def test_partial_footprints_count_as_in_evaluation():
+    """The loss counts a footprint exactly when data_catalog.gedi.footprint_percentiles (what
+    `canopy evaluate` reports) does: valid pixels ≥ the share of the footprint's 9 pixel centres
+    (not of the disc's area, 7.07 px², which would let 4 valid pixels of 9 count at 0.5)."""
+    from affine import Affine
+
+    from data_catalog.gedi import footprint_percentiles
+
+    cfg = LossConfig(footprint_diameter_m=3.0, gedi_percentile=50.0, gedi_max_shift_m=0.0,
+                     gedi_min_coverage=0.5)
+    pred = torch.arange(49, dtype=torch.float32).reshape(7, 7)
+    order = [(2, 2), (2, 3), (2, 4), (3, 2), (3, 3), (3, 4), (4, 2), (4, 3), (4, 4)]
+    for k in range(10):  # k of the footprint's 9 pixels valid
+        valid = torch.zeros(7, 7, dtype=torch.bool)
+        for r, c in order[:k]:
+            valid[r, c] = True
+        heights = np.where(valid.numpy(), pred.numpy(), np.nan)
+        expected = footprint_percentiles(heights, Affine(1, 0, 0, 0, -1, 7), [3.5], [3.5], 50,
+                                         diameter_m=3.0, min_valid_share=0.5)[0]
+        rh = float(expected) if np.isfinite(expected) else 0.0
+        losses, _ = gedi_shot_losses(pred, valid, torch.tensor([[3.5, 3.5, rh]]), 1.0, cfg)
+        assert (losses.numel() == 1) == np.isfinite(expected) == (k >= 5), k
+        if losses.numel():
+            assert float(losses[0]) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_footprint_mostly_off_the_chip_is_skipped():

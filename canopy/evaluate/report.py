@@ -23,14 +23,14 @@ from typing import Sequence
 
 import numpy as np
 
-from canopy.errors import InputError, OutputError
+from canopy.errors import InputError, OutputError, OutputExistsError
+from canopy.io import outputs
 from canopy.evaluate.metrics import (
     BLOCK_MIN_VALID_SHARE, BLOCK_SIZE, HEIGHT_BIN_EDGES, TREE_COVER_THRESHOLD_M, EdgeSums,
     EvaluationSums, TileLattice, edge_sums, regression_scores)
+from data_catalog.gedi import footprint_percentiles, read_shots
+from data_catalog.raster import open_raster, parse_crs, resolve_crs, warp_average
 
-STD_BAND_DESCRIPTION = "canopy_height_std"
-TILE_TAGS = ("CANOPY_TILE_SIZE", "CANOPY_TILE_STRIDE", "CANOPY_TILE_ORIGIN_COL",
-             "CANOPY_TILE_ORIGIN_ROW")
 
 
 @dataclass(frozen=True)
@@ -107,28 +107,6 @@ def clean_heights(arr: np.ndarray, nodata, floor: float = -1000.0) -> np.ndarray
     return out
 
 
-def _open(path: str | os.PathLike, role: str):
-    import rasterio
-    from rasterio.errors import RasterioIOError
-
-    if not Path(path).exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
-        raise InputError(f"{role} '{path}' does not exist")
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise InputError(f"{role} '{path}' is not a readable raster: {str(exc).splitlines()[0]}") from None
-
-
-def _parse_crs(value, what: str):
-    from rasterio.crs import CRS
-    from rasterio.errors import CRSError
-
-    try:
-        return CRS.from_user_input(value)
-    except (CRSError, ValueError, TypeError):
-        raise InputError(f"{what} '{value}' is not a coordinate reference system") from None
-
-
 def _is_georeferenced(src) -> bool:
     from affine import Affine
 
@@ -138,8 +116,8 @@ def _is_georeferenced(src) -> bool:
 def _band_indexes(src) -> tuple[int, int | None]:
     """(height band, std band or None) by band description; the height band defaults to 1."""
     desc = [d or "" for d in src.descriptions]
-    std = desc.index(STD_BAND_DESCRIPTION) + 1 if STD_BAND_DESCRIPTION in desc else None
-    height = desc.index("canopy_height") + 1 if "canopy_height" in desc else 1
+    std = desc.index(outputs.STD_BAND) + 1 if outputs.STD_BAND in desc else None
+    height = desc.index(outputs.HEIGHT_BAND) + 1 if outputs.HEIGHT_BAND in desc else 1
     if height == std:
         height = 1
     return height, std
@@ -178,27 +156,6 @@ def _window_for_bounds(grid: Grid, bounds, pad: int = 2):
     return Window(c0, r0, c1 - c0, r1 - r0)
 
 
-def warp_average(src: np.ndarray, src_transform, src_crs, dst_shape: tuple[int, int],
-                 dst_transform, dst_crs, min_valid_fraction: float = 0.5) -> np.ndarray:
-    """Average ``src`` (NaN = nodata) onto a coarser or equal destination grid.
-
-    Nodata is left out of each average; a destination cell is NaN unless valid source pixels
-    cover at least ``min_valid_fraction`` of it (that cover is itself warped with AVERAGE).
-    """
-    from rasterio.warp import Resampling, reproject
-
-    dst = np.full(dst_shape, np.nan, np.float32)
-    reproject(src.astype(np.float32, copy=False), dst, src_transform=src_transform,
-              src_crs=src_crs, src_nodata=np.nan, dst_transform=dst_transform, dst_crs=dst_crs,
-              dst_nodata=np.nan, resampling=Resampling.average)
-    cover = np.zeros(dst_shape, np.float32)
-    reproject(np.isfinite(src).astype(np.float32), cover, src_transform=src_transform,
-              src_crs=src_crs, dst_transform=dst_transform, dst_crs=dst_crs,
-              resampling=Resampling.average)
-    dst[cover < min_valid_fraction - 1e-6] = np.nan
-    return dst
-
-
 # ---------------------------------------------------------------------------------------------
 # Aligning one reference with the prediction
 
@@ -224,15 +181,11 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
     from rasterio.warp import transform_bounds
 
     notes: list[str] = []
-    with _open(ref_path, "reference") as ref_src:
+    with open_raster(ref_path, "reference") as ref_src:
         if not _is_georeferenced(ref_src):
             raise InputError(f"reference '{ref_path}' has no georeferencing (no geotransform)")
-        ref_crs = ref_src.crs
-        if ref_crs is None:
-            if reference_crs is None:
-                raise InputError(f"reference '{ref_path}' has no CRS; pass --reference-crs "
-                                 "EPSG:... to say which it is")
-            ref_crs = reference_crs
+        ref_crs = resolve_crs(ref_path, ref_src.crs, reference_crs, option="--reference-crs")
+        if not ref_src.crs:
             notes.append(f"reference has no CRS tag; assumed {_crs_name(ref_crs)} (--reference-crs)")
         ref_grid = Grid(ref_crs, ref_src.transform, ref_src.width, ref_src.height)
         pred_grid = Grid(pred_src.crs, pred_src.transform, pred_src.width, pred_src.height)
@@ -293,19 +246,6 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
 # Edge error and GEDI
 
 
-def lattice_from_tags(tags: dict) -> TileLattice | None:
-    """The model-tile lattice from CANOPY_TILE_* tags, or None when size or stride is absent."""
-    try:
-        size = int(tags["CANOPY_TILE_SIZE"])
-        stride = int(tags["CANOPY_TILE_STRIDE"])
-    except (KeyError, ValueError):
-        return None
-    counts = [int(tags[k]) if tags.get(k) else None
-              for k in ("CANOPY_TILE_COUNT_COL", "CANOPY_TILE_COUNT_ROW")]
-    return TileLattice(size, stride, int(tags.get("CANOPY_TILE_ORIGIN_COL", 0) or 0),
-                       int(tags.get("CANOPY_TILE_ORIGIN_ROW", 0) or 0), *counts)
-
-
 def prediction_edge_error(src, lattice: TileLattice, windows: Sequence = (),
                           max_pixels: int = 200_000_000, strip_pixels: int = 8_000_000
                           ) -> tuple[dict, str]:
@@ -337,20 +277,6 @@ def prediction_edge_error(src, lattice: TileLattice, windows: Sequence = (),
     return sums.metrics(), "prediction windows covering the references"
 
 
-def _read_shots(path: str):
-    import geopandas as gpd
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"GEDI shots '{path}' do not exist")
-    try:
-        if p.suffix.lower() in (".parquet", ".geoparquet"):
-            return gpd.read_parquet(p)
-        return gpd.read_file(p)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
-        raise InputError(f"GEDI shots '{path}' cannot be read: {str(exc).splitlines()[0]}") from None
-
-
 def _pick_rh_column(columns, wanted: str | None, path: str) -> str:
     lower = {c.lower(): c for c in columns}
     if wanted:
@@ -374,7 +300,7 @@ def gedi_metrics(src, shots_path: str, pred_path: str, config: EvaluationConfig
 
     if src.crs is None or not src.crs.is_projected:
         raise InputError(f"prediction '{pred_path}' needs a projected CRS (metres) for GEDI metrics")
-    gdf = _read_shots(shots_path)
+    gdf = read_shots(shots_path)
     column = _pick_rh_column(gdf.columns, config.gedi_rh_column, shots_path)
     if config.gedi_percentile is not None:
         pct = float(config.gedi_percentile)
@@ -385,12 +311,8 @@ def gedi_metrics(src, shots_path: str, pred_path: str, config: EvaluationConfig
     n_total = len(gdf)
     if n_total == 0:
         raise InputError(f"GEDI shots '{shots_path}' hold no shots")
-    if gdf.crs is None:
-        notes.append("shots carry no CRS; assumed EPSG:4326")
-        gdf = gdf.set_crs("EPSG:4326")
-    geom_types = set(gdf.geometry.geom_type.dropna().unique())
-    if not geom_types <= {"Point"}:
-        raise InputError(f"GEDI shots '{shots_path}' must be points, found {sorted(geom_types)}")
+    if gdf.attrs.get("crs_assumed"):
+        notes.append(f"shots carry no CRS; assumed {gdf.attrs['crs_assumed']}")
     n_quality = 0
     if "quality_flag" in gdf.columns:
         good = gdf["quality_flag"].fillna(0).astype(int) == 1
@@ -406,34 +328,28 @@ def gedi_metrics(src, shots_path: str, pred_path: str, config: EvaluationConfig
         raise InputError(f"none of the {n_total} GEDI shots in '{shots_path}' fall inside "
                          f"prediction '{pred_path}'")
 
+    # The footprint rule (which pixels, partial footprints, the percentile) is
+    # data_catalog.gedi.footprint_percentiles, as in training.
     band, _ = _band_indexes(src)
     nodata = src.nodatavals[band - 1]
-    t = src.transform
-    res = math.sqrt(abs(t.a * t.e - t.b * t.d))
-    radius = config.gedi_footprint_diameter_m / 2
-    half = int(math.ceil(radius / res)) + 1
-    whole = clean_heights(src.read(band), nodata) if src.width * src.height <= 50_000_000 else None
+    idx = np.flatnonzero(inside)
     pred_pct = np.full(rh.shape, np.nan)
-    n_nodata = 0
-    for i in np.flatnonzero(inside):
-        c, r = int(math.floor(cols[i])), int(math.floor(rows[i]))
-        c0, r0 = max(c - half, 0), max(r - half, 0)
-        c1, r1 = min(c + half + 1, src.width), min(r + half + 1, src.height)
-        if whole is not None:
-            win = whole[r0:r1, c0:c1]
-        else:
-            win = clean_heights(src.read(band, window=Window(c0, r0, c1 - c0, r1 - r0)), nodata)
-        cc, rr = np.meshgrid(np.arange(c0, c1) + 0.5, np.arange(r0, r1) + 0.5)
-        px, py = _apply(t, cc, rr)
-        in_fp = (px - xs[i]) ** 2 + (py - ys[i]) ** 2 <= radius ** 2
-        if not in_fp.any():  # pixel larger than the footprint: take the pixel under the shot
-            in_fp = (np.floor(cc) == c) & (np.floor(rr) == r)
-        vals = win[in_fp]
-        ok = np.isfinite(vals)
-        if ok.sum() < config.gedi_min_valid_share * vals.size or not ok.any():
-            n_nodata += 1
-            continue
-        pred_pct[i] = np.percentile(vals[ok], pct)
+    fp = dict(diameter_m=config.gedi_footprint_diameter_m,
+              min_valid_share=config.gedi_min_valid_share)
+    if src.width * src.height <= 50_000_000:
+        heights = clean_heights(src.read(band), nodata)
+        pred_pct[idx] = footprint_percentiles(heights, src.transform, xs[idx], ys[idx], pct, **fp)
+    else:  # a window around each shot holds every map pixel of its footprint
+        t = src.transform
+        half = int(math.ceil(fp["diameter_m"] / 2 / min(math.hypot(t.a, t.d), math.hypot(t.b, t.e)))) + 2
+        for i in idx:
+            c, r = int(math.floor(cols[i])), int(math.floor(rows[i]))
+            c0, r0 = max(c - half, 0), max(r - half, 0)
+            win = Window(c0, r0, min(c + half + 1, src.width) - c0, min(r + half + 1, src.height) - r0)
+            heights = clean_heights(src.read(band, window=win), nodata)
+            pred_pct[i] = footprint_percentiles(heights, src.window_transform(win), xs[i:i + 1],
+                                                ys[i:i + 1], pct, **fp)[0]
+    n_nodata = int(np.count_nonzero(~np.isfinite(pred_pct[idx])))
     used = np.isfinite(pred_pct)
     scores = regression_scores(pred_pct[used], rh[used])
     metrics = {
@@ -609,7 +525,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output '{out_dir}' exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError(f"output folder '{out_dir}' is not empty (use --overwrite to replace it)")
+        raise OutputExistsError(f"output folder '{out_dir}' is not empty")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -648,7 +564,7 @@ def evaluate(prediction_path: str | os.PathLike, reference_paths: Sequence[str |
     refs = [str(r) for r in reference_paths]
     if not refs:
         raise InputError("give at least one reference CHM (--reference)")
-    ref_crs = _parse_crs(reference_crs, "--reference-crs") if reference_crs else None
+    ref_crs = parse_crs(reference_crs, "--reference-crs") if reference_crs else None
     out = Path(out_dir)
     tmp = _prepare_out_dir(out, overwrite)
     try:
@@ -678,7 +594,7 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
     notes: list[str] = []
     windows = []
 
-    with _open(pred_path, "prediction") as src:
+    with open_raster(pred_path, "prediction") as src:
         if src.crs is None or not _is_georeferenced(src):
             raise InputError(f"prediction '{pred_path}' has no CRS or geotransform")
         band, std_band = _band_indexes(src)
@@ -719,9 +635,9 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
             notes.append(f"map figures drawn for the first {config.max_map_figures} references only")
 
         tags = src.tags()
-        lattice = tile_lattice or lattice_from_tags(tags)
+        lattice = tile_lattice or TileLattice.from_tags(tags)
         if lattice is None:
-            edge = {"skipped": "prediction carries no CANOPY_TILE_SIZE/CANOPY_TILE_STRIDE tags "
+            edge = {"skipped": f"prediction carries no {outputs.TILE_SIZE}/{outputs.TILE_STRIDE} tags "
                                "(model-tile lattice unknown)"}
         else:
             e, scope = prediction_edge_error(src, lattice, windows, config.edge_error_max_pixels)

@@ -5,7 +5,7 @@ Scheme (documented in the README):
 * Each cell lives in the WGS 84 / UTM zone (EPSG:326zz north, 327zz south) whose 6° band holds it;
   an AOI spanning several zones (California: 10 and 11; São Paulo: 22 and 23) gets cells in each.
   UTM keeps scale error under 0.1 % inside a zone; Web Mercator would need ≈1.66× the pixels at
-  39° N for the same ground resolution (geo.md §6).
+  39° N for the same ground resolution (docs/geo_conventions.md).
 * Pixels are ``gsd`` metres, on a lattice anchored at easting 0 / northing 0 of the zone, so every
   run at the same GSD shares one pixel lattice. Cells are ``cell_px`` pixels square; cell
   ``(ix, iy)`` covers easting ``[ix·W, (ix+1)·W)`` and northing ``[iy·W, (iy+1)·W)`` with
@@ -26,6 +26,8 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry import box
+
+from data_catalog.raster import utm_zone, utm_zone_band, utm_zone_epsg
 
 
 @dataclass(frozen=True)
@@ -65,20 +67,17 @@ class Cell:
         return f"EPSG:{self.epsg}"
 
 
-def utm_zone_epsg(zone: int, south: bool) -> int:
-    return (32700 if south else 32600) + zone
-
-
 def zone_parts(aoi_4326) -> list[tuple[int, object]]:
-    """Split an AOI (lon/lat) into (epsg, part) pieces along UTM zone bands and the equator."""
+    """Split an AOI (lon/lat) into (epsg, part) pieces along UTM zone bands and the equator
+    (the zone rule of :func:`data_catalog.raster.utm_zone`)."""
     minx, miny, maxx, maxy = aoi_4326.bounds
     parts = []
-    z0 = max(1, int(math.floor((minx + 180) / 6)) + 1)
-    z1 = min(60, int(math.floor((maxx + 180) / 6)) + 1)
+    z0 = utm_zone(minx)
+    z1 = 60 if maxx >= 180 else utm_zone(maxx)  # an AOI reaching the antimeridian ends in zone 60
     for zone in range(z0, z1 + 1):
-        west = -180 + 6 * (zone - 1)
+        west, east = utm_zone_band(zone)
         for south, (lat0, lat1) in ((False, (0, 90)), (True, (-90, 0))):
-            piece = aoi_4326.intersection(box(west, lat0, west + 6, lat1))
+            piece = aoi_4326.intersection(box(west, lat0, east, lat1))
             if not piece.is_empty and piece.area > 0:
                 parts.append((utm_zone_epsg(zone, south), piece))
     return parts

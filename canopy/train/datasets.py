@@ -396,20 +396,14 @@ def _catalog_source(spec: DataSpec):
 
 
 def _read_gedi(spec: DataSpec, catalog_gedi: list[str]):
+    """The shots the chip sampler cuts per chip: an ingest folder stays a path (the sampler reads
+    only the cells under each pair), a file is read once."""
     if not spec.use_gedi:
         return None
     if spec.gedi:
-        import geopandas as gpd
+        from data_catalog.gedi import read_shots
 
-        p = Path(spec.gedi)
-        if not p.exists():
-            raise InputError(f"--gedi {p}: not found")
-        if p.is_dir():
-            return str(p)
-        try:
-            return gpd.read_parquet(p) if p.suffix == ".parquet" else gpd.read_file(p)
-        except Exception as exc:
-            raise InputError(f"--gedi {p}: cannot read GEDI shots ({type(exc).__name__})") from None
+        return str(spec.gedi) if Path(spec.gedi).is_dir() else read_shots(spec.gedi)
     if catalog_gedi:
         return catalog_gedi
     raise InputError("--gedi-weight > 0 needs GEDI shots: give --gedi FILE or a catalog with GEDI rows")

@@ -5,13 +5,16 @@ predicted (or read), and every block of the global lattice (``canopy.predict.cor
 holds usable shots becomes a :class:`BlockSample`: the block as the network sees it
 (:func:`canopy.model.gedi_correction.downsample_block`) and, per shot, the decoder's footprint
 percentile and the shot's RH.
+
+Footprint percentiles are :func:`data_catalog.gedi.footprint_percentiles`, the measurement
+evaluation and the training loss use, with the whole footprint required
+(:data:`FOOTPRINT_MIN_VALID_SHARE`): the correction learns from shots whose footprint the decoder
+saw entirely.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +25,11 @@ from canopy.errors import InputError
 from canopy.model.gedi_correction import (
     CorrectionConfig, block_centres_lonlat, cut_block, downsample_block, scalar_features)
 from canopy.predict.correction import global_origin
+from data_catalog.gedi import footprint_percentiles, read_shots, shots_in_bbox
+from data_catalog.raster import open_raster, read_rgb_on_grid, resolve_crs
+
+#: Share of a footprint's pixels that must hold decoder heights for a shot to become a sample.
+FOOTPRINT_MIN_VALID_SHARE = 1.0
 
 
 @dataclass
@@ -40,40 +48,6 @@ def pixel_coords(transform, x, y) -> tuple[np.ndarray, np.ndarray]:
     """Fractional (col, row) of CRS points on a north-up grid."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return (x - transform.c) / transform.a, (y - transform.f) / transform.e
-
-
-def footprint_percentiles(height: np.ndarray, transform, x: np.ndarray, y: np.ndarray,
-                          diameter_m: float, percentile: float) -> np.ndarray:
-    """The ``percentile`` of ``height`` over pixel centres within ``diameter_m``/2 of each point.
-
-    NaN where any pixel of the footprint is outside the raster or nodata: a footprint that is
-    only partly seen would not compare like with like.
-    """
-    h, w = height.shape
-    gsd = transform.a
-    radius = diameter_m / 2
-    half = int(math.ceil(radius / gsd)) + 1
-    off = np.arange(-half, half + 1)
-    chunk = max(1, 4_000_000 // off.size ** 2)  # shots per pass: ~32 MB per temporary
-    cols, rows = pixel_coords(transform, x, y)
-    out = np.full(len(cols), np.nan)
-    for s in range(0, len(cols), chunk):
-        xs, ys = np.asarray(x[s:s + chunk], np.float64), np.asarray(y[s:s + chunk], np.float64)
-        cc = np.floor(cols[s:s + chunk]).astype(np.int64)[:, None] + off
-        rr = np.floor(rows[s:s + chunk]).astype(np.int64)[:, None] + off
-        dx2 = (transform.c + (cc + 0.5) * gsd - xs[:, None]) ** 2
-        dy2 = (transform.f - (rr + 0.5) * gsd - ys[:, None]) ** 2
-        inside = dy2[:, :, None] + dx2[:, None, :] <= radius * radius
-        in_raster = ((rr >= 0) & (rr < h))[:, :, None] & ((cc >= 0) & (cc < w))[:, None, :]
-        vals = height[np.clip(rr, 0, h - 1)[:, :, None], np.clip(cc, 0, w - 1)[:, None, :]]
-        ok = inside & in_raster & np.isfinite(vals)
-        whole = ok.sum(axis=(1, 2)) == inside.sum(axis=(1, 2))
-        vals = np.where(ok, vals, np.nan).reshape(len(xs), -1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: shots off the raster
-            pct = np.nanpercentile(vals, percentile, axis=1)
-        out[s:s + chunk] = np.where(whole, pct, np.nan)
-    return out
 
 
 def usable_shots(shots, rh_metric: str, source: str = "shots"):
@@ -123,7 +97,9 @@ def block_samples(rgb: np.ndarray, valid: np.ndarray, height: np.ndarray, transf
     pts = shots.geometry.to_crs(crs)
     x, y = pts.x.to_numpy(), pts.y.to_numpy()
     rh = shots[cfg.rh_metric].to_numpy(dtype=np.float64)
-    pred = footprint_percentiles(height, transform, x, y, cfg.footprint_diameter_m, cfg.percentile)
+    pred = footprint_percentiles(height, transform, x, y, cfg.percentile,
+                                 diameter_m=cfg.footprint_diameter_m,
+                                 min_valid_share=FOOTPRINT_MIN_VALID_SHARE)
     ok = np.isfinite(pred) & (rh > -5.0) & (rh < 120.0)  # RH beyond these is a processing failure
     report.n_inside = int(ok.sum())
     if not ok.any():
@@ -166,46 +142,16 @@ class TrainingScene:
     sun_elevation: float | None = None
 
 
-def read_shots_file(path: str | os.PathLike, bbox: Sequence[float] | None = None):
-    """GEDI shots from a GeoParquet/GeoJSON file or a ``catalog add gedi`` partition folder,
-    optionally limited to ``bbox`` (lon/lat)."""
-    import geopandas as gpd
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"GEDI shots '{path}' do not exist")
-    if p.is_dir():
-        from data_catalog.gedi import shots_in_bbox
-
-        return shots_in_bbox(p, bbox if bbox is not None else (-180, -90, 180, 90))
-    try:
-        shots = gpd.read_parquet(p) if p.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(p)
-    except Exception as exc:  # any reader failure is a bad input file
-        raise InputError(f"GEDI shots '{path}' cannot be read: {str(exc).splitlines()[0]}") from None
-    if shots.crs is None:
-        shots = shots.set_crs("EPSG:4326")
-    if bbox is not None and len(shots):
-        lonlat = shots.geometry.to_crs("EPSG:4326")
-        x, y = lonlat.x.to_numpy(), lonlat.y.to_numpy()
-        shots = shots.loc[(x >= bbox[0]) & (x <= bbox[2]) & (y >= bbox[1]) & (y <= bbox[3])]
-    return shots
-
-
 def raster_bbox_wgs84(path: str) -> tuple[float, float, float, float]:
     from rasterio.warp import transform_bounds
 
-    from canopy.io.imagery import open_raster
-
     with open_raster(path) as ds:
-        if ds.crs is None:
-            raise InputError(f"'{path}' has no CRS; GEDI shots cannot be placed on it")
-        return transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
+        crs = resolve_crs(path, ds.crs, None, option=None)  # GEDI shots need a place on the map
+        return transform_bounds(crs, "EPSG:4326", *ds.bounds, densify_pts=21)
 
 
 def _sun_tag(path: str) -> float | None:
-    import rasterio
-
-    with rasterio.open(path) as ds:
+    with open_raster(path) as ds:
         value = ds.tags().get("CANOPY_SUN_ELEVATION")
     return float(value) if value else None
 
@@ -225,9 +171,9 @@ def scenes_from_files(imagery: Sequence[str], gedi: Sequence[str],
     scenes = []
     for i, path in enumerate(imagery):
         bbox = raster_bbox_wgs84(str(path))
-        parts = [read_shots_file(g, bbox) for g in gedi]
+        parts = [read_shots(g, bbox) for g in gedi]
         parts = [p.to_crs("EPSG:4326") for p in parts if len(p)]
-        shots = pd.concat(parts, ignore_index=True) if parts else read_shots_file(gedi[0]).iloc[0:0]
+        shots = pd.concat(parts, ignore_index=True) if parts else read_shots(gedi[0]).iloc[0:0]
         scenes.append(TrainingScene(str(path), shots, str(heights[i]) if heights else None,
                                     _sun_tag(str(path))))
     return scenes
@@ -236,7 +182,6 @@ def scenes_from_files(imagery: Sequence[str], gedi: Sequence[str],
 def scenes_from_catalog(catalog_path: str | os.PathLike) -> list[TrainingScene]:
     """Imagery rows of a catalog, each with the shots of the 'gedi' rows over it."""
     from data_catalog.catalog import Catalog
-    from data_catalog.gedi import shots_in_bbox
 
     cat = Catalog.open(catalog_path, must_exist=True)
     imagery = cat.query(kinds="imagery")
@@ -258,8 +203,6 @@ def scenes_from_catalog(catalog_path: str | os.PathLike) -> list[TrainingScene]:
 
 
 def _read_heights(path: str, img, source: str) -> np.ndarray:
-    from canopy.io.imagery import open_raster
-
     with open_raster(path) as ds:
         same = (ds.crs == img.crs and ds.transform.almost_equals(img.transform)
                 and (ds.height, ds.width) == img.valid.shape)
@@ -279,8 +222,6 @@ def decoder_gsd(decoder, heights: str | None) -> tuple[float, str]:
         return float(cfg.gsd), cfg.name
     if heights is None:
         raise InputError("give --model (the decoder whose heights are corrected) or --heights")
-    from canopy.io.imagery import open_raster
-
     with open_raster(heights) as ds:
         return float(abs(ds.transform.a)), Path(heights).name
 
@@ -291,7 +232,6 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
                         log: Callable[[str], None] | None = None
                         ) -> tuple[list[BlockSample], list[SceneShots]]:
     """Read each scene on the correction's grid, predict (or read) heights, cut blocks."""
-    from canopy.io.imagery import read_rgb_on_grid
     from canopy.predict.blend import predict_array
 
     model = None

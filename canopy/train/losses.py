@@ -185,19 +185,6 @@ def shift_offsets(max_shift_px: float, steps: int) -> torch.Tensor:
     return offs[order].float()
 
 
-def footprint_mask(shape: tuple[int, int], row: float, col: float, radius_px: float,
-                   device=None) -> torch.Tensor:
-    """Pixels whose centre lies within ``radius_px`` of the continuous point (row, col).
-
-    Pixel (r, c) covers [c, c+1) × [r, r+1); its centre is (r + 0.5, c + 0.5), as in the chip
-    sampler's ``px_row``/``px_col`` and in ``canopy.synth.footprint_percentiles``.
-    """
-    h, w = shape
-    rr = torch.arange(h, device=device, dtype=torch.float32) + 0.5 - row
-    cc = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - col
-    return rr[:, None] ** 2 + cc[None, :] ** 2 <= radius_px ** 2 + 1e-6
-
-
 def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
     return F.huber_loss(x, torch.zeros_like(x), reduction="none", delta=delta)
 
@@ -206,36 +193,53 @@ def gedi_shot_losses(pred: torch.Tensor, valid: torch.Tensor, shots: torch.Tenso
                      cfg: LossConfig = LossConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-shot loss for one chip: the best (lowest) over the footprint and its shifts.
 
-    ``pred``/``valid`` [H,W]; ``shots`` [n,3] = (px_row, px_col, rh) at the reported position.
-    For each candidate centre the ``gedi_percentile`` of the predicted heights inside the 25 m
-    disc is compared with RH (Huber); a candidate counts only if valid pixels cover
-    ``gedi_min_coverage`` of the full disc, so a footprint mostly off the chip is not judged on a
-    sliver. Returns (losses [m], chosen shift index [m]) for the m shots with any usable candidate.
+    ``pred``/``valid`` [H,W]; ``shots`` [n,3] = (px_row, px_col, rh) at the reported position,
+    pixel (r, c) covering [c, c+1) × [r, r+1) as in the chip sampler. For each candidate centre
+    the ``gedi_percentile`` of the predicted heights in the footprint is compared with RH (Huber).
+    Which pixels form the footprint and which partial footprints count is the rule of
+    :func:`data_catalog.gedi.footprint_percentiles` (numpy offsets from
+    :func:`data_catalog.gedi.footprint_members`, turned into tensors here so gradients flow):
+    pixels off the chip or not ``valid`` are missing, and a candidate counts when its valid pixels
+    are at least ``gedi_min_coverage`` of its pixels, so a footprint mostly off the chip is not
+    judged on a sliver and the loss measures what ``canopy evaluate`` measures. Returns
+    (losses [m], chosen shift index [m]) for the m shots with any usable candidate.
     """
-    radius_px = cfg.footprint_diameter_m / 2.0 / gsd
-    max_shift = (cfg.footprint_diameter_m / 2.0 if cfg.gedi_max_shift_m is None
-                 else cfg.gedi_max_shift_m) / gsd
-    offsets = shift_offsets(max_shift, cfg.gedi_shift_steps)
-    full_disc = math.pi * radius_px ** 2
+    import numpy as np
+    from affine import Affine
+
+    from data_catalog.gedi import footprint_members
+
+    radius_m = cfg.footprint_diameter_m / 2.0
+    max_shift = (radius_m if cfg.gedi_max_shift_m is None else cfg.gedi_max_shift_m) / gsd
+    offsets = shift_offsets(max_shift, cfg.gedi_shift_steps).double().numpy()
+    pixel = Affine(gsd, 0, 0, 0, -gsd, 0)  # chip pixels in metres (the origin does not matter)
+    h, w = pred.shape
+    usable = valid.bool().cpu().numpy()
+    flat = pred.reshape(-1)
     q = cfg.gedi_percentile / 100.0
     losses, chosen = [], []
     for row, col, rh in shots.tolist():
         if not math.isfinite(rh):
             continue
-        cands = []
-        for k, (dr, dc) in enumerate(offsets.tolist()):
-            m = footprint_mask(tuple(pred.shape), row + dr, col + dc, radius_px, pred.device)
-            m = m & valid.bool()
-            if float(m.sum()) < cfg.gedi_min_coverage * full_disc:
-                continue
-            pct = torch.quantile(pred[m].float(), q)  # linear interpolation, as numpy.percentile
-            cands.append((huber(pct - rh, cfg.gedi_huber_delta), k))
-        if not cands:
+        rr, cc, member = footprint_members(col + offsets[:, 1], row + offsets[:, 0], pixel, radius_m)
+        cand, i, j = np.nonzero(member)  # every (candidate, pixel) of the footprints, by candidate
+        r, c = rr[cand, i, j], cc[cand, i, j]
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        ok[ok] = usable[r[ok], c[ok]]
+        n_ok = np.bincount(cand[ok], minlength=len(offsets))
+        n_all = np.bincount(cand, minlength=len(offsets))
+        counts = (n_ok > 0) & (n_ok >= cfg.gedi_min_coverage * n_all - 1e-9)
+        if not counts.any():
             continue
-        values = torch.stack([c[0] for c in cands])
-        best = int(torch.argmin(values.detach()))
+        k = np.flatnonzero(counts)
+        index = torch.from_numpy(r[ok] * w + c[ok]).to(pred.device)
+        parts = torch.split(flat[index].float(), n_ok.tolist())
+        # linear interpolation, as numpy.percentile, over each candidate's valid pixels
+        pct = torch.stack([torch.quantile(parts[m], q) for m in k])
+        values = huber(pct - rh, cfg.gedi_huber_delta)
+        best = int(torch.argmin(values.detach()))  # first of equals: (0, 0) when it ties
         losses.append(values[best])
-        chosen.append(cands[best][1])
+        chosen.append(int(k[best]))
     if not losses:
         return pred.new_zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.stack(losses), torch.tensor(chosen, dtype=torch.long)

@@ -16,7 +16,7 @@ from tests.conftest import shared
 def test_california_area_on_the_bundled_10m_file():
     aoi = resolve_aoi("California")
     assert aoi.source == "place:US-CA" and aoi.geometry.is_valid and not aoi.repaired
-    # Issue target 409,900 km²; EPSG:5070 gives 409,938 (specs/geo.md §6); EPSG:6933 gives 409,899.
+    # Issue target 409,900 km²; EPSG:5070 gives 409,938 (docs/geo_conventions.md); EPSG:6933 gives 409,899.
     assert aoi.area_km2() == pytest.approx(409_900, rel=0.005)
 
 

@@ -208,7 +208,7 @@ def test_pairs_without_overlap_and_bad_inputs():
     assert summary["n_chips"] == 0 and summary["pairs_without_overlap"] == [kootenay().imagery]
     with pytest.raises(CatalogError, match="nowhere.tif: cannot open as a raster"):
         ChipSampler([("nowhere.tif", kootenay().chm)], chip_size=32, gsd=0.5).summary()
-    with pytest.raises(CatalogError, match="chips need RGB imagery \\(3 bands\\)"):
+    with pytest.raises(CatalogError, match="has 1 band\\(s\\); RGB imagery needs 3"):
         ChipSampler([(kootenay().chm, kootenay().chm)], chip_size=32, gsd=0.5).summary()
     for bad in (dict(chip_size=0), dict(gsd=-1), dict(split_fractions=(1, 1)), dict(chm_mode="max"), dict(block_size_m=0)):
         with pytest.raises(CatalogError):

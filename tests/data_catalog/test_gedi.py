@@ -47,7 +47,7 @@ def test_default_and_strict_filters_on_the_real_subset():
     shots = read_gedi_l2a(sample())
     kept, report = filter_shots(shots, GediFilters())
     assert len(kept) == report.n_remaining == 301 and sum(report.removed.values()) == 0
-    # ../shared/specs/geo.md §5.1: coverage beams pass sensitivity > 0.95 for 0/16, 20/37, 39/60 shots,
+    # docs/geo_conventions.md: coverage beams pass sensitivity > 0.95 for 0/16, 20/37, 39/60 shots,
     # power beams for all of them.
     kept, report = filter_shots(shots, GediFilters.strict())
     assert report.removed["0.95 <= sensitivity <= 1"] == 16 + 17 + 21
