@@ -27,7 +27,8 @@ def run(size: int, checkpoint: str, cell_px: int, out: Path) -> dict:
     import rasterio
     from rasterio.warp import transform_bounds
 
-    from canopy.predict.engine import JobSpec, predict_aoi
+    from canopy.predict.engine import predict_aoi
+    from canopy.predict.options import PredictOptions
     from engine_vs_reference import PeakRSS, make_scene
 
     scene = make_scene(out / "scene.tif", size, cell_px)
@@ -40,8 +41,8 @@ def run(size: int, checkpoint: str, cell_px: int, out: Path) -> dict:
                                dashboard_address=":0", silence_logs=40)
         client = Client(cluster)
         summary = predict_aoi(f"{w + eps},{s + eps},{e - eps},{n - eps}", scene, out / "run",
-                              JobSpec(checkpoint=checkpoint, batch_size=8), cell_px=cell_px,
-                              client=client, progress=False)
+                              checkpoint, PredictOptions(batch_size=8), cell_px=cell_px,
+                              client=client)
         client.close()
         cluster.close()
         dt = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The state-scale engine against the HighResCanopyHeight notebook's loop, same raster, same weights.
 
 Reference (``run_chm_model.ipynb::windowed_infer_loop`` as described in
-../shared/specs/hrch_compat.md §1.7b): 1024-px windows that do not overlap (the last row/column
+docs/reference_model.md): 1024-px windows that do not overlap (the last row/column
 shifted to end at the edge), each cut into 256-px tiles at stride 192, all tiles of a window in
 one batch, Gaussian apodisation (1 in the central 224², 0 in a 16-px border, blurred with σ = 8,
 floor 1e-14), no blending between windows. Run as published (fp32) and in bf16 autocast, so
@@ -127,7 +127,7 @@ def window_starts(n: int, window: int) -> list[int]:
 
 def hrch_heights(model, batch, precision: str) -> np.ndarray:
     """Heights as the HRCH model computes them: the full per-bin logit tensor, normalised bin
-    weights (relu(l) + 0.1) / Σ materialised, then the expected bin value (hrch_compat.md §1.2)."""
+    weights (relu(l) + 0.1) / Σ materialised, then the expected bin value (docs/reference_model.md)."""
     import torch
 
     from canopy.model.bins import bin_probabilities, expected_height
@@ -195,11 +195,11 @@ def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict
             "peak_rss_gib": rss.peak / 2**30}
 
 
-def _preload(job) -> None:
+def _preload(checkpoint, opts) -> None:
     """Load the model in a worker (client.run), so a warm timing excludes it."""
     from canopy.predict.engine import worker_model
 
-    worker_model(job)
+    worker_model(checkpoint, opts)
 
 
 def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: int,
@@ -208,7 +208,8 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
     import rasterio
     from rasterio.warp import transform_bounds
 
-    from canopy.predict.engine import JobSpec, local_cluster, predict_aoi
+    from canopy.predict.engine import local_cluster, predict_aoi
+    from canopy.predict.options import PredictOptions
 
     with rasterio.open(scene) as ds:
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
@@ -216,22 +217,20 @@ def run_engine(scene: str, checkpoint: str, precision: str, out: str, cell_px: i
     # an AOI a hair inside the raster: cells are exactly the raster's blocks
     eps = 1e-6
     aoi = f"{w + eps},{s + eps},{e - eps},{n - eps}"
-    job = JobSpec(checkpoint=checkpoint, precision=precision, batch_size=batch,
-                  torch_threads=threads, stride=stride or None)
+    job = (checkpoint, PredictOptions(precision=precision, batch_size=batch,
+                                      torch_threads=threads, stride=stride or None))
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         cluster = local_cluster(1)  # the engine's own LocalCluster settings
         client = Client(cluster)
         t_cold = None
         if cold:
-            predict_aoi(aoi, scene, Path(out) / "cold", job, cell_px=cell_px, client=client,
-                        progress=False)
+            predict_aoi(aoi, scene, Path(out) / "cold", *job, cell_px=cell_px, client=client)
             t_cold = time.perf_counter() - t0
         else:
-            client.run(_preload, job)
+            client.run(_preload, *job)
         t1 = time.perf_counter()
-        warm = predict_aoi(aoi, scene, Path(out) / "warm", job, cell_px=cell_px, client=client,
-                           progress=False)
+        warm = predict_aoi(aoi, scene, Path(out) / "warm", *job, cell_px=cell_px, client=client)
         t_warm = time.perf_counter() - t1
         done = sorted(r["id"] for r in (json.loads(line) for line in
                       open(Path(out) / "warm" / "manifest.jsonl")) if r["status"] == "done")

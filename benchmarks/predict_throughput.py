@@ -46,12 +46,13 @@ def run_one(src: str, out: str, checkpoint: str, precision: str, batch_size: int
     import torch
 
     from canopy.model.checkpoints import load_model
-    from canopy.predict.raster import PredictOptions, predict_raster
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
 
     model = load_model(checkpoint)
     t0 = time.perf_counter()
-    predict_raster(src, out, model, PredictOptions(precision=precision, batch_size=batch_size,
-                                                   progress=False, overwrite=True))
+    predict_raster(src, out, model, PredictOptions(precision=precision, batch_size=batch_size),
+                   overwrite=True)
     seconds = time.perf_counter() - t0
     import rasterio
 

@@ -9,8 +9,10 @@ def load_model(path_or_name, device="cpu"):
     """Load a height model from a checkpoint path or a registered name.
 
     Accepts HighResCanopyHeight v1 checkpoints (``SSLhuge_satellite.pth``, ``compressed_*.pth``),
-    the project's native folder/``.safetensors`` format, or a variant name such as ``tiny``
-    (random weights, for plumbing only). Returns a :class:`canopy.model.HeightModel`.
+    the project's native folder/``.safetensors`` format (a ``canopy train`` run folder too),
+    ``"default"`` (the bundled demonstration model), or a random-weight variant name:
+    ``micro``, ``hrch_v1_large_random``, ``hrch_v1_huge_random`` (plumbing and speed only).
+    Returns a :class:`canopy.model.HeightModel`.
     """
     from canopy.model.checkpoints import load_model as _load
 

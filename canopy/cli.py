@@ -49,73 +49,86 @@ def predict(
 ):
     """Predict canopy height for one raster (a COG + QGIS .qml), or with --aoi over an area of
     interest (a folder of COG cells, a mosaic, an overview, a STAC collection; resumable)."""
+    from canopy.predict.options import PredictOptions
+
+    # every option is validated here, before any raster is read or model loaded
+    opts = PredictOptions(device=device, precision=precision, batch_size=batch_size, dtype=dtype,
+                          uncertainty=uncertainty, stride=stride, lanes=lanes,
+                          gedi_correction=str(gedi_correction) if gedi_correction else None,
+                          torch_threads=torch_threads, bands=bands, crs=crs, scale=scale)
     if aoi is not None:
-        unsupported = [n for n, v in (("--bands", bands), ("--scale", scale), ("--crs", crs)) if v]
-        if unsupported:
-            raise CanopyError(f"{', '.join(unsupported)} not supported with --aoi yet: state runs "
-                              "need uint8 RGB scenes with a CRS (make a VRT that selects bands)")
-        return _predict_aoi(aoi, imagery or input, output, checkpoint, device, precision, batch_size,
-                            dtype, uncertainty, overwrite, stride, scheduler, workers, cell_size,
-                            torch_threads, quiet, verify, gedi_correction, lanes)
+        return _predict_aoi(aoi, imagery or input, output, checkpoint, opts, overwrite, scheduler,
+                            workers, cell_size, quiet, verify)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
-    from canopy.io.imagery import open_raster
     from canopy.model.checkpoints import load_model
-    from canopy.predict.raster import PredictOptions, predict_raster, resolve_device
+    from canopy.model.device import resolve_device
+    from canopy.predict.raster import predict_raster
+    from data_catalog.raster import open_raster
 
     # cheap checks first: a big checkpoint takes a while to load
     open_raster(input).close()
     check_output_path(output, overwrite, create=False)
-    _check_precision(precision, "cuda" if device.startswith("cuda") else "cpu")
-    dev = resolve_device(device)
-    model = load_model(checkpoint, device=dev)
+    model = load_model(checkpoint, device=resolve_device(opts.device))
     if not model.cfg.trained:
         typer.echo(f"warning: '{checkpoint}' has random weights; its output is not canopy height",
                    err=True)
-    opts = PredictOptions(device=device, precision=precision, batch_size=batch_size, dtype=dtype,
-                          uncertainty=uncertainty, overwrite=overwrite, bands=bands, crs=crs,
-                          scale=scale, stride=stride, progress=not quiet,
-                          gedi_correction=str(gedi_correction) if gedi_correction else None,
-                          lanes=lanes)
-    out = predict_raster(input, output, model, opts)
+    with ProgressBars(input.name, enabled=not quiet) as bars:
+        out = predict_raster(input, output, model, opts, overwrite=overwrite, progress=bars)
     typer.echo(f"wrote {out}")
 
 
-def _check_precision(precision: str, device_type: str) -> None:
-    from canopy.model.height_model import INFERENCE_PRECISIONS
-
-    if precision not in INFERENCE_PRECISIONS:
-        raise CanopyError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, "
-                          f"got '{precision}'")
-    if precision == "int8" and device_type != "cpu":
-        raise CanopyError("--precision int8 runs on the CPU only; use bf16 on a GPU")
-
-
-def _predict_aoi(aoi, imagery, output, checkpoint, device, precision, batch_size, dtype,
-                 uncertainty, overwrite, stride, scheduler, workers, cell_size, torch_threads, quiet,
-                 verify, gedi_correction, lanes=None):
-    from canopy.predict.engine import JobSpec, predict_aoi
-    from canopy.predict.raster import resolve_device
+def _predict_aoi(aoi, imagery, output, checkpoint, opts, overwrite, scheduler, workers, cell_size,
+                 quiet, verify):
+    from canopy.model.device import resolve_device
+    from canopy.predict.engine import predict_aoi
 
     if imagery is None:
         raise CanopyError("--aoi needs --imagery (a folder, a raster/VRT or a catalog .parquet)")
-    _check_precision(precision, "cuda" if device.startswith("cuda") else "cpu")
-    if dtype not in ("float32", "uint8"):
-        raise CanopyError(f"--dtype must be float32 or uint8, got '{dtype}'")
     if scheduler is None:  # a remote cluster's workers may have GPUs this login node lacks
-        resolve_device(device)
-    job = JobSpec(checkpoint=str(checkpoint), device=device, precision=precision,
-                  batch_size=batch_size, dtype=dtype, uncertainty=uncertainty, stride=stride,
-                  torch_threads=torch_threads, lanes=lanes,
-                  gedi_correction=str(gedi_correction) if gedi_correction else None)
-    summary = predict_aoi(aoi, imagery, output, job, cell_px=cell_size, scheduler=scheduler,
-                          workers=workers, overwrite=overwrite, progress=not quiet, verify=verify)
+        resolve_device(opts.device)
+    with ProgressBars(enabled=not quiet) as bars:
+        summary = predict_aoi(aoi, imagery, output, str(checkpoint), opts, cell_px=cell_size,
+                              scheduler=scheduler, workers=workers, overwrite=overwrite,
+                              progress=bars, verify=verify)
     typer.echo(
         f"{summary.cells_done} cell(s) written, {summary.cells_skipped} already done, "
         f"{summary.cells_empty} without data, in {summary.seconds:.1f} s; "
         f"mosaic: {summary.mosaic if summary.mosaic else 'none (no cell had data)'}"
     )
+
+
+class ProgressBars:
+    """Renders a library call's :class:`canopy.progress.Progress` events on stderr: one tqdm bar
+    per unit counted, messages as lines above them. tqdm hides the bars when stderr is not a
+    terminal (``disable=None``)."""
+
+    def __init__(self, desc: str | None = None, enabled: bool = True):
+        self.desc, self.enabled, self.bars = desc, enabled, {}
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.message:
+            tqdm.write(event.message, file=sys.stderr)
+            return
+        bar = self.bars.get(event.unit)
+        if bar is None:
+            bar = self.bars[event.unit] = tqdm(total=event.total, initial=event.done,
+                                               unit=event.unit.rstrip("s"), desc=self.desc,
+                                               file=sys.stderr, leave=False, disable=None)
+        bar.total = event.total
+        bar.update(event.done - bar.n)
+
+    def __enter__(self) -> "ProgressBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 @app.command()
@@ -125,7 +138,8 @@ def demo(
 ):
     """Run the main job on the bundled real sample scene (NEON OSBS, Florida, 0.1 m RGB)."""
     from canopy.model.checkpoints import load_model
-    from canopy.predict.raster import PredictOptions, predict_raster
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
 
     typer.echo(f"sample scene: {SAMPLE_SCENE.name} (NEON AOP RGB, OSBS Florida, CC0)")
     try:
@@ -139,7 +153,7 @@ def demo(
         )
         return
     out = output / "sample_chm.tif"
-    predict_raster(SAMPLE_SCENE, out, model, PredictOptions(overwrite=True, uncertainty=True))
+    predict_raster(SAMPLE_SCENE, out, model, PredictOptions(uncertainty=True), overwrite=True)
     import numpy as np
     import rasterio
 
@@ -158,17 +172,29 @@ def _register_subcommands() -> None:
     from data_catalog.cli import app as catalog_app
 
     from canopy.evaluate.cli import register as register_evaluate
+    from canopy.synth_cli import register as register_synth
     from canopy.train.cli import register as register_train
     from canopy.train.gedi_cli import register as register_gedi_correction
 
     app.add_typer(catalog_app, name="catalog",
                   help="Spatial index of imagery, lidar CHMs/point clouds and GEDI shots.")
     register_evaluate(app)
+    register_synth(app)
     register_train(app)
     register_gedi_correction(app)
 
 
 _register_subcommands()
+
+
+# options whose flag is not the field name with dashes
+FLAG_NAMES = {"backbone_path": "--backbone", "max_height_m": "--max-height",
+              "block_size_m": "--block-size", "cell_px": "--cell-size"}
+
+
+def flag_for(field: str) -> str:
+    """The command-line flag of an options field (``batch_size`` → ``--batch-size``)."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -179,10 +205,16 @@ def main() -> None:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    from canopy.errors import USER_ERRORS
+    from canopy.errors import USER_ERRORS, OptionError, OutputExistsError
 
     try:
         app()
+    except OptionError as exc:  # the library names the field; the user typed a flag
+        typer.echo(f"error: {flag_for(exc.field)} {exc.detail}", err=True)
+        sys.exit(2)
+    except OutputExistsError as exc:
+        typer.echo(f"error: {exc} (use --overwrite to replace it)", err=True)
+        sys.exit(2)
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -33,7 +33,12 @@ class OptionError(InputError):
 
 
 class OutputError(CanopyError):
-    """An output path cannot be written (exists without --overwrite, unwritable folder)."""
+    """An output path cannot be written (it exists, its folder is unwritable or full)."""
+
+
+class OutputExistsError(OutputError):
+    """The output is there already and ``overwrite`` was not asked for. The message says what
+    is there; the CLI adds how to replace it (``--overwrite``), an API its own field name."""
 
 
 class NoDefaultModelError(CanopyError):
@@ -44,4 +49,5 @@ class NoDefaultModelError(CanopyError):
 USER_ERRORS = (CanopyError, CatalogError, BackboneError)
 
 __all__ = ["USER_ERRORS", "BackboneError", "CanopyError", "CatalogError", "CheckpointError",
-           "ConfigError", "InputError", "NoDefaultModelError", "OptionError", "OutputError"]
+           "ConfigError", "InputError", "NoDefaultModelError", "OptionError", "OutputError",
+           "OutputExistsError"]

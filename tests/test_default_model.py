@@ -37,7 +37,8 @@ def test_held_out_numbers_reproduce_and_beat_the_mean_height(tmp_path, evaluatio
     if not (SHARED_DATA / "rgb_chm_pairs").exists():
         pytest.skip("real data not available")
     from canopy.evaluate import evaluate
-    from canopy.predict.raster import PredictOptions, predict_raster
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
     from canopy.train.default_model import held_out_reference, real_pairs, holdout_split_x
 
     recipe = evaluation["recipe"]
@@ -48,7 +49,7 @@ def test_held_out_numbers_reproduce_and_beat_the_mean_height(tmp_path, evaluatio
         split_x = holdout_split_x(image, recipe["holdout_share"])
         site = image.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         ref = held_out_reference(chm, chm_crs, split_x, tmp_path / f"{site}_ref.tif")
-        pred = predict_raster(image, tmp_path / f"{site}.tif", model, PredictOptions(progress=False))
+        pred = predict_raster(image, tmp_path / f"{site}.tif", model, PredictOptions())
         o = evaluate(pred, [ref], tmp_path / f"eval_{site}")["pooled"]["overall"]
         expect = evaluation["results"]["sites"][site]["model"]
         assert o["n"] == expect["n"]

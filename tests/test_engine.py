@@ -18,11 +18,12 @@ from rasterio.windows import from_bounds
 from shapely.geometry import box
 
 from canopy.errors import InputError, OutputError
-from canopy.predict.engine import JobSpec, predict_aoi
+from canopy.predict.engine import predict_aoi
+from canopy.predict.options import PredictOptions
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from tests.conftest import shared, write_raster
 
-JOB = JobSpec(checkpoint="micro", batch_size=4)
+JOB = ("micro", PredictOptions(batch_size=4))
 OSBS = ("rgb_chm_pairs", "neon_osbs_029", "OSBS_029.tif")
 OSBS_AOI = "-81.9900,29.6924,-81.9897,29.69265"
 
@@ -72,6 +73,31 @@ def test_state_spanning_two_zones_gets_cells_in_each():
     assert {c.epsg for c, _ in cells_for_aoi(sp, 0.6, 65536)} == {32722, 32723}
 
 
+def test_zone_bands_follow_the_one_zone_rule():
+    """Every piece of an AOI split along zone bands lies in the zone data_catalog.raster gives
+    its points (the rule a one-raster prediction and the training chips use)."""
+    import shapely
+    from shapely.geometry import box
+
+    from canopy.predict.grid import zone_parts
+    from data_catalog.raster import utm_epsg
+
+    rng = np.random.default_rng(7)
+    aois = [box(-126.0, -3.0, -108.0, 2.0), box(174.0, 10.0, 180.0, 11.0),
+            box(-180.0, -5.0, -177.0, 5.0)]
+    aois += [box(x, y, x + w, y + h) for x, y, w, h in zip(
+        rng.uniform(-179, 170, 20), rng.uniform(-60, 60, 20), rng.uniform(0.1, 9, 20),
+        rng.uniform(0.1, 3, 20))]
+    for aoi in aois:
+        parts = zone_parts(aoi)
+        assert sum(p.area for _, p in parts) == pytest.approx(aoi.area)
+        for epsg, part in parts:
+            x0, y0, x1, y1 = part.bounds
+            pts = shapely.points(rng.uniform(x0, x1, 50), rng.uniform(y0, y1, 50))
+            for pt in pts[shapely.contains(part, pts)]:  # interior points: edges are tested apart
+                assert utm_epsg(pt.x, pt.y) == epsg, (aoi.bounds, epsg, pt)
+
+
 def test_tile_window_holds_exactly_the_overlapping_tiles():
     cell = Cell(32617, 10, 20, 500, 0.6)
     dr, dc, nr, nc = tile_window(cell, 256, 192)
@@ -86,8 +112,8 @@ def test_tile_window_holds_exactly_the_overlapping_tiles():
 
 def test_two_cell_sizes_give_identical_arrays(tmp_path, client):
     src = shared(*OSBS)
-    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", JOB, cell_px=64, client=client, progress=False)
-    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", JOB, cell_px=100, client=client, progress=False)
+    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", *JOB, cell_px=64, client=client)
+    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", *JOB, cell_px=100, client=client)
     assert a.cells_done == 4 and b.cells_done == 2
     A, B = read_common(a.mosaic, b.mosaic)
     assert np.isfinite(A).sum() > 2000
@@ -96,7 +122,7 @@ def test_two_cell_sizes_give_identical_arrays(tmp_path, client):
 
 def test_outputs_of_a_run(tmp_path, client):
     src = shared(*OSBS)
-    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", JOB, cell_px=64, client=client, progress=False)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", *JOB, cell_px=64, client=client)
     out = tmp_path / "o"
     with rasterio.open(s.mosaic) as m, rasterio.open(out / "overview.tif") as ov:
         assert m.crs.to_epsg() == 32617 and m.res == (0.6, 0.6)
@@ -121,11 +147,47 @@ def test_outputs_of_a_run(tmp_path, client):
     assert (out / "mosaic.qml").exists() and (out / "run.json").exists()
 
 
+def test_one_raster_and_a_cell_carry_the_same_tags(tmp_path, client, micro_model):
+    """One output contract (canopy.io.outputs): a one-raster prediction and every cell of a
+    state run carry the same tag set, and a cell's tile tags name exactly the tiles of the
+    zone's lattice that cross it (the borders evaluate looks for)."""
+    from canopy.evaluate.metrics import tile_border_positions
+    from canopy.io import outputs
+    from canopy.predict.raster import predict_raster
+
+    src = shared(*OSBS)
+    one = predict_raster(src, tmp_path / "one.tif", micro_model)
+    # a short stride puts several tile borders inside every cell
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", "micro", PredictOptions(batch_size=4, stride=40),
+                    cell_px=100, client=client)
+    with rasterio.open(one) as ds:
+        one_tags = ds.tags()
+    expected = set(outputs.PREDICTION_TAGS) | {"AREA_OR_POINT"}
+    assert set(one_tags) == expected
+    assert one_tags[outputs.CELL] == "none" and one_tags[outputs.SOURCE_IMAGES] == "OSBS_029.tif"
+    cells = sorted((tmp_path / "o" / "cells").glob("*.tif"))
+    assert len(cells) == s.cells_done == 2
+    for path in cells:
+        with rasterio.open(path) as ds:
+            tags, shape, t = ds.tags(), ds.shape, ds.transform
+        assert set(tags) == expected, set(tags) ^ expected
+        assert tags[outputs.MODEL_SOURCE] == one_tags[outputs.MODEL_SOURCE]
+        lat = outputs.TileLattice.from_tags(tags)
+        # the zone's lattice: tiles start at global pixel multiples of the stride
+        row0, col0 = round(-t.f / t.a), round(t.c / t.a)
+        for axis, (length, g0) in enumerate(zip(shape, (row0, col0))):
+            origin, count = (lat.origin_row, lat.count_row) if axis == 0 else (lat.origin_col, lat.count_col)
+            borders = tile_border_positions(length, lat.size, lat.stride, origin, count)
+            assert len(borders) >= 3
+            np.testing.assert_array_equal(
+                borders, tile_border_positions(length, lat.size, lat.stride, (-g0) % lat.stride))
+
+
 def test_aoi_outside_polygon_is_nodata(tmp_path, client):
     src = shared(*OSBS)
     # a triangle: half of its bounding box is outside the polygon
     tri = "POLYGON ((-81.9900 29.6924, -81.9897 29.6924, -81.9900 29.69265, -81.9900 29.6924))"
-    s = predict_aoi(tri, src, tmp_path / "t", JOB, cell_px=128, client=client, progress=False)
+    s = predict_aoi(tri, src, tmp_path / "t", *JOB, cell_px=128, client=client)
     with rasterio.open(s.mosaic) as m:
         h = m.read(1)
         rows, cols = np.nonzero(np.isfinite(h))
@@ -139,8 +201,7 @@ def test_aoi_outside_polygon_is_nodata(tmp_path, client):
 
 def test_california_boundary_with_real_imagery(tmp_path, client):
     src = shared("rgb_only", "2018_SJER_3_252000_4107000_image_477.tif")
-    s = predict_aoi("California", src, tmp_path / "ca", JOB, cell_px=128, client=client,
-                    progress=False)
+    s = predict_aoi("California", src, tmp_path / "ca", *JOB, cell_px=128, client=client)
     assert s.cells_done >= 1
     with rasterio.open(s.mosaic) as m:
         assert m.crs.to_epsg() == 32611
@@ -160,8 +221,7 @@ def _sao_paulo_scenes(folder: Path, rgb_array):
 
 def test_sao_paulo_mixed_crs_imagery_two_zones(tmp_path, client, rgb_array):
     imagery = _sao_paulo_scenes(tmp_path / "img", rgb_array)
-    s = predict_aoi("São Paulo", imagery, tmp_path / "sp", JOB, cell_px=128, client=client,
-                    progress=False)
+    s = predict_aoi("São Paulo", imagery, tmp_path / "sp", *JOB, cell_px=128, client=client)
     out = tmp_path / "sp"
     assert s.mosaic.name == "mosaic.gti.gpkg"
     assert (out / "mosaic_32722.vrt").exists() and (out / "mosaic_32723.vrt").exists()
@@ -239,13 +299,13 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, rgb_array):
 def test_bad_inputs(tmp_path, client, rgb_array):
     src = shared(*OSBS)
     with pytest.raises(InputError, match="does not intersect any"):
-        predict_aoi("Nevada", src, tmp_path / "x", JOB, client=client, progress=False)
+        predict_aoi("Nevada", src, tmp_path / "x", *JOB, client=client)
     from data_catalog.errors import CatalogError
 
     with pytest.raises(CatalogError, match="empty"):
-        predict_aoi("POLYGON EMPTY", src, tmp_path / "x", JOB, client=client, progress=False)
+        predict_aoi("POLYGON EMPTY", src, tmp_path / "x", *JOB, client=client)
     with pytest.raises(InputError, match="does not exist"):
-        predict_aoi(OSBS_AOI, tmp_path / "nope", tmp_path / "x", JOB, client=client, progress=False)
+        predict_aoi(OSBS_AOI, tmp_path / "nope", tmp_path / "x", *JOB, client=client)
     assert not (tmp_path / "x").exists()
 
 
@@ -256,31 +316,30 @@ def test_invalid_aoi_is_repaired_and_said(tmp_path, client):
     from data_catalog.aoi import AOIRepairWarning
 
     with pytest.warns(AOIRepairWarning):
-        s = predict_aoi(bowtie, src, tmp_path / "r", JOB, cell_px=128, client=client, progress=False)
+        s = predict_aoi(bowtie, src, tmp_path / "r", *JOB, cell_px=128, client=client)
     assert s.cells_done >= 1
 
 
 def test_other_runs_manifest_needs_overwrite(tmp_path, client):
     src = shared(*OSBS)
-    predict_aoi(OSBS_AOI, src, tmp_path / "o", JOB, cell_px=128, client=client, progress=False)
-    other = JobSpec(checkpoint="micro", batch_size=4, dtype="uint8")
+    predict_aoi(OSBS_AOI, src, tmp_path / "o", *JOB, cell_px=128, client=client)
+    other = ("micro", PredictOptions(batch_size=4, dtype="uint8"))
     with pytest.raises(OutputError, match="different run.*dtype"):
-        predict_aoi(OSBS_AOI, src, tmp_path / "o", other, cell_px=128, client=client, progress=False)
-    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", other, cell_px=128, client=client,
-                    progress=False, overwrite=True)
+        predict_aoi(OSBS_AOI, src, tmp_path / "o", *other, cell_px=128, client=client)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", *other, cell_px=128, client=client, overwrite=True)
     with rasterio.open(s.mosaic) as m:
         assert m.dtypes[0] == "uint8"
     # a run with another batch shape would change bits: also another run
     with pytest.raises(OutputError, match="batch_size"):
-        predict_aoi(OSBS_AOI, src, tmp_path / "o", JobSpec(checkpoint="micro", batch_size=2,
-                    dtype="uint8"), cell_px=128, client=client, progress=False)
+        predict_aoi(OSBS_AOI, src, tmp_path / "o", "micro", PredictOptions(batch_size=2, dtype="uint8"),
+                    cell_px=128, client=client)
 
 
 def test_scheduler_that_does_not_answer(tmp_path):
     src = shared(*OSBS)
     with pytest.raises(InputError, match="did not answer"):
-        predict_aoi(OSBS_AOI, src, tmp_path / "s", JOB, cell_px=128,
-                    scheduler="tcp://127.0.0.1:9", progress=False)
+        predict_aoi(OSBS_AOI, src, tmp_path / "s", *JOB, cell_px=128,
+                    scheduler="tcp://127.0.0.1:9")
 
 
 # ------------------------------------------------------------------------------- GEDI correction
@@ -302,12 +361,12 @@ def correction_dir(tmp_path_factory):
 def test_gedi_correction_keeps_cells_seam_free(tmp_path, client, correction_dir):
     """With a correction, two cell sizes still give identical arrays, and the factor is applied."""
     src = shared(*OSBS)
-    job = JobSpec(checkpoint="micro", batch_size=4, gedi_correction=str(correction_dir))
-    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", job, cell_px=64, client=client, progress=False)
-    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", job, cell_px=100, client=client, progress=False)
+    job = ("micro", PredictOptions(batch_size=4, gedi_correction=str(correction_dir)))
+    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", *job, cell_px=64, client=client)
+    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", *job, cell_px=100, client=client)
     A, B = read_common(a.mosaic, b.mosaic)
     np.testing.assert_array_equal(A, B)
-    plain = predict_aoi(OSBS_AOI, src, tmp_path / "p", JOB, cell_px=64, client=client, progress=False)
+    plain = predict_aoi(OSBS_AOI, src, tmp_path / "p", *JOB, cell_px=64, client=client)
     P, C = read_common(plain.mosaic, a.mosaic)
     ok = np.isfinite(C)
     assert ok.sum() > 2000
@@ -324,7 +383,7 @@ def _mosaic_edge_error(summary) -> dict:
     """Edge error of a run's mosaic over the engine's global model-tile lattice. The lattice is
     anchored at the UTM zone origin, so its phase in the mosaic follows from the mosaic's
     upper-left corner."""
-    from canopy.evaluate.metrics import TileLattice, edge_sums
+    from canopy.evaluate.metrics import TileLattice, edge_sums  # the lattice, computed by hand
 
     with rasterio.open(summary.mosaic) as m:
         a = m.read(1)
@@ -352,25 +411,35 @@ def test_edge_error_of_trained_model_on_real_imagery(tmp_path, client):
 
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
     aoi = f"{w},{s},{e},{n}"
-    job = JobSpec(checkpoint="default", batch_size=8)
-    run = predict_aoi(aoi, src, tmp_path / "blend", job, cell_px=128, client=client, progress=False)
+    job = ("default", PredictOptions(batch_size=8))
+    run = predict_aoi(aoi, src, tmp_path / "blend", *job, cell_px=128, client=client)
     tiles = _mosaic_edge_error(run)
     assert tiles["n_border_pairs"] > 2000 and tiles["inside_mean_abs_jump"] > 0.02
     assert tiles["edge_error"] <= 1.1, tiles
     # Cell borders: not a statistic but an identity — another cell size, the same array.
     # (The jump ratio along the few cell-border lines of this small scene is just the image's
     # own texture there: 0.97 with one trained model, 1.18 with another, identical either way.)
-    other = predict_aoi(aoi, src, tmp_path / "cells200", job, cell_px=200, client=client,
-                        progress=False)
+    other = predict_aoi(aoi, src, tmp_path / "cells200", *job, cell_px=200, client=client)
     A, B = read_common(run.mosaic, other.mosaic)
     assert np.isfinite(A).sum() > 50_000
     np.testing.assert_array_equal(A, B)
 
     with rasterio.open(next((tmp_path / "blend" / "cells").glob("*.tif"))) as ds:
         tile = int(ds.tags()["CANOPY_TILE_SIZE"])
-    seams = predict_aoi(aoi, src, tmp_path / "no_overlap", JobSpec(checkpoint="default", batch_size=8,
-                        stride=tile), cell_px=128, client=client, progress=False)
+    seams = predict_aoi(aoi, src, tmp_path / "no_overlap", "default",
+                        PredictOptions(batch_size=8, stride=tile), cell_px=128, client=client)
     assert _mosaic_edge_error(seams)["edge_error"] > 2 * tiles["edge_error"]
+
+    # canopy evaluate finds the lattice in the mosaic's own tags and measures the same figure
+    from canopy.evaluate import evaluate
+
+    chm = shared("rgb_chm_pairs", "kootenay_bc_drone", "kootenayCHM.tif")
+    for summary, name in ((run, "eval_blend"), (seams, "eval_seams")):
+        report = evaluate(summary.mosaic, [chm], tmp_path / name)
+        expected = _mosaic_edge_error(summary)
+        assert report["edge_error"]["scope"] == "whole prediction", report["edge_error"]
+        assert report["edge_error"]["edge_error"] == pytest.approx(expected["edge_error"], rel=1e-9)
+        assert report["edge_error"]["n_border_pairs"] == expected["n_border_pairs"]
 
 
 def test_int8_maps_are_seam_free_across_cell_sizes(tmp_path, client):
@@ -383,11 +452,11 @@ def test_int8_maps_are_seam_free_across_cell_sizes(tmp_path, client):
 
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
     aoi = f"{w},{s},{e},{n}"
-    job = JobSpec(checkpoint="default", batch_size=8, precision="int8")
-    a = predict_aoi(aoi, src, tmp_path / "c128", job, cell_px=128, client=client, progress=False)
+    job = ("default", PredictOptions(batch_size=8, precision="int8"))
+    a = predict_aoi(aoi, src, tmp_path / "c128", *job, cell_px=128, client=client)
     # and two lanes of one torch thread each (the default on a 2-core worker) change nothing
-    lanes = JobSpec(checkpoint="default", batch_size=8, precision="int8", torch_threads=2, lanes=2)
-    b = predict_aoi(aoi, src, tmp_path / "c200", lanes, cell_px=200, client=client, progress=False)
+    lanes = ("default", PredictOptions(batch_size=8, precision="int8", torch_threads=2, lanes=2))
+    b = predict_aoi(aoi, src, tmp_path / "c200", *lanes, cell_px=200, client=client)
     A, B = read_common(a.mosaic, b.mosaic)
     assert np.isfinite(A).sum() > 50_000
     np.testing.assert_array_equal(A, B)

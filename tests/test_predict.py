@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from affine import Affine
 
 from canopy.io.cog import cog_problems
-from canopy.predict.raster import PredictOptions, predict_raster
+from canopy.predict.options import PredictOptions
+from canopy.predict.raster import predict_raster
 from tests.conftest import shared, write_raster
 
 REAL_SCENES = [
@@ -43,7 +45,7 @@ def run_cli(*args, capsys=None):
 @pytest.mark.parametrize("rel,epsg", REAL_SCENES)
 def test_real_scene_output_matches_input_footprint(tmp_path, micro_model, rel, epsg):
     src = shared(*rel.split("/"))
-    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(progress=False))
+    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions())
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert b.crs.to_epsg() == epsg == a.crs.to_epsg()
         assert b.res == pytest.approx((0.6, 0.6))
@@ -65,7 +67,7 @@ def test_one_tile_at_model_gsd_is_the_model_output(tmp_path, micro_model, rgb_ar
     """A 256×256 raster already at 0.6 m reaches the model as one unmodified tile."""
     rgb = rgb_array(256, 256)
     src = write_raster(tmp_path / "tile.tif", rgb)
-    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(progress=False))
+    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions())
     expected = micro_model.predict_tensor(torch.from_numpy(rgb[None]))[0].numpy()
     with rasterio.open(out) as ds:
         assert ds.tags()["CANOPY_RESAMPLING"] == "none"
@@ -76,7 +78,7 @@ def test_one_tile_at_model_gsd_is_the_model_output(tmp_path, micro_model, rgb_ar
 def test_large_output_has_average_overviews_and_uint8(tmp_path, micro_model, rgb_array):
     src = write_raster(tmp_path / "big.tif", rgb_array(1100, 1030))
     out = predict_raster(src, tmp_path / "big_chm.tif", micro_model,
-                         PredictOptions(progress=False, dtype="uint8", batch_size=16))
+                         PredictOptions(dtype="uint8", batch_size=16))
     with rasterio.open(out) as ds:
         assert ds.overviews(1) == [2, 4]  # down to smaller than one 512 block
         assert ds.dtypes[0] == "uint8" and ds.nodata == 255
@@ -89,7 +91,7 @@ def test_nodata_stays_nodata_and_uncertainty_band(tmp_path, micro_model, rgb_arr
     rgb[:, :, :100] = 0
     src = write_raster(tmp_path / "nd.tif", rgb, nodata=0)
     out = predict_raster(src, tmp_path / "nd_chm.tif", micro_model,
-                         PredictOptions(progress=False, uncertainty=True))
+                         PredictOptions(uncertainty=True))
     with rasterio.open(out) as ds:
         assert ds.count == 2 and ds.descriptions == ("canopy_height", "canopy_height_std")
         h, s = ds.read(1), ds.read(2)
@@ -99,9 +101,9 @@ def test_nodata_stays_nodata_and_uncertainty_band(tmp_path, micro_model, rgb_arr
 
 def test_bf16_close_to_fp32(tmp_path, micro_model, rgb_array):
     src = write_raster(tmp_path / "t.tif", rgb_array(300, 300))
-    a = predict_raster(src, tmp_path / "a.tif", micro_model, PredictOptions(progress=False))
+    a = predict_raster(src, tmp_path / "a.tif", micro_model, PredictOptions())
     b = predict_raster(src, tmp_path / "b.tif", micro_model,
-                       PredictOptions(progress=False, precision="bf16"))
+                       PredictOptions(precision="bf16"))
     with rasterio.open(a) as da, rasterio.open(b) as db:
         diff = np.abs(da.read(1) - db.read(1))
         assert db.tags()["CANOPY_PRECISION"] == "bf16"
@@ -116,9 +118,9 @@ def test_int8_close_to_fp32_with_trained_weights_on_real_imagery(tmp_path):
     from canopy.model.checkpoints import load_model
 
     src = shared("rgb_chm_pairs", "kootenay_bc_drone", "kootenayOrtho_from_rda.tif")
-    a = predict_raster(src, tmp_path / "a.tif", load_model("default"), PredictOptions(progress=False))
+    a = predict_raster(src, tmp_path / "a.tif", load_model("default"), PredictOptions())
     q = load_model("default")
-    b = predict_raster(src, tmp_path / "b.tif", q, PredictOptions(progress=False, precision="int8"))
+    b = predict_raster(src, tmp_path / "b.tif", q, PredictOptions(precision="int8"))
     with rasterio.open(a) as da, rasterio.open(b) as db:
         A, B = da.read(1), db.read(1)
         assert db.tags()["CANOPY_PRECISION"] == "int8"
@@ -197,7 +199,7 @@ def test_geographic_input_is_mapped_in_utm(tmp_path, micro_model, rgb_array):
     t = Affine(0.6 / 111320, 0, -81.9, 0, -0.6 / 110900, 29.7)
     src = write_raster(tmp_path / "geo.tif", rgb_array(200, 200), crs="EPSG:4326", transform=t)
     with pytest.warns(UserWarning, match="geographic"):
-        out = predict_raster(src, tmp_path / "geo_chm.tif", micro_model, PredictOptions(progress=False))
+        out = predict_raster(src, tmp_path / "geo_chm.tif", micro_model, PredictOptions())
     with rasterio.open(out) as ds:
         assert ds.crs.to_epsg() == 32617
         assert ds.res == pytest.approx((0.6, 0.6))
@@ -207,7 +209,7 @@ def test_band_selection_and_scaling(tmp_path, micro_model, rgb_array):
     rgbn = np.concatenate([rgb_array(256, 256), rgb_array(256, 256)[:1]]).astype(np.uint16) * 10
     src = write_raster(tmp_path / "rgbn.tif", rgbn)
     out = predict_raster(src, tmp_path / "o.tif", micro_model,
-                         PredictOptions(progress=False, bands="1,2,3", scale=(0, 2550)))
+                         PredictOptions(bands="1,2,3", scale=(0, 2550)))
     expected = micro_model.predict_tensor(torch.from_numpy((rgbn[:3] // 10).astype(np.uint8)[None]))[0]
     with rasterio.open(out) as ds:
         np.testing.assert_allclose(ds.read(1), expected.numpy(), atol=1e-4)
@@ -223,7 +225,7 @@ def test_rgba_drone_orthomosaic(tmp_path, micro_model, rgb_array):
                        crs="EPSG:32617", transform=Affine(0.1, 0, 400000, 0, -0.1, 3280000),
                        photometric="RGB", alpha="YES") as ds:
         ds.write(np.concatenate([rgb, alpha]))
-    out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions(progress=False))
+    out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions())
     with rasterio.open(out) as ds:
         h = ds.read(1)
     assert np.isnan(h[:, :24]).all() and np.isfinite(h[:, 26:]).all()
@@ -234,12 +236,45 @@ def test_feet_crs_is_mapped_in_metres(tmp_path, micro_model, rgb_array):
     t = Affine(1.0, 0, 6_000_000, 0, -1.0, 2_000_000)
     src = write_raster(tmp_path / "ft.tif", rgb_array(300, 300), crs="EPSG:2227", transform=t)
     with pytest.warns(UserWarning, match="non-metre"):
-        out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions(progress=False))
+        out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions())
     with rasterio.open(out) as ds:
         assert ds.crs.to_epsg() == 32610 and ds.res == pytest.approx((0.6, 0.6))
         # 300 ft = 91.4 m ≈ 152 px at 0.6 m (a little more: the UTM box holds the rotated square)
         assert 150 <= ds.width <= 160
         assert ds.tags()["CANOPY_RESAMPLING"] == "average"
+
+
+def test_training_chips_and_predictions_see_the_same_pixels():
+    """A training chip, a state-scale (--aoi) read and a one-raster prediction read of the same
+    grid hold the same imagery and mask (one reader, data_catalog.raster.read_rgb): the model is
+    shown at training what it will see at inference. Real 0.5 m drone ortho, at its own GSD
+    (a copy) and at the model's 0.6 m (averaged)."""
+    from canopy.predict.sources import index_imagery, read_mosaic
+    from data_catalog.chips import ChipSampler
+    from data_catalog.raster import read_rgb_on_grid
+
+    folder = ("rgb_chm_pairs", "kootenay_bc_drone")
+    img, chm = shared(*folder, "kootenayOrtho_from_rda.tif"), shared(*folder, "kootenayCHM.tif")
+    scenes = index_imagery(img)
+    one = read_rgb_on_grid(img, 0.5)  # already at 0.5 m: the file's own grid, on the 0.5 lattice
+    for gsd in (0.5, 0.6):
+        chips = list(ChipSampler([(str(img), str(chm))], chip_size=48, gsd=gsd, stride=40,
+                                 min_coverage=0.3).chips())
+        assert len(chips) >= 6 and any(not c.valid.all() for c in chips)  # edges included
+        for chip in chips:
+            rgb, valid, _ = read_mosaic(scenes, chip.crs, chip.transform, chip.valid.shape, gsd)
+            np.testing.assert_array_equal(valid, chip.valid)
+            np.testing.assert_array_equal(rgb, chip.image)
+            if gsd == 0.5:
+                r0 = round((one.transform.f - chip.transform.f) / gsd)
+                c0 = round((chip.transform.c - one.transform.c) / gsd)
+                rs, cs = slice(max(r0, 0), r0 + 48), slice(max(c0, 0), c0 + 48)
+                inside = (slice(rs.start - r0, rs.stop - r0), slice(cs.start - c0, cs.stop - c0))
+                part = one.rgb[:, rs, cs]
+                n_r, n_c = part.shape[1:]
+                np.testing.assert_array_equal(
+                    part, chip.image[:, inside[0].start:inside[0].start + n_r,
+                                     inside[1].start:inside[1].start + n_c])
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,8 +299,8 @@ def _bad_cases(tmp_path, rgb_array, micro_model):
     torch.save({"state_dict": sd}, wrong)
     good = write_raster(tmp_path / "ok.tif", rgb_array(64, 64))
     return [
-        ([tmp_path / "missing.tif"], "cannot read raster"),
-        ([text], "cannot read raster"),
+        ([tmp_path / "missing.tif"], "cannot open as a raster"),
+        ([text], "cannot open as a raster"),
         ([nocrs], "has no CRS"),
         ([two], "has 2 band(s)"),
         ([u16], "--scale"),
@@ -276,6 +311,11 @@ def _bad_cases(tmp_path, rgb_array, micro_model):
         ([good, "--stride", "300"], "--stride"),
         ([good, "--precision", "fp16"], "--precision"),
         ([good, "--precision", "int8", "--device", "cuda"], "CPU only"),
+        # the options type names fields; the CLI turns them into its flags
+        ([good, "--crs", "EPSG:99999"], "--crs 'EPSG:99999' is not a coordinate reference system"),
+        ([good, "--bands", "1,2"], "--bands must be three band numbers"),
+        ([good, "--scale", "3", "1"], "--scale needs MIN < MAX"),
+        ([good, "--dtype", "int16"], "--dtype must be one of float32, uint8"),
     ]
 
 
@@ -295,7 +335,8 @@ def test_existing_output_needs_overwrite(tmp_path, good_rgb, capsys):
     assert run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", capsys=capsys)[0] == 0
     before = out.stat().st_mtime_ns
     code, _, err = run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", capsys=capsys)
-    assert code == 2 and "already exists" in err and out.stat().st_mtime_ns == before
+    assert code == 2 and "already exists (use --overwrite to replace it)" in err
+    assert out.stat().st_mtime_ns == before
     code, _, err = run_cli("predict", good_rgb, "-o", out, "-c", "micro", "-q", "--overwrite",
                            capsys=capsys)
     assert code == 0
@@ -315,14 +356,14 @@ def test_console_script_end_to_end(tmp_path, good_rgb):
 def test_edge_error_tags_describe_the_tiles_actually_run(tmp_path, micro_model, rgb_array):
     """canopy evaluate finds tile borders from the tags: exactly the tiles predict cut."""
     from canopy.evaluate.metrics import tile_border_positions
-    from canopy.evaluate.report import lattice_from_tags
+    from canopy.io.outputs import TileLattice
 
     src = write_raster(tmp_path / "t.tif", rgb_array(500, 300))
-    out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions(progress=False))
+    out = predict_raster(src, tmp_path / "o.tif", micro_model, PredictOptions())
     with rasterio.open(out) as ds:
         tags = ds.tags()
     assert (tags["CANOPY_TILE_COUNT_ROW"], tags["CANOPY_TILE_COUNT_COL"]) == ("3", "2")
-    lattice = lattice_from_tags(tags)
+    lattice = TileLattice.from_tags(tags)
     assert (lattice.count_row, lattice.count_col, lattice.stride) == (3, 2, 192)
     # rows: tiles at 0, 192, 384 (the last one padded past 500) → borders 192, 256, 384, 448
     assert list(tile_border_positions(500, 256, 192, 0, 3)) == [192, 256, 384, 448]
@@ -341,12 +382,34 @@ def test_gedi_correction_multiplies_by_the_factor_field(tmp_path, micro_model, r
     folder = save_correction(corr, tmp_path / "gedi1")
     rgb = rgb_array(300, 300)
     src = write_raster(tmp_path / "s.tif", rgb)
-    plain = predict_raster(src, tmp_path / "plain.tif", micro_model, PredictOptions(progress=False))
+    plain = predict_raster(src, tmp_path / "plain.tif", micro_model, PredictOptions())
     fixed = predict_raster(src, tmp_path / "fixed.tif", micro_model,
-                           PredictOptions(progress=False, gedi_correction=str(folder)))
+                           PredictOptions(gedi_correction=str(folder)))
     with rasterio.open(plain) as p, rasterio.open(fixed) as f:
         h, hc, t = p.read(1), f.read(1), p.transform
         assert f.tags()["CANOPY_GEDI_CORRECTION"] == "gedi1"
     field = factor_field(t, h.shape, rgb, "EPSG:32617", corr)
     np.testing.assert_allclose(hc, (h.astype(np.float64) * field).astype(np.float32), rtol=1e-6)
     assert field.std() > 1e-3
+
+
+def test_options_are_validated_once_naming_the_field():
+    """PredictOptions refuses bad values when made, naming the field (an API shows the field,
+    the CLI its flag), and normalises what it accepts."""
+    from canopy.errors import OptionError
+    from canopy.predict.options import PredictOptions
+
+    bad = [dict(batch_size=0), dict(stride=0), dict(lanes=-1), dict(torch_threads=0),
+           dict(device="gpu"), dict(device="cuda:x"), dict(precision="fp16"),
+           dict(precision="int8", device="cuda"), dict(dtype="int16"), dict(bands="1,2"),
+           dict(bands="r,g,b"), dict(bands=(0, 1, 2)), dict(scale=(3, 1)), dict(crs="EPSG:99999"),
+           dict(batch_size=True)]
+    for kwargs in bad:
+        with pytest.raises(OptionError) as err:
+            PredictOptions(**kwargs)
+        field = next(iter(kwargs))
+        assert err.value.field == field and str(err.value).startswith(f"{field}: "), kwargs
+    opts = PredictOptions(bands="3,2,1", scale=[0, 3000], gedi_correction=Path("g"))
+    assert opts.bands == (3, 2, 1) and opts.scale == (0.0, 3000.0) and opts.gedi_correction == "g"
+    with pytest.raises(OptionError, match="stride: must be between 1 and the model tile size 256"):
+        PredictOptions(stride=300).check_for(256)

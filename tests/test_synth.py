@@ -8,8 +8,9 @@ import rasterio
 
 from canopy.errors import InputError, OutputError
 from canopy.synth import (
-    BUILDING, FIELD, ROAD, TREE, GediConfig, SceneLayout, Trees, footprint_percentiles,
-    gedi_like_shots, make_scene, plan_layout, synth_scene)
+    BUILDING, FIELD, ROAD, TREE, GediConfig, SceneLayout, Trees, gedi_like_shots, make_scene,
+    plan_layout, scene_transform, synth_scene)
+from data_catalog.gedi import footprint_percentiles
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_footprint_percentiles_match_brute_force():
     rng = np.random.default_rng(0)
     chm = rng.uniform(0, 30, (100, 100)).astype(np.float32)
     x, y = np.array([50.0, 31.3]), np.array([50.0, 70.7])
-    got = footprint_percentiles(chm, 1.0, x, y, (95, 50))
+    got = footprint_percentiles(chm, scene_transform(1.0), x, y, (95, 50))
     cx, cy = np.meshgrid(np.arange(100) + 0.5, np.arange(100) + 0.5)
     for i in range(2):
         inside = (cx - x[i]) ** 2 + (cy - y[i]) ** 2 <= 12.5 ** 2
@@ -156,7 +157,8 @@ def test_gedi_rh95_is_chm_percentile_plus_noise(scene):
     step = np.hypot(np.diff(shots["true_x"][first]), np.diff(shots["true_y"][first]))
     assert np.allclose(step, 60.0)
     # Truth columns are the exact percentile at the true position.
-    exact = footprint_percentiles(scene.chm, 1.0, shots["true_x"], shots["true_y"], (95,))[:, 0]
+    exact = footprint_percentiles(scene.chm, scene_transform(1.0), shots["true_x"],
+                                  shots["true_y"], 95)
     assert np.allclose(shots["true_rh95"], exact)
     # RH noise N(0, 1.5 m): pooled over a few seeds for a sample that can test it.
     noise = np.concatenate([
@@ -220,10 +222,11 @@ def test_synth_cli_command(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from canopy.evaluate.cli import register
+    from canopy.synth_cli import register
 
     app = typer.Typer()
     register(app)
+    app.command("version")(lambda: None)  # a second command keeps 'synth' a subcommand
     res = CliRunner().invoke(app, ["synth", "--area-km2", "0.01", "--gsd", "1", "--seed", "2",
                                    "--sun-elevation", "40", "--sun-azimuth", "200",
                                    "--origin", "500000", "4000000", "-o", str(tmp_path / "s")])

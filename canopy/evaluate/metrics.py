@@ -10,7 +10,7 @@ Conventions shared by every function here:
 
 Sources of the definitions: HighResCanopyHeight ``inference.py::evaluate`` for MAE, RMSE, bias,
 R² and block-R²; Open-Canopy ``compute_metrics.py`` for nMAE, the tree-cover IoU at 2 m and the
-height bins (../shared/specs/hrch_compat.md §1.8, §3.3). The edge-error figure and the
+height bins (the HRCH definitions: docs/reference_model.md). The edge-error figure and the
 calibration shares are this project's own (documented in docs/evaluate.md).
 """
 
@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from canopy.io.outputs import TileLattice  # noqa: F401 (part of this module's API)
 
 # Reference-height bins (m), as Open-Canopy reports them.
 HEIGHT_BIN_EDGES: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0)
@@ -351,30 +353,6 @@ def summarize(pred: np.ndarray, ref: np.ndarray, std: np.ndarray | None = None, 
 
 # ---------------------------------------------------------------------------------------------
 # Edge error at model-tile borders
-
-
-@dataclass(frozen=True)
-class TileLattice:
-    """Model tiles of ``size`` px starting at ``origin + k·stride`` for every integer k, along
-    each axis, in the prediction raster's own pixel grid.
-
-    Every tile of the lattice that overlaps the raster counts, as the state-scale engine tiles a
-    cell (``canopy/predict/grid.py::tile_window``); the origin may be any lattice point, e.g. the
-    phase ``offset % stride`` that the engine writes.
-    """
-
-    size: int
-    stride: int
-    origin_col: int = 0
-    origin_row: int = 0
-    # When set, only tiles k = 0..count-1 exist along that axis (a single-raster prediction
-    # computes tiles from its first pixel on, not the whole lattice: CANOPY_TILE_COUNT_* tags).
-    count_col: int | None = None
-    count_row: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.size <= 0 or self.stride <= 0:
-            raise ValueError("tile size and stride must be positive")
 
 
 def tile_border_positions(length: int, size: int, stride: int, origin: int,

@@ -1,6 +1,6 @@
 """The one Cloud Optimized GeoTIFF writer every output of the project goes through.
 
-Profile (../shared/specs/geo.md §3): GDAL's COG driver via ``rasterio.shutil.copy``, 512-pixel
+Profile (docs/geo_conventions.md): GDAL's COG driver via ``rasterio.shutil.copy``, 512-pixel
 internal tiles, DEFLATE with predictor 3 for floats (2 for integers), overviews resampled with
 AVERAGE (the driver's default, CUBIC, rings below zero on height edges), embedded statistics,
 band description and unit, and a QGIS ``.qml`` style next to the file. Files are written under a
@@ -20,7 +20,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.io import MemoryFile
 
-from canopy.errors import OutputError
+from canopy.errors import OutputError, OutputExistsError
 from canopy.io.qml import write_qml
 
 COG_BLOCKSIZE = 512
@@ -37,7 +37,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, create: bool = T
     if path.exists() and path.is_dir():
         raise OutputError(f"output '{path}' is a folder, expected a file name ending in .tif")
     if path.exists() and not overwrite:
-        raise OutputError(f"output '{path}' already exists (use --overwrite to replace it)")
+        raise OutputExistsError(f"output '{path}' already exists")
     if not create:
         return path
     try:

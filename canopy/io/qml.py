@@ -1,7 +1,7 @@
 """QGIS style sidecar (``name.qml``): QGIS loads a same-basename .qml as the layer's default style,
 so a canopy-height COG opens with a height colour ramp instead of a grey stretch.
 
-A float raster cannot embed a colour table, hence the sidecar (../shared/specs/geo.md §3.1).
+A float raster cannot embed a colour table, hence the sidecar (docs/geo_conventions.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Tiles of ``T`` pixels start every ``S`` pixels on a lattice (``origin + k·S``).
 prediction is weighted by a raised-cosine taper that rises over the overlap ``R = T − S`` and is
 flat in the middle; with a regular lattice the tapers of neighbours sum to one (cos² + sin²), so
 the blend is a partition of unity and no pixel is dominated by a tile edge, where a ViT's border
-artefacts live. A flat average of overlaps makes seams worse (geo.md §4.1).
+artefacts live. A flat average of overlaps makes seams worse (docs/geo_conventions.md).
 
 A pixel covered by one tile only (a raster edge) gets exactly that tile's value, because the
 weighted sum is divided by the summed weights: a 256×256 input is one unmodified tile.

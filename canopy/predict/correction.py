@@ -36,7 +36,8 @@ from canopy.model.gedi_correction import (
     INTERPOLATIONS, GediCorrectionNet, block_centres_lonlat, cut_block, downsample_block,
     load_correction, scalar_features)
 
-__all__ = ["apply_correction", "factor_field", "load_correction", "required_window"]
+__all__ = ["apply_correction", "correct_heights", "factor_field", "load_correction",
+           "required_window"]
 
 GSD_TOLERANCE = 1e-6  # relative, as canopy.io.imagery
 
@@ -238,3 +239,20 @@ def apply_correction(height: np.ndarray, rgb: np.ndarray, transform: Affine, crs
                          rgb_transform=rgb_transform, sun_elevation=sun_elevation,
                          interpolation=interpolation)
     return (height.astype(np.float64) * field).astype(np.float32)
+
+
+def correct_heights(correction: GediCorrectionNet, height: np.ndarray, spread: np.ndarray | None,
+                    rgb: np.ndarray, valid: np.ndarray, transform: Affine, crs, *,
+                    rgb_transform: Affine | None = None):
+    """Heights (and their spread) × the correction's smooth factor field.
+
+    ``rgb``/``valid`` may cover a larger window (``rgb_transform``, e.g. :func:`required_window`)
+    so that cells of a state run get the values a whole-area call would.
+    """
+    field = factor_field(transform, height.shape, rgb, crs, correction, valid=valid,
+                         rgb_transform=rgb_transform)
+    height = (height.astype(np.float64) * field).astype(np.float32)
+    if spread is not None:
+        spread = (spread.astype(np.float64) * field).astype(np.float32)
+    return height, spread
+

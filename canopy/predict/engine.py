@@ -9,7 +9,7 @@ to the manifest as it arrives, then builds the mosaic, overview, STAC collection
 
 The model is loaded once per worker process (a module-level cache keyed by checkpoint and
 device), never shipped with tasks. A state is ~10⁵ cells, so tasks are submitted in a bounded
-window rather than as one giant graph (geo.md §4.2).
+window rather than as one giant graph (docs/geo_conventions.md).
 """
 
 from __future__ import annotations
@@ -17,42 +17,28 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from affine import Affine
 import shapely
+from affine import Affine
 from rasterio.features import geometry_mask
 
 import canopy
-from canopy.errors import CanopyError, InputError, OutputError
-from canopy.io.cog import write_cog
+from canopy.errors import CanopyError, InputError, OptionError, OutputError
+from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
 from canopy.predict.blend import default_stride, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from canopy.predict.manifest import Manifest, check_or_write_run, sha256_file
-from canopy.predict.raster import to_output_dtype
-from canopy.predict.sources import Scene, index_imagery, read_mosaic, scenes_for_window
+from canopy.predict.options import PredictOptions
+from canopy.predict.sources import (
+    Scene, index_imagery, read_mosaic, scene_resampling, scenes_for_window)
+from canopy.progress import ProgressCallback, report
 
 CELLS_DIR = "cells"
 DEFAULT_CELL_PX = 4096
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What every cell task needs besides its cell (small, pickled per task)."""
-    checkpoint: str
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 8
-    dtype: str = "float32"
-    uncertainty: bool = False
-    stride: int | None = None
-    torch_threads: int | None = None
-    gedi_correction: str | None = None
-    lanes: int | None = None  # CPU batches run at once per worker (blend.lane_plan; None: auto)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,13 +48,13 @@ _MODELS: dict = {}
 _CORRECTIONS: dict = {}
 
 
-def worker_correction(job: JobSpec):
-    if job.gedi_correction not in _CORRECTIONS:
+def worker_correction(path: str):
+    if path not in _CORRECTIONS:
         from canopy.predict.correction import load_correction
 
         _CORRECTIONS.clear()
-        _CORRECTIONS[job.gedi_correction] = load_correction(job.gedi_correction)
-    return _CORRECTIONS[job.gedi_correction]
+        _CORRECTIONS[path] = load_correction(path)
+    return _CORRECTIONS[path]
 
 
 def worker_device(device: str) -> str:
@@ -86,30 +72,31 @@ def worker_device(device: str) -> str:
         return device
 
 
-def worker_model(job: JobSpec):
+def worker_model(checkpoint: str, opts: PredictOptions):
     """The model for this worker process, loaded on first use and kept."""
-    key = (job.checkpoint, job.device, job.precision)
+    key = (checkpoint, opts.device, opts.precision)
     if key not in _MODELS:
         from canopy.model.checkpoints import load_model
 
         _MODELS.clear()  # one model per worker: never two big ones side by side
-        model = load_model(job.checkpoint, device=worker_device(job.device))
-        _MODELS[key] = model.prepare_for_inference(job.precision)
+        model = load_model(checkpoint, device=worker_device(opts.device))
+        _MODELS[key] = model.prepare_for_inference(opts.precision)
     return _MODELS[key]
 
 
-def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, out_dir: str) -> dict:
+def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: str,
+                 opts: PredictOptions, out_dir: str) -> dict:
     """Predict one output cell and write its COG; returns the manifest record."""
     t0 = time.time()
-    if job.torch_threads:
+    if opts.torch_threads:
         import torch
 
         # per call, not per model load: OpenMP's thread count is a per-thread setting, and the
         # executor thread that runs this task need not be the one that loaded the model
-        torch.set_num_threads(job.torch_threads)
-    model = worker_model(job)
+        torch.set_num_threads(opts.torch_threads)
+    model = worker_model(checkpoint, opts)
     tile = model.cfg.tile_size
-    stride = job.stride or default_stride(tile)
+    stride = opts.stride or default_stride(tile)
     dr, dc, nr, nc = tile_window(cell, tile, stride)
     window_transform = cell.transform @ Affine.translation(dc, dr)
     record = {"id": cell.id, "epsg": cell.epsg, "host": socket.gethostname()}
@@ -117,20 +104,19 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     if not valid[-dr:-dr + cell.cell_px, -dc:-dc + cell.cell_px].any():
         return {**record, "status": "empty", "reason": "no imagery", "seconds": time.time() - t0}
 
-    height, spread = predict_array(model, rgb, valid, precision=job.precision,
-                                   batch_size=job.batch_size, with_std=job.uncertainty,
+    height, spread = predict_array(model, rgb, valid, precision=opts.precision,
+                                   batch_size=opts.batch_size, with_std=opts.uncertainty,
                                    stride=stride, origin=(0, 0), pad_mode="fill",
-                                   fixed_batch=True, lanes=job.lanes)
+                                   fixed_batch=True, lanes=opts.lanes)
     crop = (slice(-dr, -dr + cell.cell_px), slice(-dc, -dc + cell.cell_px))
     height = height[crop]
     spread = spread[crop] if spread is not None else None
-    if job.gedi_correction:
+    if opts.gedi_correction:
         # the factor of a block depends on the whole block's imagery: read the blocks around the
         # cell (not just its tile halo) so every cell gets what a whole-area call would give
-        from canopy.predict.correction import required_window
-        from canopy.predict.raster import correct_heights
+        from canopy.predict.correction import correct_heights, required_window
 
-        corr = worker_correction(job)
+        corr = worker_correction(opts.gedi_correction)
         win = required_window(cell.transform, (cell.cell_px, cell.cell_px), corr)
         wt = win.transform(cell.transform)
         rgb_c, ok_c, _ = read_mosaic(scenes, cell.crs, wt, (win.height, win.width), cell.gsd)
@@ -144,35 +130,31 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], job: JobSpec, 
     if not np.isfinite(height).any():
         return {**record, "status": "empty", "reason": "outside AOI", "seconds": time.time() - t0}
 
-    data, nodata = to_output_dtype(height, job.dtype)
-    bands, desc = [data], ["canopy_height"]
-    if spread is not None:
-        bands.append(to_output_dtype(spread, job.dtype)[0])
-        desc.append("canopy_height_std")
-    dates = sorted(d for d in (s.datetime for s in scenes if s.path in used) if d)
-    cfg = model.cfg
-    tags = {
-        "CANOPY_SOFTWARE": f"canopy-height {canopy.__version__}",
-        "CANOPY_MODEL": cfg.name, "CANOPY_MODEL_VERSION": cfg.version,
-        "CANOPY_MODEL_TRAINED": str(cfg.trained).lower(), "CANOPY_GSD": f"{cfg.gsd:g}",
-        "CANOPY_PRECISION": job.precision, "CANOPY_CELL": cell.id,
-        "CANOPY_GEDI_CORRECTION": Path(job.gedi_correction).name if job.gedi_correction else "none",
-        "CANOPY_SOURCE_IMAGES": ";".join(Path(p).name for p in used),
-        "CANOPY_TILE_SIZE": str(tile), "CANOPY_TILE_STRIDE": str(stride),
-        "CANOPY_TILE_ORIGIN_ROW": str(dr % stride), "CANOPY_TILE_ORIGIN_COL": str(dc % stride),
-    }
-    if dates:
-        tags["CANOPY_IMAGERY_DATES"] = f"{dates[0]}/{dates[-1]}"
+    dates = [d for s in scenes if s.path in used for d in _scene_dates(s)]
+    # the tiles this cell computed: its window's, from the first halo tile on (cell pixels)
+    lattice = TileLattice(tile, stride, origin_col=dc, origin_row=dr,
+                          count_col=(nc - tile) // stride + 1, count_row=(nr - tile) // stride + 1)
+    tags = prediction_tags(model.cfg, opts, lattice=lattice, sources=used,
+                           resampling=[scene_resampling(s, cell.crs, cell.gsd)
+                                       for s in scenes if s.path in used],
+                           imagery_dates=dates_tag(dates), cell=cell.id)
     rel = f"{CELLS_DIR}/{cell.id}.tif"
-    path = write_cog(Path(out_dir) / rel, np.stack(bands), crs=cell.crs, transform=cell.transform,
-                     nodata=nodata, descriptions=desc, units="m", tags=tags, overwrite=True,
-                     qml=False)
+    path = write_prediction(Path(out_dir) / rel, height, spread, crs=cell.crs,
+                            transform=cell.transform, dtype=opts.dtype, tags=tags, overwrite=True,
+                            qml=False)
     st = path.stat()
     return {**record, "status": "done", "path": rel, "bytes": st.st_size,
             "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path), "sources": used,
-            "datetime_start": dates[0] if dates else None,
-            "datetime_end": dates[-1] if dates else None,
+            "datetime_start": min(dates) if dates else None,
+            "datetime_end": max(dates) if dates else None,
             "seconds": round(time.time() - t0, 3)}
+
+
+def _scene_dates(scene: Scene) -> list[str]:
+    """The acquisition date(s) a scene's datetime text holds, as ISO dates."""
+    from data_catalog.imagery import parse_datetimes
+
+    return [d.date().isoformat() for d in parse_datetimes(scene.datetime or "")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,18 +214,13 @@ def _absolute_if_path(value: str | None) -> str | None:
     return str(Path(value).resolve())
 
 
-def validate_stride(stride: int | None, tile: int) -> None:
-    if stride is not None and not 0 < stride <= tile:
-        raise InputError(f"--stride must be between 1 and the model tile size {tile}, got {stride}")
-
-
 def _correction_identity(path: str | None) -> str | None:
     if not path:
         return None
     folder = Path(path)
     weights = folder / "model.safetensors" if folder.is_dir() else folder
     if not weights.exists():
-        raise InputError(f"--gedi-correction '{path}' holds no model.safetensors")
+        raise OptionError("gedi_correction", f"'{path}' holds no model.safetensors")
     return sha256_file(weights)
 
 
@@ -280,24 +257,28 @@ def predict_aoi(
     aoi,
     imagery,
     out_dir,
-    job: JobSpec,
+    checkpoint: str = "default",
+    opts: PredictOptions | None = None,
     *,
     cell_px: int = DEFAULT_CELL_PX,
     scheduler: str | None = None,
     workers: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     max_in_flight: int | None = None,
     client=None,
     verify: bool = False,
 ) -> RunSummary:
     """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest.
 
-    ``client`` (a ``distributed.Client``) is used as is and left open; otherwise one is made
-    from ``scheduler`` or a new LocalCluster and closed at the end. ``verify`` re-hashes every
-    finished cell on resume instead of trusting unchanged size + mtime. A cell whose task fails
-    is logged as failed (the run goes on), then the run ends with an error naming it; running
-    the command again retries it.
+    ``checkpoint`` is a model path or name (each worker loads it once); ``opts`` the prediction
+    options (``bands``/``scale``/``crs`` are for one raster only: a state run needs uint8 RGB
+    scenes with a CRS). ``client`` (a ``distributed.Client``) is used as is and left open;
+    otherwise one is made from ``scheduler`` or a new LocalCluster and closed at the end.
+    ``verify`` re-hashes every finished cell on resume instead of trusting unchanged size +
+    mtime. ``progress`` receives ``cells`` counts, and the Dask dashboard's address as a
+    message. A cell whose task fails is logged as failed (the run goes on), then the run ends
+    with an error naming it; running the command again retries it.
     """
     from data_catalog.aoi import resolve_aoi
 
@@ -308,34 +289,39 @@ def predict_aoi(
     # workers of a remote cluster see paths as given: hand them absolute ones (shared filesystem)
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"-o '{out_dir}' is a file; --aoi writes a folder")
-    job = JobSpec(**{**asdict(job),
-                     "checkpoint": _absolute_if_path(job.checkpoint),
-                     "gedi_correction": _absolute_if_path(job.gedi_correction)})
-    validate_stride(job.stride, load_config(job.checkpoint).tile_size)
+        raise OptionError("output", f"'{out_dir}' is a file; an area of interest writes a folder")
+    opts = opts or PredictOptions()
+    unsupported = [name for name in ("bands", "scale", "crs") if getattr(opts, name) is not None]
+    if unsupported:
+        raise OptionError(unsupported[0], "is not supported with an area of interest yet: state "
+                                          "runs need uint8 RGB scenes with a CRS (make a VRT that "
+                                          "selects bands)")
+    checkpoint = _absolute_if_path(str(checkpoint))
+    opts = opts.replace(gedi_correction=_absolute_if_path(opts.gedi_correction))
+    opts.check_for(load_config(checkpoint).tile_size)
     area = resolve_aoi(aoi)
     scenes = [s for s in index_imagery(imagery) if not Path(s.path).is_relative_to(out_dir)]
     if not scenes:
-        raise InputError(f"--imagery '{imagery}' holds no rasters outside the output folder")
+        raise OptionError("imagery", f"'{imagery}' holds no rasters outside the output folder")
     coverage = shapely.union_all([s.footprint for s in scenes])
     if not area.geometry.intersects(coverage):
         raise InputError(f"the AOI '{area.name}' does not intersect any of the {len(scenes)} imagery scene(s)")
 
-    model_ref, model_sha = _model_identity(job.checkpoint)
-    cfg = load_config(job.checkpoint)
-    stride = job.stride or default_stride(cfg.tile_size)
-    job = JobSpec(**{**asdict(job), "stride": stride})
+    model_ref, model_sha = _model_identity(checkpoint)
+    cfg = load_config(checkpoint)
+    stride = opts.stride or default_stride(cfg.tile_size)
+    opts = opts.replace(stride=stride)
     run = {
         "format": 1, "software": f"canopy-height {canopy.__version__}",
         "aoi": area.name, "aoi_sha256": _aoi_sha(area.geometry), "model": cfg.name,
         "model_version": cfg.version,
         "model_ref": model_ref, "model_sha256": model_sha, "gsd": cfg.gsd, "cell_px": cell_px,
-        "stride": stride, "dtype": job.dtype, "precision": job.precision,
-        "uncertainty": job.uncertainty, "imagery_sha256": _imagery_sha(scenes),
-        "gedi_correction_sha256": _correction_identity(job.gedi_correction),
+        "stride": stride, "dtype": opts.dtype, "precision": opts.precision,
+        "uncertainty": opts.uncertainty, "imagery_sha256": _imagery_sha(scenes),
+        "gedi_correction_sha256": _correction_identity(opts.gedi_correction),
         "imagery": sorted(s.path for s in scenes), "trained": cfg.trained,
         # a different batch shape or device can change the last bits (see blend.fixed_batch)
-        "batch_size": job.batch_size, "device": job.device.split(":")[0],
+        "batch_size": opts.batch_size, "device": opts.device.split(":")[0],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     resumed = check_or_write_run(out_dir, run, overwrite)
@@ -347,10 +333,10 @@ def predict_aoi(
 
     tree = STRtree([s.footprint for s in scenes])
     corr_cfg = None
-    if job.gedi_correction:
+    if opts.gedi_correction:
         from canopy.predict.correction import load_correction, required_window
 
-        corr_cfg = load_correction(job.gedi_correction)
+        corr_cfg = load_correction(opts.gedi_correction)
     cells = cells_for_aoi(area.geometry.intersection(coverage.buffer(1e-6)), cfg.gsd, cell_px)
     todo, skipped, no_imagery = [], 0, 0
     for cell, geom in cells:
@@ -377,21 +363,17 @@ def predict_aoi(
         todo.append((cell, aoi_wkb, hit))
 
     own_client = client is None
-    if own_client and scheduler is None and job.torch_threads is None:
+    if own_client and scheduler is None and opts.torch_threads is None:
         # dask sets OMP_NUM_THREADS=1 in its workers: without this, one core does all the work
-        job = JobSpec(**{**asdict(job), "torch_threads": max(1, (os.cpu_count() or 1) // (workers or 1))})
-    client = connect(scheduler, workers, job.torch_threads) if own_client else client
+        opts = opts.replace(torch_threads=max(1, (os.cpu_count() or 1) // (workers or 1)))
+    client = connect(scheduler, workers, opts.torch_threads) if own_client else client
     dashboard = getattr(client, "dashboard_link", None)
-    if progress and dashboard:
-        print(f"Dask dashboard: {dashboard}", file=sys.stderr)
     done, empty = 0, no_imagery
+    finished = skipped + no_imagery
+    if dashboard:
+        report(progress, "cells", finished, len(cells), message=f"Dask dashboard: {dashboard}")
+    report(progress, "cells", finished, len(cells))
     failed: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cells), initial=skipped + no_imagery, unit="cell", file=sys.stderr,
-                   disable=None)
     try:
         from distributed import as_completed
 
@@ -404,7 +386,7 @@ def predict_aoi(
         def submit_next() -> None:
             item = next(pending, None)
             if item is not None:
-                fut = client.submit(predict_cell, *item, job, str(out_dir), pure=False)
+                fut = client.submit(predict_cell, *item, checkpoint, opts, str(out_dir), pure=False)
                 cell_of[fut.key] = item[0]
                 futures.add(fut)
 
@@ -424,12 +406,10 @@ def predict_aoi(
             manifest.append(rec)
             done += rec["status"] == "done"
             empty += rec["status"] == "empty"
-            if bar is not None:
-                bar.update(1)
+            finished += 1
+            report(progress, "cells", finished, len(cells))
             submit_next()
     finally:
-        if bar is not None:
-            bar.close()
         if own_client:
             cluster = getattr(client, "cluster", None)
             client.close()

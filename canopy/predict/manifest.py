@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from canopy.errors import OutputError
+from canopy.errors import OutputExistsError
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -53,13 +53,13 @@ def check_or_write_run(out_dir: Path, run: dict, overwrite: bool) -> bool:
             return True
         if not overwrite:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != run.get(k)]
-            raise OutputError(
+            raise OutputExistsError(
                 f"'{out_dir}' holds a different run (differs in: {', '.join(diff)}); "
-                "use --overwrite to replace it or choose another -o"
-            )
+                "replace it or choose another output folder")
         remove_run_outputs(out_dir)
     elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError(f"'{out_dir}' is not empty and holds no canopy run; use --overwrite or another -o")
+        raise OutputExistsError(f"'{out_dir}' is not empty and holds no canopy run; replace it or "
+                                "choose another output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")

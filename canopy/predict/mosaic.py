@@ -4,9 +4,13 @@
   which reprojects cells of other UTM zones on the fly); per-zone ``mosaic_{epsg}.vrt`` always.
 * ``overview.tif``: the whole run averaged to a coarse GSD (a power-of-two multiple of the model
   GSD, at most ~16k px on a side) in the CRS of the zone holding most cells. A mosaic of
-  thousands of cells without it is several times slower to draw zoomed out (geo.md §2.6); the
+  thousands of cells without it is several times slower to draw zoomed out (docs/geo_conventions.md); the
   VRT/GTI point to it as their overview.
 * ``stac/collection.json`` with one item per cell (pystac).
+
+The VRTs carry the run's model tags and its model-tile lattice (:mod:`canopy.io.outputs`: the
+zone's lattice continues across cells, so a mosaic has origins and no counts), so
+``canopy evaluate`` measures the edge error of a mosaic as of one raster.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 
+from canopy.io import outputs
 from canopy.io.cog import write_cog
 from canopy.io.qml import write_qml
 
@@ -57,11 +62,32 @@ def _nodata_xml(nodata) -> str:
     return "nan" if isinstance(nodata, float) and math.isnan(nodata) else f"{nodata:g}"
 
 
+# tags that describe the whole run; the others (sources, dates, cell, tile counts) are per cell
+RUN_TAGS = (outputs.SOFTWARE, outputs.MODEL, outputs.MODEL_VERSION, outputs.MODEL_SOURCE,
+            outputs.MODEL_TRAINED, outputs.GSD, outputs.PRECISION, outputs.GEDI_CORRECTION)
+
+
+def mosaic_tags(out_dir: Path, records: list[dict], left: float, top: float) -> dict[str, str]:
+    """The run's model tags and the tile lattice in the pixels of a mosaic whose upper-left
+    corner is (left, top): tiles start at multiples of the stride in the zone's global grid."""
+    with rasterio.open(out_dir / records[0]["path"]) as ds:
+        tags, res = ds.tags(), ds.transform.a
+    meta = {k: tags[k] for k in RUN_TAGS if k in tags}
+    cell = outputs.TileLattice.from_tags(tags)
+    if cell is not None:
+        row0, col0 = int(round(-top / res)), int(round(left / res))
+        meta.update(outputs.TileLattice(cell.size, cell.stride, origin_col=(-col0) % cell.stride,
+                                        origin_row=(-row0) % cell.stride).tags())
+    return meta
+
+
 def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path | None = None) -> Path:
     """A VRT over same-CRS cells (written by hand: rasterio has no buildvrt and the cells sit on
     one pixel lattice, so each source is a plain offset copy)."""
     (left, bottom, right, top), profile, descriptions = _cell_grid(out_dir, records)
     res = profile["transform"].a
+    metadata = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>'
+                       for k, v in mosaic_tags(out_dir, records, left, top).items())
     width = int(round((right - left) / res))
     height = int(round((top - bottom) / res))
     crs = CRS.from_user_input(profile["crs"])
@@ -91,12 +117,13 @@ def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path
             f'  <VRTRasterBand dataType="{_gdal_type(profile["dtype"])}" band="{b}">\n'
             f"    <NoDataValue>{nod}</NoDataValue>\n"
             f"    <Description>{escape(descriptions[b - 1] or '')}</Description>\n"
-            f"    <UnitType>m</UnitType>\n{ov}" + "\n".join(sources) + "\n  </VRTRasterBand>"
+            f"    <UnitType>{outputs.UNITS}</UnitType>\n{ov}" + "\n".join(sources) + "\n  </VRTRasterBand>"
         )
     xml = (
         f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
         f"  <SRS>{escape(crs.to_wkt())}</SRS>\n"
         f"  <GeoTransform>{left!r}, {res!r}, 0, {top!r}, 0, {-res!r}</GeoTransform>\n"
+        f"  <Metadata>{metadata}</Metadata>\n"
         + "\n".join(bands) + "\n</VRTDataset>\n"
     )
     tmp = vrt_path.with_name(f".{vrt_path.name}.partial")
@@ -181,8 +208,9 @@ def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float,
     else:
         data = mean.astype(np.float32)
     return write_cog(out_dir / "overview.tif", data, crs=f"EPSG:{epsg}", transform=transform,
-                     nodata=nodata, descriptions=[d or "canopy_height" for d in descriptions],
-                     units="m", tags={"CANOPY_OVERVIEW_FACTOR": str(factor)}, overwrite=True)
+                     nodata=nodata, descriptions=[d or outputs.HEIGHT_BAND for d in descriptions],
+                     units=outputs.UNITS, tags={outputs.OVERVIEW_FACTOR: str(factor)},
+                     overwrite=True)
 
 
 def write_gti(out_dir: Path, records: list[dict], epsg: int, gsd: float, overview: Path) -> Path:
@@ -304,7 +332,7 @@ def finish_outputs(out_dir: Path, manifest, run: dict, area) -> Path | None:
             write_vrt(out_dir, [r for r in records if r["epsg"] == epsg],
                       out_dir / f"mosaic_{epsg}.vrt")
         main = write_gti(out_dir, records, main_epsg, run["gsd"], overview)
-    nodata = 255 if run["dtype"] == "uint8" else float("nan")
+    nodata = outputs.nodata_for(run["dtype"])
     for target in (main, overview, *(out_dir / f"mosaic_{e}.vrt" for e in by_zone)):
         write_qml(_qml_path(target), nodata=nodata, dtype=run["dtype"])
     write_stac(out_dir, records, run, area)

@@ -259,15 +259,16 @@ def evaluate_held_out(model, gbm, mean_height: float, targets: list, work: Path)
 
     from canopy.evaluate import evaluate
     from canopy.io.cog import write_cog
-    from canopy.io.imagery import read_rgb_on_grid
-    from canopy.predict.raster import PredictOptions, predict_raster
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
+    from data_catalog.raster import read_rgb_on_grid
 
     results: dict = {"sites": {}}
     for image, chm, chm_crs, split_x in targets:
         site = Path(image).stem
         ref = held_out_reference(chm, chm_crs, split_x, work / f"{site}_heldout_chm.tif")
         paths = {name: work / f"{site}_pred_{name}.tif" for name in ("model", "mean_height", "gbm")}
-        predict_raster(image, paths["model"], model, PredictOptions(overwrite=True, progress=False))
+        predict_raster(image, paths["model"], model, PredictOptions(), overwrite=True)
         with rasterio.open(paths["model"]) as src:
             valid = np.isfinite(src.read(1))
             profile = dict(crs=src.crs, transform=src.transform)

@@ -36,7 +36,7 @@ def train_gedi_correction_command(
     """Fit the GEDI correction model: one factor per imagery block so that factor × the decoder's
     footprint percentile matches GEDI RH. Apply it with `canopy predict --gedi-correction DIR`."""
     from canopy.errors import InputError
-    from canopy.predict.raster import resolve_device
+    from canopy.model.device import resolve_device
     from canopy.model.gedi_correction import CorrectionConfig
     from canopy.train.gedi_correction import FitOptions, check_run_dir, train_gedi_correction
     from canopy.train.gedi_samples import scenes_from_catalog, scenes_from_files
