@@ -189,7 +189,8 @@ _register_subcommands()
 
 # options whose flag is not the field name with dashes
 FLAG_NAMES = {"backbone_path": "--backbone", "max_height_m": "--max-height",
-              "block_size_m": "--block-size", "cell_px": "--cell-size"}
+              "block_size_m": "--block-size", "cell_px": "--cell-size", "out_dir": "--out",
+              "rh_metric": "--rh"}
 
 
 def flag_for(field: str) -> str:
@@ -210,10 +211,12 @@ def main() -> None:
     try:
         app()
     except OptionError as exc:  # the library names the field; the user typed a flag
-        typer.echo(f"error: {flag_for(exc.field)} {exc.detail}", err=True)
+        typer.echo(f"error: {exc.render(flag_for)}", err=True)
         sys.exit(2)
     except OutputExistsError as exc:
-        typer.echo(f"error: {exc} (use --overwrite to replace it)", err=True)
+        typer.echo(f"error: {exc} (use {flag_for(exc.remedy)} to go on with it)"
+                   if exc.remedy != "overwrite" else
+                   f"error: {exc} (use --overwrite to replace it)", err=True)
         sys.exit(2)
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)

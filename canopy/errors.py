@@ -10,6 +10,8 @@ a bad weights file is the same problem whichever layer finds it.
 
 from __future__ import annotations
 
+import re
+
 from data_catalog.errors import CatalogError
 from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
 
@@ -24,12 +26,19 @@ class InputError(CanopyError):
 
 class OptionError(InputError):
     """A setting has an impossible value. ``field`` is its name in the options type (e.g.
-    ``stride``); the CLI shows it as the flag (``--stride``), an API as the field."""
+    ``stride``). The message names settings as ``{name}`` placeholders (``"{steps} must be ≥
+    1"``; a message without its own field's placeholder is read as following it), so each front
+    end shows the names its users type: :meth:`render` with the CLI's flags (``--steps``), the
+    plain field names in ``str()`` and in an API."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
         self.field = field
-        self.detail = message
+        self.template = message if "{" + field + "}" in message else "{" + field + "} " + message
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of) -> str:
+        """The message with every ``{name}`` replaced by ``name_of(name)``."""
+        return _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.template)
 
 
 class OutputError(CanopyError):
@@ -37,13 +46,20 @@ class OutputError(CanopyError):
 
 
 class OutputExistsError(OutputError):
-    """The output is there already and ``overwrite`` was not asked for. The message says what
-    is there; the CLI adds how to replace it (``--overwrite``), an API its own field name."""
+    """The output is there already. The message says what is there; ``remedy`` names the
+    setting that would go on anyway (``overwrite``, or ``resume`` for a training run), which
+    the CLI shows as its flag and an API as its field."""
+
+    def __init__(self, message: str, remedy: str = "overwrite"):
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class NoDefaultModelError(CanopyError):
     """No trained default model ships with this version."""
 
+
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 #: The roots of every error a user can cause, in all three packages.
 USER_ERRORS = (CanopyError, CatalogError, BackboneError)

@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from canopy.errors import InputError, OutputError
+from canopy.errors import InputError, OptionError, OutputError, OutputExistsError
 from data_catalog.gedi import FOOTPRINT_DIAMETER_M, footprint_percentiles
 
 # Land-cover codes of the ``landcover`` layer.
@@ -146,7 +146,8 @@ class Sun:
 
     def __post_init__(self) -> None:
         if not 5.0 <= self.elevation <= 90.0:
-            raise InputError(f"--sun-elevation must be between 5 and 90 degrees, got {self.elevation}")
+            raise OptionError("sun_elevation", f"must be between 5 and 90 degrees, got "
+                                               f"{self.elevation}")
 
     def toward(self) -> tuple[float, float]:
         """Unit horizontal vector pointing to the sun in scene axes (x east, y south)."""
@@ -838,9 +839,10 @@ def _resolve_crs(crs: str):
     try:
         out = CRS.from_user_input(crs)
     except (CRSError, ValueError):
-        raise InputError(f"--crs '{crs}' is not a coordinate reference system") from None
+        raise OptionError("crs", f"'{crs}' is not a coordinate reference system") from None
     if not out.is_projected:
-        raise InputError(f"--crs '{crs}' is geographic; synthetic scenes need a projected CRS in metres")
+        raise OptionError("crs", f"'{crs}' is geographic; synthetic scenes need a projected CRS "
+                                 "in metres")
     return out
 
 
@@ -848,7 +850,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output '{out_dir}' exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputError(f"output folder '{out_dir}' is not empty (use --overwrite to replace it)")
+        raise OutputExistsError(f"output folder '{out_dir}' is not empty")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -917,12 +919,13 @@ def synth_scene(out_dir: str | os.PathLike, area_km2: float = 4.0, gsd: float = 
     from canopy.io.cog import write_cog
 
     if not (area_km2 > 0):
-        raise InputError(f"--area-km2 must be positive, got {area_km2}")
+        raise OptionError("area_km2", f"must be positive, got {area_km2}")
     if not (gsd > 0):
-        raise InputError(f"--gsd must be positive, got {gsd}")
+        raise OptionError("gsd", f"must be positive, got {gsd}")
     side_px = int(round(math.sqrt(area_km2 * 1e6) / gsd))
     if side_px < 32:
-        raise InputError(f"--area-km2 {area_km2} at --gsd {gsd} gives under 32 px per side")
+        raise OptionError("area_km2", f"{{area_km2}} {area_km2} at {{gsd}} {gsd} gives under 32 px "
+                                      "per side")
     sun = Sun(sun_elevation, sun_azimuth)  # validates the angle before any work
     crs_obj = _resolve_crs(crs)
     x0, y0 = DEFAULT_ORIGIN if origin is None else (float(origin[0]), float(origin[1]))
@@ -933,7 +936,7 @@ def synth_scene(out_dir: str | os.PathLike, area_km2: float = 4.0, gsd: float = 
                        layers=(), block_size=block_size)
     shots = gedi_like_shots(scene.chm, gsd, seed, gedi)
     if shots["x"].size == 0:
-        raise InputError(f"--area-km2 {area_km2} is too small to hold a GEDI footprint")
+        raise OptionError("area_km2", f"{area_km2} is too small to hold a GEDI footprint")
     transform = from_origin(x0, y0, gsd, gsd)
     tags = {
         "CANOPY_SYNTHETIC": "true", "CANOPY_SYNTH_SEED": str(seed),

@@ -358,7 +358,7 @@ def test_catalog_with_gedi_trains_through_the_decoder(tmp_path, scene_files):
 
 
 def test_bad_options_are_input_errors():
-    with pytest.raises(InputError, match="--rh"):
+    with pytest.raises(InputError, match="rh_metric must be one of rh95, rh98"):
         CorrectionConfig(rh_metric="rh50")
     with pytest.raises(InputError, match="multiple"):
         CorrectionConfig(block_px=1000, input_px=256)

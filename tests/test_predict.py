@@ -408,8 +408,9 @@ def test_options_are_validated_once_naming_the_field():
         with pytest.raises(OptionError) as err:
             PredictOptions(**kwargs)
         field = next(iter(kwargs))
-        assert err.value.field == field and str(err.value).startswith(f"{field}: "), kwargs
+        assert err.value.field == field and str(err.value).startswith(f"{field} "), kwargs
+        assert err.value.render(lambda n: f"--{n}").startswith(f"--{field} ")
     opts = PredictOptions(bands="3,2,1", scale=[0, 3000], gedi_correction=Path("g"))
     assert opts.bands == (3, 2, 1) and opts.scale == (0.0, 3000.0) and opts.gedi_correction == "g"
-    with pytest.raises(OptionError, match="stride: must be between 1 and the model tile size 256"):
+    with pytest.raises(OptionError, match="stride must be between 1 and the model tile size 256"):
         PredictOptions(stride=300).check_for(256)

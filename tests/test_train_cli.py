@@ -30,7 +30,13 @@ def run_cli(args: list[str]):
     app.command("version")(lambda: None)  # a second command keeps 'train' a subcommand
     result = CliRunner().invoke(app, ["train", *args])
     if isinstance(result.exception, USER_ERRORS):
-        message = str(result.exception)
+        from canopy.cli import flag_for
+        from canopy.errors import OptionError
+
+        exc = result.exception  # shown as the main CLI shows it: options by their flags
+        message = exc.render(flag_for) if isinstance(exc, OptionError) else str(exc)
+        if getattr(exc, "remedy", None):
+            message += f" (use {flag_for(exc.remedy)} to go on with it)"
         return 2, f"error: {message}", message
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -140,7 +146,9 @@ def test_gedi_shots_outside_the_area(tmp_path, scene):
     (["--synthetic", "1", "--cosub"], "--finetune-blocks"),
     (["--synthetic", "1", "--precision", "fp16"], "--precision"),
     (["--synthetic", "1", "--split-fractions", "1,2"], "--split-fractions"),
-    (["--synthetic", "1", "--backbone", "nowhere.safetensors"], "not found"),
+    (["--synthetic", "1", "--backbone", "nowhere.safetensors"], "--backbone 'nowhere.safetensors': file not found"),
+    (["--synthetic", "1", "--lr", "-1"], "--lr must be a positive number"),
+    (["--synthetic", "1", "--batch-size", "0"], "--batch-size must be a whole number ≥ 1"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     assert_one_line_error([*args, "-o", str(tmp_path / "o"), "--steps", "1", *SMALL], fragment)

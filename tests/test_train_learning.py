@@ -105,7 +105,7 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_chips):
     train(cfg, tr[:16], va[:2])
     with pytest.raises(InputError, match="lr"):
         train(micro_config(tmp_path / "r", steps=2, seed=1, lr=5e-4), tr[:16], va[:2], resume=True)
-    with pytest.raises(OutputError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):  # an OutputExistsError: remedy resume
         train(micro_config(tmp_path / "r", steps=2, seed=1), tr[:16], va[:2])
 
 
@@ -125,7 +125,7 @@ def test_train_config_reads_back_and_a_bad_checkpoint_is_one_error(tmp_path, syn
     tr, va = synthetic_chips
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="--resume: .*cannot read"):
+    with pytest.raises(InputError, match="resume: .*cannot read"):
         train(cfg, tr[:8], va[:1], resume=True)
 
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from canopy.errors import InputError, OutputError, OutputExistsError
+from canopy.errors import InputError, OptionError, OutputError, OutputExistsError
 from canopy.io import outputs
 from canopy.evaluate.metrics import (
     BLOCK_MIN_VALID_SHARE, BLOCK_SIZE, HEIGHT_BIN_EDGES, TREE_COVER_THRESHOLD_M, EdgeSums,
@@ -563,7 +563,7 @@ def evaluate(prediction_path: str | os.PathLike, reference_paths: Sequence[str |
     pred_path = str(prediction_path)
     refs = [str(r) for r in reference_paths]
     if not refs:
-        raise InputError("give at least one reference CHM (--reference)")
+        raise OptionError("reference", "give at least one reference CHM ({reference})")
     ref_crs = parse_crs(reference_crs, "--reference-crs") if reference_crs else None
     out = Path(out_dir)
     tmp = _prepare_out_dir(out, overwrite)

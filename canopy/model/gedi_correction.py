@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, LayerScale, LayerScale2d, Mlp
 from torch import nn
 
-from canopy.errors import CheckpointError, InputError, OutputError
+from canopy.errors import CheckpointError, InputError, OptionError, OutputError
 from canopy.model.config import HRCH_MEAN, HRCH_STD
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
@@ -89,19 +89,24 @@ class CorrectionConfig:
         self.widths = tuple(int(w) for w in self.widths)
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         if self.rh_metric not in RH_METRICS:
-            raise InputError(f"--rh must be one of {', '.join(RH_METRICS)}, got '{self.rh_metric}'")
+            raise OptionError("rh_metric", f"must be one of {', '.join(RH_METRICS)}, "
+                                           f"got '{self.rh_metric}'")
         if self.interpolation not in INTERPOLATIONS:
-            raise InputError(f"interpolation must be one of {INTERPOLATIONS}, got '{self.interpolation}'")
+            raise OptionError("interpolation", f"must be one of {', '.join(INTERPOLATIONS)}, "
+                                               f"got '{self.interpolation}'")
         unknown = [s for s in self.scalars if s not in SCALAR_WIDTHS]
         if unknown:
-            raise InputError(f"unknown scalar input '{unknown[0]}' (known: {', '.join(SCALAR_WIDTHS)})")
-        if self.input_px % STEM_STRIDE or self.block_px % self.input_px or self.input_px <= 0:
-            raise InputError(f"--block-px {self.block_px} must be a multiple of --input-px "
-                             f"{self.input_px}, itself a multiple of {STEM_STRIDE}")
+            raise OptionError("scalars", f"'{unknown[0]}' is unknown (known: "
+                                         f"{', '.join(SCALAR_WIDTHS)})")
+        if self.input_px <= 0 or self.input_px % STEM_STRIDE or self.block_px % self.input_px:
+            raise OptionError("block_px", f"{{block_px}} {self.block_px} must be a multiple of "
+                                          f"{{input_px}} {self.input_px}, itself a multiple of "
+                                          f"{STEM_STRIDE}")
         if len(self.widths) != 4:
-            raise InputError("widths: give four stem widths")
+            raise OptionError("widths", "give four stem widths")
         if self.widths[-1] % self.heads:
-            raise InputError(f"token width {self.widths[-1]} is not divisible by {self.heads} heads")
+            raise OptionError("heads", f"{self.heads} do not divide the token width "
+                                       f"{self.widths[-1]}")
 
     @property
     def percentile(self) -> float:

@@ -23,7 +23,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
-from canopy.errors import InputError
+from canopy.errors import OptionError
 from data_catalog.raster import (
     LatticeReader, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
     resolve_crs, rgb_bands)
@@ -67,7 +67,7 @@ def index_imagery(spec: str | Path) -> list[Scene]:
     """Scenes from a folder, one raster/VRT, or a catalog GeoParquet (its 'imagery' rows)."""
     path = Path(spec)
     if not path.exists():
-        raise InputError(f"--imagery '{spec}' does not exist")
+        raise OptionError("imagery", f"'{spec}' does not exist")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES
                        and not p.name.startswith("."))
@@ -81,7 +81,7 @@ def index_imagery(spec: str | Path) -> list[Scene]:
     else:
         scenes = [_scene_from_raster(str(path))]
     if not scenes:
-        raise InputError(f"--imagery '{spec}' holds no rasters")
+        raise OptionError("imagery", f"'{spec}' holds no rasters")
     return scenes
 
 

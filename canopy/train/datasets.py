@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from canopy.errors import InputError
+from canopy.errors import InputError, OptionError
 from canopy.train.augment import NO_AUGMENT, AugmentConfig, augment
 from canopy.train.losses import downsample_target
 
@@ -353,8 +353,8 @@ def parse_pair(text: str, default_chm_crs: str | None = None) -> tuple[str, str,
     """'IMG.tif:CHM.tif[:EPSG:32617]' → (imagery, chm, chm_crs)."""
     parts = text.split(":")
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise InputError(f"--pairs {text!r}: expected IMAGE.tif:CHM.tif (optionally :EPSG:NNNN "
-                         "for a CHM without a CRS)")
+        raise OptionError("pairs", f"{text!r}: expected IMAGE.tif:CHM.tif (optionally :EPSG:NNNN "
+                                   "for a CHM without a CRS)")
     crs = ":".join(parts[2:]) or default_chm_crs
     return parts[0], parts[1], crs
 
@@ -380,15 +380,16 @@ def _catalog_source(spec: DataSpec):
     try:
         cat = Catalog.open(spec.catalog, must_exist=True)
     except CatalogError as exc:
-        raise InputError(f"--catalog: {exc}") from None
+        raise OptionError("catalog", f"{{catalog}}: {exc}") from None
     frame = cat.frame
     kinds = set(frame["kind"]) if len(frame) else set()
     if "chm" not in kinds:
-        raise InputError(f"--catalog {spec.catalog}: holds no CHM (canopy height) rows to train on; "
-                         "add some with `canopy catalog add chm FILES` or `... add lidar LAS/LAZ`")
+        raise OptionError("catalog", f"{spec.catalog}: holds no CHM (canopy height) rows to train "
+                                     "on; add some with `canopy catalog add chm FILES` or `... add "
+                                     "lidar LAS/LAZ`")
     if "imagery" not in kinds:
-        raise InputError(f"--catalog {spec.catalog}: holds no imagery rows; add RGB rasters with "
-                         "`canopy catalog add imagery FILES`")
+        raise OptionError("catalog", f"{spec.catalog}: holds no imagery rows; add RGB rasters "
+                                     "with `canopy catalog add imagery FILES`")
     dated = frame[frame["kind"].isin(["imagery", "chm"])]
     dates = dict(zip(dated["path"].astype(str), dated["datetime"]))  # path → acquisition date
     gedi = [str(p) for p in frame[frame["kind"] == "gedi"]["path"]]
@@ -406,7 +407,8 @@ def _read_gedi(spec: DataSpec, catalog_gedi: list[str]):
         return str(spec.gedi) if Path(spec.gedi).is_dir() else read_shots(spec.gedi)
     if catalog_gedi:
         return catalog_gedi
-    raise InputError("--gedi-weight > 0 needs GEDI shots: give --gedi FILE or a catalog with GEDI rows")
+    raise OptionError("gedi_weight", "{gedi_weight} > 0 needs GEDI shots: give {gedi} FILE or a "
+                                     "catalog with GEDI rows")
 
 
 def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict]:
@@ -419,7 +421,8 @@ def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict
     from data_catalog.errors import CatalogError
 
     if not spec.catalog and not spec.pairs and spec.synthetic <= 0:
-        raise InputError("no training data: give --catalog, --pairs IMAGE:CHM or --synthetic N")
+        raise OptionError("pairs", "no training data: give {catalog}, {pairs} IMAGE:CHM or "
+                                   "{synthetic} N")
     train: list[ChipRecord] = []
     val: list[ChipRecord] = []
     summary: dict = {}
@@ -434,7 +437,7 @@ def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict
             img, chm, crs = parse_pair(text, spec.chm_crs)
             for path, what in ((img, "imagery"), (chm, "CHM")):
                 if not os.path.exists(path):
-                    raise InputError(f"--pairs: {what} file {path} not found")
+                    raise OptionError("pairs", f"{{pairs}}: {what} file {path} not found")
             if chm.lower().endswith((".las", ".laz")):
                 chm = _derive_chm(chm, spec.lidar_resolution, crs, spec.work_dir)
             pairs.append((img, chm, crs) if crs else (img, chm))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from canopy.errors import InputError, OutputError
+from canopy.errors import InputError, OptionError, OutputError, OutputExistsError
 from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 from canopy.train.gedi_samples import BlockSample, TrainingScene, samples_from_scenes
 from canopy.train.gedi_samples import decoder_gsd
@@ -50,10 +50,14 @@ class FitOptions:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_blocks < 1 or not self.lr > 0:
-            raise InputError("--steps must be ≥ 0, --batch-blocks ≥ 1 and --lr > 0")
+        if self.steps < 0:
+            raise OptionError("steps", f"must be ≥ 0, got {self.steps}")
+        if self.batch_blocks < 1:
+            raise OptionError("batch_blocks", f"must be ≥ 1, got {self.batch_blocks}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError("lr", f"must be a positive number, got {self.lr}")
         if not 0 <= self.val_share < 1:
-            raise InputError(f"--val-share must be in [0, 1), got {self.val_share}")
+            raise OptionError("val_share", f"must be in [0, 1), got {self.val_share}")
 
 
 @dataclass
@@ -221,7 +225,7 @@ def check_run_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output '{out}' exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output folder '{out}' is not empty (use --overwrite to replace it)")
+        raise OutputExistsError(f"output folder '{out}' is not empty")
     return out
 
 

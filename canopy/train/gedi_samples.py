@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from canopy.errors import InputError
+from canopy.errors import InputError, OptionError
 from canopy.model.gedi_correction import (
     CorrectionConfig, block_centres_lonlat, cut_block, downsample_block, scalar_features)
 from canopy.predict.correction import global_origin
@@ -160,12 +160,14 @@ def scenes_from_files(imagery: Sequence[str], gedi: Sequence[str],
                       heights: Sequence[str] | None = None) -> list[TrainingScene]:
     """Every GEDI file applies to every imagery raster; shots are cut to each raster's bbox."""
     if not imagery:
-        raise InputError("give --imagery (one or more RGB rasters) or --catalog")
+        raise OptionError("imagery", "give one or more RGB rasters ({imagery}) or a catalog "
+                                     "({catalog})")
     if not gedi:
-        raise InputError("give --gedi (GEDI shots: GeoParquet, GeoJSON or an ingest folder)")
+        raise OptionError("gedi", "give GEDI shots ({gedi}: GeoParquet, GeoJSON or an ingest "
+                                  "folder)")
     if heights and len(heights) != len(imagery):
-        raise InputError(f"give one --heights raster per --imagery raster "
-                         f"({len(heights)} for {len(imagery)})")
+        raise OptionError("heights", f"give one {{heights}} raster per {{imagery}} raster "
+                                     f"({len(heights)} for {len(imagery)})")
     import pandas as pd
 
     scenes = []
@@ -221,7 +223,8 @@ def decoder_gsd(decoder, heights: str | None) -> tuple[float, str]:
         cfg = decoder.cfg if hasattr(decoder, "cfg") else load_config(decoder)
         return float(cfg.gsd), cfg.name
     if heights is None:
-        raise InputError("give --model (the decoder whose heights are corrected) or --heights")
+        raise OptionError("model", "give the decoder whose heights are corrected ({model}) or "
+                                   "its heights ({heights})")
     with open_raster(heights) as ds:
         return float(abs(ds.transform.a)), Path(heights).name
 
@@ -255,7 +258,8 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
             height, _ = predict_array(model, img.rgb, img.valid, precision=precision,
                                       batch_size=batch_size)
         else:
-            raise InputError("give --model (the decoder whose heights are corrected) or --heights")
+            raise OptionError("model", "give the decoder whose heights are corrected ({model}) "
+                                       "or its heights ({heights})")
         sun = scene.sun_elevation if scene.sun_elevation is not None else sun_elevation
         s, rep = block_samples(img.rgb, img.valid, height, img.transform, img.crs, scene.shots,
                                cfg, sun_elevation=sun, source=Path(scene.imagery).name)

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from canopy.errors import CheckpointError, InputError, OutputError
+from canopy.errors import CheckpointError, InputError, OptionError, OutputExistsError
+from canopy.model.device import resolve_device
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTConfig
 from canopy.model.height_model import PRECISIONS, HeightModel, autocast_context, match_input_grid
@@ -127,23 +128,43 @@ class TrainConfig:
         return config_from_dict(cls, d, what="train config")
 
     def check(self) -> None:
+        """Every setting that can be wrong, each error naming its field, before data is read."""
         if self.precision not in PRECISIONS:
-            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, "
+                                           f"got '{self.precision}'")
         if (self.steps is None) == (self.epochs is None):
-            raise InputError("give exactly one of --steps and --epochs")
-        if (self.steps or 1) <= 0 or (self.epochs or 1) <= 0:
-            raise InputError("--steps/--epochs must be positive")
-        if self.batch_size <= 0 or self.chip_size < 16 or self.gsd <= 0:
-            raise InputError("--batch-size must be ≥ 1, --chip-size ≥ 16 and --gsd > 0")
+            raise OptionError("steps", "give exactly one of {steps} and {epochs}")
+        for name in ("steps", "epochs", "batch_size", "val_batch_size", "log_every",
+                     "checkpoint_every", "n_bins", "threads", "stop_after_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < (2 if name == "n_bins" else 1)):
+                raise OptionError(name, f"must be a whole number ≥ {2 if name == 'n_bins' else 1}, "
+                                        f"got {value!r}")
+        if self.chip_size < 16:
+            raise OptionError("chip_size", f"must be at least 16 px, got {self.chip_size}")
+        for name in ("gsd", "lr", "max_height_m", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise OptionError(name, f"must be a positive number, got {value!r}")
+        for name, hi in (("weight_decay", math.inf), ("min_lr_share", 1.0), ("drop_path", 0.999),
+                         ("cosub_weight", math.inf), ("relu_leak", 1.0), ("head_lr_mult", math.inf)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= hi):
+                raise OptionError(name, f"must be between 0 and {hi:g}, got {value!r}")
+        if self.backbone_lr_mult is not None and not self.backbone_lr_mult >= 0:
+            raise OptionError("backbone_lr_mult", f"must be ≥ 0, got {self.backbone_lr_mult!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise OptionError("warmup_steps", f"must be ≥ 0, got {self.warmup_steps}")
         if self.cosub and self.finetune_blocks == 0:
-            raise InputError("--cosub trains stochastic-depth submodels of the backbone: it needs "
-                             "--finetune-blocks N (N ≥ 1, or -1 for all)")
+            raise OptionError("cosub", "trains stochastic-depth submodels of the backbone: it "
+                                       "needs {finetune_blocks} N (N ≥ 1, or -1 for all)")
         if self.backbone_path and not Path(self.backbone_path).exists():
-            raise CheckpointError(f"--backbone {self.backbone_path}: file not found")
+            raise OptionError("backbone_path", f"'{self.backbone_path}': file not found")
         if self.init_model and not Path(self.init_model).exists():
-            raise CheckpointError(f"--init-model {self.init_model}: not found")
+            raise OptionError("init_model", f"'{self.init_model}': not found")
         if self.arch not in VARIANTS and self.backbone_path is None and self.init_model is None:
-            raise InputError(f"--arch {self.arch}: unknown (one of {', '.join(VARIANTS)})")
+            raise OptionError("arch", f"'{self.arch}' is unknown (one of {', '.join(VARIANTS)})")
 
 
 # 'Resume' must see the same job: these fields may differ between the first run and a resume.
@@ -359,7 +380,7 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         return load_checkpoint(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     except CheckpointError as exc:
-        raise InputError(f"--resume: {exc}") from None
+        raise OptionError("resume", f"{{resume}}: {exc}") from None
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -367,9 +388,9 @@ def check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
     diffs = sorted(k for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k])
     if diffs:
         k = diffs[0]
-        raise InputError(f"--resume: {path} was written by a run with {k}={saved.get(k)!r}, "
-                         f"this one has {now[k]!r}; resume with the same settings "
-                         f"({len(diffs)} differ: {', '.join(diffs)})")
+        raise OptionError("resume", f"{{resume}}: {path} was written by a run with {k}={saved.get(k)!r}, "
+                                    f"this one has {now[k]!r}; resume with the same settings "
+                                    f"({len(diffs)} differ: {', '.join(diffs)})")
 
 
 # ------------------------------------------------------------------------------------ logs
@@ -471,14 +492,6 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise InputError(f"--device must be cpu or cuda, got '{name}'")
-    return torch.device(name)
-
-
 def compute_loss(fwd: nn.Module, model: HeightModel, batch: dict, cfg: TrainConfig,
                  device: torch.device, logit_scale: float) -> dict[str, torch.Tensor]:
     """Regular loss (SiLog + L1 [+ GEDI]) on each view; with cosub, the views also teach each
@@ -525,15 +538,15 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     if not train_records:
         raise InputError("no training chips: nothing to learn from")
     info = init_distributed(cfg.device)
-    device = _device(cfg.device if not cfg.device.startswith("cuda") or info.world_size == 1
-                     else f"cuda:{info.local_rank}")
+    device = resolve_device(cfg.device if not cfg.device.startswith("cuda") or info.world_size == 1
+                            else f"cuda:{info.local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL needs each rank on its own GPU
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % info.world_size:
-        raise InputError(f"--batch-size {cfg.batch_size} must be divisible by the "
-                         f"{info.world_size} processes")
+        raise OptionError("batch_size", f"{cfg.batch_size} must be divisible by the "
+                                        f"{info.world_size} processes")
     out = Path(cfg.out_dir)
     ck_path = out / CHECKPOINT_NAME
     if info.is_main:
@@ -679,14 +692,14 @@ def _prepare_out_dir(out: Path, resume: bool, create: bool = True) -> None:
     ``create`` make the folder. The CLI checks first without creating, so a bad input found
     while reading the data leaves nothing behind."""
     if out.exists() and not out.is_dir():
-        raise OutputError(f"-o {out}: exists and is not a folder")
+        raise OptionError("out_dir", f"'{out}' exists and is not a folder")
     if out.exists() and not resume and any(p.name != "derived_chm" for p in out.iterdir()):
-        raise OutputError(f"-o {out}: folder is not empty; use --resume to continue the run in it, "
-                          "or choose a new folder")
+        raise OutputExistsError(f"'{out}' is not empty: another run, or something else; choose a "
+                                "new folder", remedy="resume")
     if not create:
         parent = next((p for p in [out, *out.parents] if p.exists()), None)
         if parent is None or not os.access(parent, os.W_OK):
-            raise OutputError(f"-o {out}: cannot write there")
+            raise OptionError("out_dir", f"'{out}': cannot write there")
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -694,7 +707,7 @@ def _prepare_out_dir(out: Path, resume: bool, create: bool = True) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"-o {out}: cannot write there ({exc.strerror})") from None
+        raise OptionError("out_dir", f"'{out}': cannot write there ({exc.strerror})") from None
 
 
 def model_card(model: HeightModel, cfg: TrainConfig, steps: int, seconds: float, n_train: int,
