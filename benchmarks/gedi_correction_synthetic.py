@@ -98,7 +98,8 @@ def synthetic_benchmark(scenario: str = "cover", n_train: int = 12, n_test: int 
         samples += s
         if log:
             log(f"train scene {seed}: {len(s)} blocks, {sum(len(b.rh) for b in s)} shots")
-    model, report = fit_correction(samples, cfg, opts, log=log)
+    model, report = fit_correction(
+        samples, cfg, opts, progress=(lambda ev: log(ev.message) if ev.message else None) if log else None)
     g = report.global_factor
     # "exact_chm" scores the true CHM itself: the floor GEDI noise and geolocation error leave
     names = ("decoder", "global_factor", "corrected", "exact_chm")

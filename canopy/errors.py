@@ -41,6 +41,18 @@ class OptionError(InputError):
         return _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.template)
 
 
+class TrainingDivergedError(OptionError):
+    """Training stopped because its loss became NaN or infinite (a learning rate too high, a
+    broken label); the message names the settings to change."""
+
+    def __init__(self, message: str):
+        super().__init__("lr", message)
+
+
+class ModelOutputError(CanopyError):
+    """The model gave heights that cannot be right (NaN or infinite where the input is valid)."""
+
+
 class OutputError(CanopyError):
     """An output path cannot be written (it exists, its folder is unwritable or full)."""
 
@@ -66,4 +78,4 @@ USER_ERRORS = (CanopyError, CatalogError, BackboneError)
 
 __all__ = ["USER_ERRORS", "BackboneError", "CanopyError", "CatalogError", "CheckpointError",
            "ConfigError", "InputError", "NoDefaultModelError", "OptionError", "OutputError",
-           "OutputExistsError"]
+           "ModelOutputError", "OutputExistsError", "TrainingDivergedError"]

@@ -160,7 +160,9 @@ def vit_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backb
 
 
 def load_state_dict_strict(module: nn.Module, sd: dict, source: str) -> None:
-    """Strict load with one readable error listing missing/unexpected keys and shape mismatches."""
+    """Strict load with one readable error listing missing/unexpected keys and shape mismatches,
+    or naming the first tensor that holds NaN or infinite values (a diverged training run: its
+    maps would be all NaN, so it is refused when loaded rather than after hours of prediction)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -179,6 +181,11 @@ def load_state_dict_strict(module: nn.Module, sd: dict, source: str) -> None:
         if mismatched:
             parts.append(f"mismatched shapes: {show(mismatched)}")
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(parts))
+    broken = next((k for k in sorted(sd) if sd[k].is_floating_point()
+                   and not bool(torch.isfinite(sd[k]).all())), None)
+    if broken is not None:
+        raise CheckpointError(f"{source}: weights hold NaN or infinite values ({broken}); the "
+                              "run that wrote them diverged")
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
 
 

@@ -414,3 +414,17 @@ def test_options_are_validated_once_naming_the_field():
     assert opts.bands == (3, 2, 1) and opts.scale == (0.0, 3000.0) and opts.gedi_correction == "g"
     with pytest.raises(OptionError, match="stride must be between 1 and the model tile size 256"):
         PredictOptions(stride=300).check_for(256)
+
+
+def test_a_model_giving_nan_writes_no_map(tmp_path, good_rgb):
+    """A model whose output is NaN over valid input is an error, not a finished-looking COG of
+    nodata (before: a 100 % NaN map, 'wrote …', exit 0)."""
+    from canopy.errors import ModelOutputError
+    from canopy.model.checkpoints import load_model
+
+    broken = load_model("micro")
+    with torch.no_grad():
+        broken.decode_head.project.conv.bias.fill_(float("nan"))
+    with pytest.raises(ModelOutputError, match="non-finite heights for .* valid pixels"):
+        predict_raster(good_rgb, tmp_path / "nan.tif", broken)
+    assert not list(tmp_path.glob("*nan*"))

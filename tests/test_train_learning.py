@@ -183,3 +183,30 @@ def test_two_process_ddp_matches_one_process(tmp_path, synthetic_chips):
     # gradients are averaged over two half-batches instead of one batch: same to rounding
     for key in b:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+
+
+def test_a_diverging_run_stops_with_one_error_and_no_model(tmp_path, synthetic_chips):
+    """A learning rate that sends the loss to NaN stops training at that step with an error
+    naming the setting; no model folder appears (before: a NaN model written as trained)."""
+    from canopy.errors import TrainingDivergedError
+
+    tr, va = synthetic_chips
+    cfg = micro_config(tmp_path / "d", steps=30, finetune_blocks=-1, seed=0, lr=1e12,
+                       grad_clip=1e12, checkpoint_every=1)
+    with pytest.raises(TrainingDivergedError) as err:
+        train(cfg, tr[:16], va[:2])
+    assert "diverged at step" in str(err.value) and "lr" in str(err.value)
+    assert not (tmp_path / "d" / "model").exists()
+    assert not (tmp_path / "d" / "summary.json").exists()
+
+
+def test_a_model_with_nan_weights_is_refused_when_loaded(tmp_path, micro_model):
+    from canopy.errors import CheckpointError
+    from canopy.model.checkpoints import load_model, save_native
+
+    broken = load_model("micro")
+    with torch.no_grad():
+        broken.decode_head.project.conv.weight[0, 0, 0, 0] = float("nan")
+    save_native(broken, tmp_path / "nan_model")
+    with pytest.raises(CheckpointError, match="NaN or infinite values .*decode_head.project.conv.weight"):
+        load_model(tmp_path / "nan_model")

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from canopy.errors import ModelOutputError
 from canopy.model.height_model import PER_TILE_PRECISIONS
 
 DEFAULT_OVERLAP_FRACTION = 0.25  # 64 px of a 256 px tile, as the HRCH notebook
@@ -218,6 +219,13 @@ def predict_array(
 
     crop = (slice(top, top + h), slice(left, left + w))
     height = (num[crop] / den[crop]).float().cpu().numpy()
+    bad = int((~np.isfinite(height[valid])).sum())
+    if bad:
+        # a model with broken weights gives NaN everywhere: refuse rather than write a map of
+        # nodata that looks finished
+        raise ModelOutputError(f"the model gave non-finite heights for {bad:,} of "
+                               f"{int(valid.sum()):,} valid pixels ({model.cfg.name}: broken "
+                               "weights or input)")
     spread = (num_std[crop] / den[crop]).float().cpu().numpy() if with_std else None
     if not all_valid:
         height[~valid] = np.nan

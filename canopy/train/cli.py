@@ -107,10 +107,12 @@ def train_command(
         max_date_gap_days=max_date_gap_days, lidar_resolution=lidar_resolution, chm_crs=chm_crs,
         work_dir=str(out),
     )
-    say = (lambda s: None) if quiet else (lambda s: typer.echo(s, err=True))
+    from canopy.cli import ProgressBars
+
     train_records, val_records, summary = build_data(spec)
-    result = train(cfg, train_records, val_records, resume=resume, data_summary=summary,
-                   command=_command_line(), progress=say)
+    with ProgressBars("train", enabled=not quiet) as bars:
+        result = train(cfg, train_records, val_records, resume=resume, data_summary=summary,
+                       command=_command_line(), progress=bars)
     if result.finished:
         v = result.final_val
         tail = (f"; val MAE {v['val_mae']:.2f} m (mean-height baseline {v['baseline_mae']:.2f} m)"

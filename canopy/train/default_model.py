@@ -476,6 +476,12 @@ def model_card(recipe: Recipe, summary: dict, result, evals: dict, mean_height: 
 # ------------------------------------------------------------------------------------ main
 
 
+def _print_messages(event) -> None:
+    """This script's own progress display: the training loop's log lines."""
+    if event.message:
+        print(event.message, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train and evaluate the bundled default model.")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where model.safetensors etc. go")
@@ -515,7 +521,7 @@ def main(argv=None) -> int:
         f" --steps {args.steps}" if args.steps != Recipe.steps else "") + (
         f" --holdout {args.holdout}" if args.holdout != Recipe.holdout else "")
     result = train(cfg, train_records, val_records, resume=(run_dir / "train" / "checkpoint.pt").exists(),
-                   data_summary=summary, command=command, progress=lambda s: print(s, flush=True))
+                   data_summary=summary, command=command, progress=_print_messages)
     model = load_model(result.model_dir)
     mean_height = label_mean(train_records)
     print("fitting the gradient-boosting baseline", flush=True)

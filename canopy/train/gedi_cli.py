@@ -59,10 +59,13 @@ def train_gedi_correction_command(
         scenes = scenes_from_files([str(p) for p in imagery or []], [str(p) for p in gedi or []],
                                    [str(p) for p in heights] if heights else None)
     decoder = None if heights else model
-    log = None if quiet else (lambda msg: typer.echo(msg, err=True))
-    report = train_gedi_correction(scenes, output, cfg, opts, decoder=decoder, device=dev,
-                                   precision=precision, batch_size=batch_size,
-                                   sun_elevation=sun_elevation, overwrite=overwrite, log=log)
+    from canopy.cli import ProgressBars
+
+    with ProgressBars("fit", enabled=not quiet) as bars:
+        report = train_gedi_correction(scenes, output, cfg, opts, decoder=decoder, device=dev,
+                                       precision=precision, batch_size=batch_size,
+                                       sun_elevation=sun_elevation, overwrite=overwrite,
+                                       progress=bars)
     val = report.val_after is not None
     before = report.val_before if val else report.train_before
     after = report.val_after if val else report.train_after

@@ -15,7 +15,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from canopy.errors import InputError, OptionError, OutputError, OutputExistsErro
 from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
 from canopy.train.gedi_samples import BlockSample, TrainingScene, samples_from_scenes
 from canopy.train.gedi_samples import decoder_gsd
+from canopy.progress import ProgressCallback
+from canopy.progress import report as report_progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def _lr_at(step: int, opts: FitOptions) -> float:
 
 def fit_correction(samples: Sequence[BlockSample], cfg: CorrectionConfig,
                    opts: FitOptions = FitOptions(), *, device="cpu",
-                   log: Callable[[str], None] | None = None) -> tuple[GediCorrectionNet, FitReport]:
+                   progress: ProgressCallback | None = None) -> tuple[GediCorrectionNet, FitReport]:
     """Fit a correction model so that factor × footprint percentile matches GEDI RH."""
     if not samples:
         raise InputError("no block holds a usable GEDI shot: nothing to fit the correction on")
@@ -196,8 +198,8 @@ def fit_correction(samples: Sequence[BlockSample], cfg: CorrectionConfig,
         optim.step()
         if step % opts.log_every == 0 or step == opts.steps - 1:
             loss_log.append([step, round(float(loss.detach()), 4)])
-            if log:
-                log(f"step {step}/{opts.steps}: loss {float(loss.detach()):.3f}")
+            report_progress(progress, "steps", step + 1, opts.steps,
+                   f"step {step}/{opts.steps}: loss {float(loss.detach()):.3f}")
     model.eval()
     f_train = predict_block_factors(model, train, device)
     report = FitReport(
@@ -234,17 +236,17 @@ def train_gedi_correction(scenes: Sequence[TrainingScene], out_dir: str | os.Pat
                           cfg: CorrectionConfig, opts: FitOptions = FitOptions(), *, decoder=None,
                           device="cpu", precision: str = "fp32", batch_size: int = 8,
                           sun_elevation: float | None = None, overwrite: bool = False,
-                          log: Callable[[str], None] | None = None) -> FitReport:
+                          progress: ProgressCallback | None = None) -> FitReport:
     """``canopy train-gedi-correction``: blocks from ``scenes``, fit, save into ``out_dir``."""
     check_run_dir(out_dir, overwrite)
     gsd, name = decoder_gsd(decoder, next((s.heights for s in scenes if s.heights), None))
     cfg.gsd, cfg.decoder = gsd, name
     samples, reports = samples_from_scenes(
         scenes, cfg, decoder=decoder, device=device, precision=precision, batch_size=batch_size,
-        sun_elevation=sun_elevation, log=log)
-    if log:
-        log(f"{len(samples)} blocks, {sum(len(s.rh) for s in samples)} shots; fitting {opts.steps} steps")
-    model, report = fit_correction(samples, cfg, opts, device=device, log=log)
+        sun_elevation=sun_elevation, progress=progress)
+    report_progress(progress, "steps", 0, opts.steps, f"{len(samples)} blocks, "
+           f"{sum(len(s.rh) for s in samples)} shots; fitting {opts.steps} steps")
+    model, report = fit_correction(samples, cfg, opts, device=device, progress=progress)
     report.scenes = [asdict(r) for r in reports]
     save_correction(model, out_dir, report.to_dict())
     return report

@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from canopy.errors import InputError, OptionError
+from canopy.progress import ProgressCallback, report
 from canopy.model.gedi_correction import (
     CorrectionConfig, block_centres_lonlat, cut_block, downsample_block, scalar_features)
 from canopy.predict.correction import global_origin
@@ -232,7 +233,7 @@ def decoder_gsd(decoder, heights: str | None) -> tuple[float, str]:
 def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, *, decoder=None,
                         device="cpu", precision: str = "fp32", batch_size: int = 8,
                         sun_elevation: float | None = None,
-                        log: Callable[[str], None] | None = None
+                        progress: ProgressCallback | None = None
                         ) -> tuple[list[BlockSample], list[SceneShots]]:
     """Read each scene on the correction's grid, predict (or read) heights, cut blocks."""
     from canopy.predict.blend import predict_array
@@ -253,8 +254,8 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
         if scene.heights is not None:
             height = _read_heights(scene.heights, img, scene.imagery)
         elif model is not None:
-            if log:
-                log(f"predicting heights for {Path(scene.imagery).name}")
+            report(progress, "scenes", len(reports), len(scenes),
+                   f"predicting heights for {Path(scene.imagery).name}")
             height, _ = predict_array(model, img.rgb, img.valid, precision=precision,
                                       batch_size=batch_size)
         else:

@@ -37,7 +37,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -48,8 +47,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from canopy.errors import CheckpointError, InputError, OptionError, OutputExistsError
+from canopy.errors import (
+    CheckpointError, InputError, OptionError, OutputExistsError, TrainingDivergedError)
 from canopy.model.device import resolve_device
+from canopy.progress import ProgressCallback, report
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTConfig
 from canopy.model.height_model import PRECISIONS, HeightModel, autocast_context, match_input_grid
@@ -400,7 +401,8 @@ class RunLog:
     """``log.csv`` (rank 0); on resume, rows after the checkpoint's step are dropped so the file
     reads as one uninterrupted run."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool):
+    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool,
+                 say: Callable[[str], None] = lambda message: None):
         self.path = out_dir / LOG_NAME
         if resume_step is None or not self.path.exists():
             with open(self.path, "w", newline="") as f:
@@ -420,7 +422,7 @@ class RunLog:
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                print("note: tensorboard is not installed; logging to log.csv only", file=sys.stderr)
+                say("note: tensorboard is not installed; logging to log.csv only")
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -532,7 +534,7 @@ def compute_loss(fwd: nn.Module, model: HeightModel, batch: dict, cfg: TrainConf
 def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
           val_records: Sequence[ChipRecord] = (), *, resume: bool = False,
           data_summary: dict | None = None, command: str | None = None,
-          progress: Callable[[str], None] | None = None) -> TrainResult:
+          progress: ProgressCallback | None = None) -> TrainResult:
     """Run (or resume) a training job; writes checkpoint, log and, when done, the model."""
     cfg.check()
     if not train_records:
@@ -552,7 +554,11 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     if info.is_main:
         _prepare_out_dir(out, resume)
     barrier(info)
-    say = progress if (progress and info.is_main) else (lambda s: None)
+
+    def say(message: str | None = None) -> None:
+        """Progress to the caller (rank 0 only): the step count, and a log line when given."""
+        if info.is_main:
+            report(progress, "steps", step, total, message)
 
     n = len(train_records)
     spe = steps_per_epoch(n, cfg.batch_size)
@@ -598,7 +604,7 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
         warnings.warn(f"the {cfg.arch} backbone has random weights and stays frozen: only the "
                       "decoder learns, from random features; pass --backbone FILE or "
                       "--finetune-blocks -1 to train it from scratch")
-    log = RunLog(out, step if resume else None, cfg.tensorboard) if info.is_main else None
+    log = RunLog(out, step if resume else None, cfg.tensorboard, say) if info.is_main else None
     ds = ChipDataset(train_records, cfg.augment, seed=cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if info.is_main:
@@ -620,12 +626,21 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
             idx = batch_indices(n, cfg.batch_size, cfg.seed, epoch, k, info.rank, info.world_size)
             batch = collate([ds.sample(i, epoch) for i in idx])
             terms = compute_loss(fwd, model, batch, cfg, device, prior_scale)
+            if not torch.isfinite(terms["total"]):
+                # weights are about to become NaN: stop before that, with the last checkpoint
+                # intact and no model folder that looks finished
+                raise TrainingDivergedError(
+                    f"training diverged at step {step + 1}: the loss is {float(terms['total'])} "
+                    f"(learning rate {sched.get_last_lr()[0]:.3g}; try a lower {{lr}} or "
+                    f"{{grad_clip}}); the last checkpoint in {out} is from step "
+                    f"{_checkpoint_step(ck_path)}")
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
             opt.step()
             sched.step()
             step += 1
+            say()
             window_chips += len(idx) * info.world_size
             for key, v in terms.items():
                 acc[key] = acc.get(key, 0.0) + float(v.detach())
@@ -685,6 +700,16 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
         log.close()
     barrier(info)
     return TrainResult(out, model_dir, step, total, seconds, final_val, baseline, finished, history)
+
+
+def _checkpoint_step(path: Path) -> str:
+    """The step of the checkpoint at ``path``, for messages ('none' when there is none)."""
+    if not path.exists():
+        return "none"
+    try:
+        return str(_load_checkpoint(path)["step"])
+    except (InputError, KeyError):
+        return "unknown"
 
 
 def _prepare_out_dir(out: Path, resume: bool, create: bool = True) -> None:
