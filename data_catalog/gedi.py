@@ -457,6 +457,18 @@ def cell_of(lon: float, lat: float) -> tuple[int, int]:
 # ------------------------------------------------------------------------------- shot files
 
 
+def flagged_usable(shots: pd.DataFrame) -> np.ndarray:
+    """Which shots a canopy-height comparison may use by their own flags: ``quality_flag == 1``
+    and ``degrade_flag == 0`` where the columns exist (a shot file of points with only RH columns
+    passes; the full ingest filters are :class:`GediFilters`). A null flag does not pass."""
+    keep = np.ones(len(shots), bool)
+    if "quality_flag" in shots.columns:
+        keep &= shots["quality_flag"].fillna(0).to_numpy(dtype=np.float64) == 1
+    if "degrade_flag" in shots.columns:
+        keep &= shots["degrade_flag"].fillna(1).to_numpy(dtype=np.float64) == 0
+    return keep
+
+
 def read_shots(path: str | os.PathLike, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
     """GEDI shots (points) from a GeoParquet or any vector file OGR reads (GeoJSON, GPKG...), or
     from an :func:`ingest_gedi` folder, optionally only those inside ``bbox`` (lon/lat, edges

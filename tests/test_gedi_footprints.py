@@ -138,3 +138,33 @@ def test_a_pixel_larger_than_the_footprint_is_the_footprint():
     assert footprint_percentiles(h, t, [30.6], [59.4], 95)[0] == 5.0
     near_centre = footprint_percentiles(h, t, [45.0], [45.0], 95)  # centre of pixel (1, 1)
     assert near_centre[0] == 5.0
+
+
+def test_the_same_shots_count_everywhere(abby, tmp_path):
+    """One flag rule (data_catalog.gedi.flagged_usable): a shot with quality_flag 0 or
+    degrade_flag 1 is left out by evaluation, by the correction's samples and by the training
+    loss's per-chip shots alike."""
+    import pandas as pd
+
+    from canopy.train.datasets import _shots_array
+    from canopy.train.gedi_samples import usable_shots
+
+    chm, transform, crs = abby
+    xs = transform.c + np.array([60.5, 120.5, 180.5, 200.5])
+    ys = transform.f - np.array([60.5, 120.5, 180.5, 200.5])
+    shots = gpd.GeoDataFrame({"rh95": [10.0, 20.0, 30.0, 40.0], "quality_flag": [1, 0, 1, 1],
+                              "degrade_flag": [0, 0, 1, 0]},
+                             geometry=gpd.points_from_xy(xs, ys), crs=crs).to_crs("EPSG:4326")
+    kept = usable_shots(shots, "rh95")
+    assert list(kept["rh95"]) == [10.0, 40.0]
+    chip = pd.DataFrame({"px_row": [1.0] * 4, "px_col": [2.0] * 4, "rh95": shots["rh95"],
+                         "quality_flag": shots["quality_flag"], "degrade_flag": shots["degrade_flag"]})
+    assert list(_shots_array(chip, "rh95")[:, 2]) == [10.0, 40.0]
+    path = tmp_path / "shots.parquet"
+    shots.to_parquet(path)
+    with rasterio.open(tmp_path / "chm.tif", "w", driver="GTiff", width=256, height=256, count=1,
+                       dtype="float32", crs=crs, transform=transform, nodata=np.nan) as ds:
+        ds.write(np.where(np.isfinite(chm), chm, 5.0).astype(np.float32), 1)
+    with rasterio.open(tmp_path / "chm.tif") as src:
+        metrics, _, rh = gedi_metrics(src, str(path), "chm.tif", EvaluationConfig())
+    assert metrics["n_dropped_quality_flag"] == 2 and sorted(rh) == [10.0, 40.0]

@@ -25,10 +25,12 @@ import numpy as np
 
 from canopy.errors import InputError, OptionError, OutputError, OutputExistsError
 from canopy.io import outputs
+from data_catalog.schema import crs_to_text
 from canopy.evaluate.metrics import (
     BLOCK_MIN_VALID_SHARE, BLOCK_SIZE, HEIGHT_BIN_EDGES, TREE_COVER_THRESHOLD_M, EdgeSums,
     EvaluationSums, TileLattice, edge_sums, regression_scores)
-from data_catalog.gedi import footprint_percentiles, read_shots
+from data_catalog.gedi import (
+    FOOTPRINT_DIAMETER_M, flagged_usable, footprint_percentiles, read_shots)
 from data_catalog.raster import open_raster, parse_crs, resolve_crs, warp_average
 
 
@@ -47,7 +49,7 @@ class EvaluationConfig:
     nodata_floor_m: float = -1000.0
     gedi_rh_column: str | None = None          # default: rh95 if present, else rh98
     gedi_percentile: float | None = None       # default: the column's number (rh98 → 98)
-    gedi_footprint_diameter_m: float = 25.0
+    gedi_footprint_diameter_m: float = FOOTPRINT_DIAMETER_M
     gedi_min_valid_share: float = 0.5          # of the footprint's prediction pixels
     edge_error_max_pixels: int = 200_000_000   # larger predictions: edge error near references
     map_crop_px: int = 512
@@ -75,16 +77,9 @@ class Grid:
 
     def describe(self) -> dict:
         t = self.transform
-        return {"crs": _crs_name(self.crs), "width": self.width, "height": self.height,
+        return {"crs": crs_to_text(self.crs), "width": self.width, "height": self.height,
                 "transform": [t.a, t.b, t.c, t.d, t.e, t.f],
                 "pixel_size": [abs(t.a), abs(t.e)]}
-
-
-def _crs_name(crs) -> str | None:
-    if crs is None:
-        return None
-    epsg = crs.to_epsg()
-    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
 def clean_heights(arr: np.ndarray, nodata, floor: float = -1000.0) -> np.ndarray:
@@ -186,7 +181,7 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
             raise InputError(f"reference '{ref_path}' has no georeferencing (no geotransform)")
         ref_crs = resolve_crs(ref_path, ref_src.crs, reference_crs, option="--reference-crs")
         if not ref_src.crs:
-            notes.append(f"reference has no CRS tag; assumed {_crs_name(ref_crs)} (--reference-crs)")
+            notes.append(f"reference has no CRS tag; assumed {crs_to_text(ref_crs)} (--reference-crs)")
         ref_grid = Grid(ref_crs, ref_src.transform, ref_src.width, ref_src.height)
         pred_grid = Grid(pred_src.crs, pred_src.transform, pred_src.width, pred_src.height)
 
@@ -313,11 +308,9 @@ def gedi_metrics(src, shots_path: str, pred_path: str, config: EvaluationConfig
         raise InputError(f"GEDI shots '{shots_path}' hold no shots")
     if gdf.attrs.get("crs_assumed"):
         notes.append(f"shots carry no CRS; assumed {gdf.attrs['crs_assumed']}")
-    n_quality = 0
-    if "quality_flag" in gdf.columns:
-        good = gdf["quality_flag"].fillna(0).astype(int) == 1
-        n_quality = int((~good).sum())
-        gdf = gdf[good]
+    good = flagged_usable(gdf)  # the same rule as the correction's samples and training
+    n_quality = int((~good).sum())
+    gdf = gdf[good]
     rh = gdf[column].to_numpy(dtype=np.float64)
     xs, ys = warp_xy(gdf.crs, src.crs, gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy())
     xs, ys = np.asarray(xs), np.asarray(ys)
@@ -616,7 +609,7 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
                                        bins=err_edges)[0]
             entry = {
                 "path": ref_path,
-                "crs": _crs_name(pair.ref_crs),
+                "crs": crs_to_text(pair.ref_crs),
                 "evaluation_grid": pair.evaluation_grid,
                 "grid": pair.grid.describe(),
                 "n_reference_valid_pixels": pair.ref_valid_pixels,
@@ -651,7 +644,7 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
             if g["n"]:
                 plot_gedi(gp, grh, g, folder / "gedi_scatter.png")
                 figures.append("gedi_scatter.png")
-        pred_info = {"path": pred_path, "crs": _crs_name(src.crs), "width": src.width,
+        pred_info = {"path": pred_path, "crs": crs_to_text(src.crs), "width": src.width,
                      "height": src.height, "pixel_size": [abs(src.transform.a), abs(src.transform.e)],
                      "height_band": band, "std_band": std_band}
 

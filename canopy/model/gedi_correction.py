@@ -45,6 +45,7 @@ from torch import nn
 
 from canopy.errors import CheckpointError, InputError, OptionError, OutputError
 from canopy.model.config import HRCH_MEAN, HRCH_STD
+from data_catalog.gedi import FOOTPRINT_DIAMETER_M
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 
@@ -71,7 +72,7 @@ class CorrectionConfig:
     input_px: int = 256             # the block is averaged down to this before the CNN
     gsd: float = 0.6                # metres per pixel of the height map it corrects
     rh_metric: str = "rh95"         # GEDI metric matched; the footprint percentile follows it
-    footprint_diameter_m: float = 25.0
+    footprint_diameter_m: float = FOOTPRINT_DIAMETER_M
     scalars: tuple[str, ...] = ()   # optional inputs: "latlon", "sun"
     widths: tuple[int, ...] = (16, 32, 48, 64)  # stem convolutions; the last is the token width
     depth: int = 2                  # residual conv blocks after the stem

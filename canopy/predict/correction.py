@@ -32,6 +32,7 @@ import numpy as np
 from affine import Affine
 
 from canopy.errors import InputError
+from data_catalog.raster import GSD_TOLERANCE
 from canopy.model.gedi_correction import (
     INTERPOLATIONS, GediCorrectionNet, block_centres_lonlat, cut_block, downsample_block,
     load_correction, scalar_features)
@@ -39,7 +40,6 @@ from canopy.model.gedi_correction import (
 __all__ = ["apply_correction", "correct_heights", "factor_field", "load_correction",
            "required_window"]
 
-GSD_TOLERANCE = 1e-6  # relative, as canopy.io.imagery
 
 
 # ---------------------------------------------------------------------------------------------

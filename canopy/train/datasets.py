@@ -162,6 +162,9 @@ def _shots_array(gedi, rh_column: str) -> np.ndarray:
     if rh_column not in gedi.columns:
         raise InputError(f"GEDI shots have no '{rh_column}' column (have: "
                          f"{', '.join(c for c in gedi.columns if c.startswith('rh'))})")
+    from data_catalog.gedi import flagged_usable
+
+    gedi = gedi.loc[flagged_usable(gedi)]  # the rule evaluation and the correction use
     arr = np.stack([gedi["px_row"].to_numpy(float), gedi["px_col"].to_numpy(float),
                     gedi[rh_column].to_numpy(float)], axis=1).astype(np.float32)
     return arr[np.isfinite(arr).all(axis=1)]

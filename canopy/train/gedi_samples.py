@@ -26,7 +26,8 @@ from canopy.progress import ProgressCallback, report
 from canopy.model.gedi_correction import (
     CorrectionConfig, block_centres_lonlat, cut_block, downsample_block, scalar_features)
 from canopy.predict.correction import global_origin
-from data_catalog.gedi import footprint_percentiles, read_shots, shots_in_bbox
+from data_catalog.gedi import (
+    flagged_usable, footprint_percentiles, read_shots, shots_in_bbox)
 from data_catalog.raster import open_raster, read_rgb_on_grid, resolve_crs
 
 #: Share of a footprint's pixels that must hold decoder heights for a shot to become a sample.
@@ -52,16 +53,13 @@ def pixel_coords(transform, x, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 def usable_shots(shots, rh_metric: str, source: str = "shots"):
-    """Quality-filtered shots with a finite RH value (GeoDataFrame, any CRS)."""
+    """Shots usable by their flags (:func:`data_catalog.gedi.flagged_usable`) with a finite RH
+    value (GeoDataFrame, any CRS)."""
     if rh_metric not in shots.columns:
         raise InputError(f"GEDI shots of {source} have no column '{rh_metric}'")
     if shots.crs is None:
         shots = shots.set_crs("EPSG:4326")  # GEDI positions are lon/lat
-    keep = np.isfinite(shots[rh_metric].to_numpy(dtype=np.float64))
-    if "quality_flag" in shots.columns:
-        keep &= shots["quality_flag"].fillna(0).to_numpy(dtype=np.float64) == 1
-    if "degrade_flag" in shots.columns:
-        keep &= shots["degrade_flag"].fillna(1).to_numpy(dtype=np.float64) == 0
+    keep = np.isfinite(shots[rh_metric].to_numpy(dtype=np.float64)) & flagged_usable(shots)
     return shots.loc[keep]
 
 

@@ -1,7 +1,8 @@
 """Training losses for the height decoder: SiLog, L1, their weighted sum, and the sparse GEDI loss.
 
-Ground floor of ``canopy.train``: imports torch only, so every function can be checked against
-hand-computed numbers on tiny tensors.
+Ground floor of ``canopy.train``: torch, plus the one GEDI footprint rule of
+``data_catalog.gedi`` (numpy), so every function can be checked against hand-computed numbers on
+tiny tensors and the loss measures a footprint exactly as evaluation does.
 
 Conventions:
 
@@ -23,8 +24,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from data_catalog.gedi import FOOTPRINT_DIAMETER_M
+
 SILOG_LAMBDA = 0.85  # DINOv2/v3 depth heads: Dg = var(g) + 0.15·mean(g)²
-GEDI_FOOTPRINT_DIAMETER_M = 25.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class LossConfig:
     gedi_weight: float = 0.0
     gedi_percentile: float = 95.0   # compare with RH95 (98 for RH98)
     gedi_rh_column: str = "rh95"
-    footprint_diameter_m: float = GEDI_FOOTPRINT_DIAMETER_M
+    footprint_diameter_m: float = FOOTPRINT_DIAMETER_M
     gedi_max_shift_m: float | None = None  # default: one footprint radius (Pauls et al. 2024)
     gedi_shift_steps: int = 2       # shift lattice: radius/steps apart, within the max shift
     gedi_min_coverage: float = 0.5  # share of a footprint that must lie on valid chip pixels
