@@ -461,3 +461,38 @@ def test_int8_maps_are_seam_free_across_cell_sizes(tmp_path, client):
     assert np.isfinite(A).sum() > 50_000
     np.testing.assert_array_equal(A, B)
     assert _mosaic_edge_error(a)["edge_error"] <= 1.1
+
+
+def test_heights_near_imagery_edges_match_one_raster(tmp_path, client):
+    """Issue #13 item 1: a state run over a real NEON plot (BART_041, tall closed canopy, 40 m
+    across) gives the heights one-raster prediction gives, right up to the imagery's edge. The
+    engine used to fill pixels without imagery with a constant colour that entered the model's
+    tiles: 0.3 m instead of 22 m within 4 m of the edge. Both paths now mirror the imagery into
+    the missing pixels (blend.mirror_fill)."""
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject, transform_bounds
+    from scipy import ndimage
+
+    from canopy.model.checkpoints import load_model
+    from canopy.predict.raster import predict_raster
+
+    src = shared("rgb_chm_pairs", "neon_bart_041", "BART_041.tif")
+    one = predict_raster(src, tmp_path / "one.tif", load_model("default"))
+    with rasterio.open(src) as ds:
+        w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
+    run = predict_aoi(f"{w},{s},{e},{n}", src, tmp_path / "aoi", "default",
+                      PredictOptions(batch_size=8), cell_px=128, client=client)
+    with rasterio.open(run.mosaic) as m, rasterio.open(one) as o:
+        aoi = m.read(1)
+        one_on_grid = np.full(aoi.shape, np.nan, np.float32)
+        reproject(o.read(1), one_on_grid, src_transform=o.transform, src_crs=o.crs,
+                  dst_transform=m.transform, dst_crs=m.crs, src_nodata=np.nan, dst_nodata=np.nan,
+                  resampling=Resampling.nearest)
+        gsd = m.res[0]
+    both = np.isfinite(aoi) & np.isfinite(one_on_grid)
+    dist = ndimage.distance_transform_edt(np.pad(both, 1))[1:-1, 1:-1] * gsd
+    for lo, hi in ((0, 4), (4, 8), (8, 16)):
+        band = both & (dist > lo) & (dist <= hi)
+        assert band.sum() > 300
+        a, b = float(aoi[band].mean()), float(one_on_grid[band].mean())
+        assert b > 15 and abs(a - b) < 0.1 * b, (lo, hi, a, b)

@@ -428,3 +428,33 @@ def test_a_model_giving_nan_writes_no_map(tmp_path, good_rgb):
     with pytest.raises(ModelOutputError, match="non-finite heights for .* valid pixels"):
         predict_raster(good_rgb, tmp_path / "nan.tif", broken)
     assert not list(tmp_path.glob("*nan*"))
+
+
+def test_mirror_fill_is_reflect_padding_at_a_straight_edge_and_window_independent(rgb_array):
+    """The edge rule: at a raster's straight edge the mirror fill is numpy's reflect padding (so
+    one-raster outputs did not change), and inside a larger area a window with 2·reach of
+    context fills its pixels exactly as the whole area does (so cells stay seam-free)."""
+    from canopy.predict.blend import mirror_fill
+
+    fill = np.array([107, 105, 75], np.uint8)
+    img = rgb_array(40, 60)
+    padded = np.zeros((3, 40 + 17, 60 + 20), np.uint8)
+    valid = np.zeros(padded.shape[1:], bool)
+    padded[:, 7:47, 5:65], valid[7:47, 5:65] = img, True
+    np.testing.assert_array_equal(mirror_fill(padded, valid, 64, fill),
+                                  np.pad(img, ((0, 0), (7, 10), (5, 15)), mode="reflect"))
+    # an irregular footprint: a disc of imagery with a hole, in a 200² area
+    rng = np.random.default_rng(1)
+    area = rng.integers(0, 255, (3, 200, 200)).astype(np.uint8)
+    yy, xx = np.mgrid[:200, :200]
+    ok = ((yy - 90) ** 2 + (xx - 110) ** 2 < 70 ** 2) & ~((yy - 80) ** 2 + (xx - 100) ** 2 < 8 ** 2)
+    reach = 24
+    whole = mirror_fill(area, ok, reach, fill)
+    for r0, c0 in ((10, 20), (70, 90), (120, 5)):
+        win = (slice(r0, r0 + 64), slice(c0, c0 + 64))
+        ctx = (slice(max(r0 - 2 * reach, 0), r0 + 64 + 2 * reach),
+               slice(max(c0 - 2 * reach, 0), c0 + 64 + 2 * reach))
+        part = mirror_fill(area[:, ctx[0], ctx[1]], ok[ctx], reach, fill)
+        dr, dc = r0 - ctx[0].start, c0 - ctx[1].start
+        np.testing.assert_array_equal(part[:, dr:dr + 64, dc:dc + 64], whole[:, win[0], win[1]])
+    assert (whole[:, ~ok] != fill[:, None]).any(1).all()  # missing pixels near imagery mirrored

@@ -70,26 +70,49 @@ def fill_colour(model) -> np.ndarray:
     return np.round(np.asarray(model.cfg.mean, dtype=np.float64) * 255.0).astype(np.uint8)
 
 
-def _pad_image(img: np.ndarray, valid: np.ndarray, pad: tuple[int, int, int, int], mode: str,
-               fill: np.ndarray):
-    top, bottom, left, right = pad
-    if not any(pad):
-        return img, valid
-    if mode == "reflect" and min(img.shape[1:]) > 1:
-        # reflect needs pad < size; repeat in steps for tiny rasters
-        out = img
-        while any(pad):
-            step = [min(p, s - 1) for p, s in zip(pad, (out.shape[1], out.shape[1], out.shape[2], out.shape[2]))]
-            out = np.pad(out, ((0, 0), (step[0], step[1]), (step[2], step[3])), mode="reflect")
-            pad = tuple(p - s for p, s in zip(pad, step))
-        img_p = out
-    else:
-        img_p = np.empty((3, img.shape[1] + top + bottom, img.shape[2] + left + right), np.uint8)
-        img_p[:] = fill[:, None, None]
-        img_p[:, top:top + img.shape[1], left:left + img.shape[2]] = img
-    valid_p = np.zeros((img_p.shape[1], img_p.shape[2]), bool)
-    valid_p[top:top + valid.shape[0], left:left + valid.shape[1]] = valid
-    return img_p, valid_p
+def edge_reach(tile_size: int) -> int:
+    """How far (px) from the imagery a pixel without imagery still gets mirrored content: one
+    tile, so a tile that holds any imagery is filled everywhere but in its far corners."""
+    return tile_size
+
+
+def mirror_fill(image: np.ndarray, valid: np.ndarray, reach: int, fill: np.ndarray) -> np.ndarray:
+    """``image`` (3×H×W uint8) with every pixel without imagery replaced by its mirror image
+    across the nearest pixel with imagery (the edge rule of both prediction paths).
+
+    A missing pixel ``p`` whose nearest valid pixel ``q`` lies within ``reach`` px takes the
+    value at ``2q − p`` (or at ``q`` itself when that point is off the image or missing too);
+    farther pixels take ``fill``, the normalisation mean. At the straight edge of a raster this
+    is numpy's ``reflect`` padding; along any other footprint edge (scene borders in a mosaic,
+    nodata holes) it keeps the model's input looking like imagery, where a constant colour made
+    tiles that hold it predict low heights for the real pixels they share (the --aoi engine's
+    heights fell from 20 m to ~1 m at the footprint edge of a NEON plot, docs/performance.md).
+
+    The result for a pixel depends only on the valid pixels within ``2·reach`` of it, so a
+    caller tiling a large area gets the same values in every window that holds that much
+    context around the pixels it predicts (:func:`predict_array`'s ``margin``).
+    """
+    if valid.all():
+        return image
+    out = image.copy()
+    if not valid.any():
+        out[:] = fill[:, None, None]
+        return out
+    from scipy import ndimage
+
+    idx = np.empty((2, *valid.shape), np.int32)
+    ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True,
+                                   indices=idx)
+    pr, pc = np.nonzero(~valid)
+    qr, qc = idx[0][pr, pc].astype(np.int64), idx[1][pr, pc].astype(np.int64)
+    near = (qr - pr) ** 2 + (qc - pc) ** 2 <= reach * reach
+    mr, mc = 2 * qr - pr, 2 * qc - pc
+    ok = (mr >= 0) & (mr < valid.shape[0]) & (mc >= 0) & (mc < valid.shape[1])
+    ok[ok] = valid[mr[ok], mc[ok]]
+    sr, sc = np.where(ok, mr, qr), np.where(ok, mc, qc)
+    out[:, pr[near], pc[near]] = image[:, sr[near], sc[near]]
+    out[:, pr[~near], pc[~near]] = fill[:, None]
+    return out
 
 
 def iter_batches(items: list, batch_size: int) -> Iterator[list]:
@@ -133,17 +156,22 @@ def predict_array(
     with_std: bool = False,
     stride: int | None = None,
     origin: tuple[int, int] = (0, 0),
-    pad_mode: str = "reflect",
+    margin: int = 0,
     fixed_batch: bool = False,
     progress: Callable[[int], None] | None = None,
     lanes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Blend overlapping model tiles over a ``3×H×W`` uint8 image.
 
-    Returns ``(height, spread)`` float32 ``H×W`` arrays in metres, NaN where ``valid`` is False
-    (``spread`` is None unless ``with_std``). Tiles with no valid pixel are skipped. ``origin``
-    (row, col) anchors the tile lattice, so a caller cutting a big raster into cells can keep one
-    lattice for all of them. ``fixed_batch`` pads the last batch to ``batch_size`` so results do
+    Returns ``(height, spread)`` float32 arrays in metres over the image without its ``margin``
+    (``H − 2·margin`` × ``W − 2·margin``), NaN where ``valid`` is False (``spread`` is None
+    unless ``with_std``). Tiles with no valid pixel are skipped. Pixels without imagery — masked
+    ones and those of tiles hanging over the image's edge — reach the model as
+    :func:`mirror_fill` makes them; ``margin`` px of context around the predicted area let that
+    fill see imagery beyond it (a state run's cell passes ``2·edge_reach`` so every window gives
+    a pixel the same input). ``origin`` (row, col, relative to the predicted area) anchors the
+    tile lattice, so a caller cutting a big raster into cells can keep one lattice for all of
+    them. ``fixed_batch`` pads the last batch to ``batch_size`` so results do
     not depend on batch composition (int8 runs tiles one at a time: its batches are single tiles,
     never padded). ``progress`` is called with the number of tiles done per batch.
     ``lanes`` runs that many batches at once, each on its share of this thread's torch threads
@@ -155,28 +183,42 @@ def predict_array(
     stride = stride or default_stride(tile)
     if not 0 < stride <= tile:
         raise ValueError(f"stride must be in (0, {tile}], got {stride}")
-    _, h, w = image.shape
-    valid = np.ones((h, w), bool) if valid is None else valid.astype(bool)
+    _, full_h, full_w = image.shape
+    valid = np.ones((full_h, full_w), bool) if valid is None else valid.astype(bool)
+    m = margin
+    h, w = full_h - 2 * m, full_w - 2 * m
+    if h < 1 or w < 1:
+        raise ValueError(f"margin {m} leaves nothing of a {full_h}×{full_w} image to predict")
     fill = fill_colour(model)
-    all_valid = bool(valid.all())
-    if not all_valid:  # whole-image passes cost real time at 10⁸ px: skip them when there is nothing to mask
-        image = np.where(valid[None], image, fill[:, None, None]).astype(np.uint8)
 
     rows = tile_starts(h, tile, stride, origin[0])
     cols = tile_starts(w, tile, stride, origin[1])
-    top, left = max(0, -rows[0]), max(0, -cols[0])
-    bottom = max(0, rows[-1] + tile - h)
-    right = max(0, cols[-1] + tile - w)
-    img_p, valid_p = _pad_image(image, valid, (top, bottom, left, right), pad_mode, fill)
+    # the canvas holds every tile and the margin; predicted-area pixel (r, c) is (r + top, c + left)
+    top, left = max(m, -rows[0]), max(m, -cols[0])
+    ph = top + max(h + m, rows[-1] + tile)
+    pw = left + max(w + m, cols[-1] + tile)
+    r0, c0 = top - m, left - m  # where the given image starts on the canvas
+    if (r0, c0, ph, pw) == (0, 0, full_h, full_w):
+        img_p, valid_p = image, valid
+    else:
+        img_p = np.zeros((3, ph, pw), np.uint8)
+        valid_p = np.zeros((ph, pw), bool)
+        img_p[:, r0:r0 + full_h, c0:c0 + full_w] = image
+        valid_p[r0:r0 + full_h, c0:c0 + full_w] = valid
+    img_p = mirror_fill(img_p, valid_p, edge_reach(tile), fill)
+    valid = valid[m:m + h, m:m + w]
+    all_valid = bool(valid.all())
 
-    ph, pw = img_p.shape[1:]
     device = model.device
     # Accumulate on the model's device (a GPU keeps up with ~10³ tiles/s; numpy on the host
     # would not), in float64: a pixel seen by one tile only comes back bit-identical after /w.
     acc = torch.float64 if device.type != "mps" else torch.float32
-    num = torch.zeros((ph, pw), dtype=acc, device=device)
-    num_std = torch.zeros((ph, pw), dtype=acc, device=device) if with_std else None
-    den = torch.zeros((ph, pw), dtype=acc, device=device)
+    # accumulators cover the tiles only (the canvas's margin is context for the fill)
+    ar, ac = rows[0] + top, cols[0] + left
+    ah, aw = rows[-1] + tile - rows[0], cols[-1] + tile - cols[0]
+    num = torch.zeros((ah, aw), dtype=acc, device=device)
+    num_std = torch.zeros((ah, aw), dtype=acc, device=device) if with_std else None
+    den = torch.zeros((ah, aw), dtype=acc, device=device)
     weight = torch.from_numpy(blend_weights(tile, stride).astype(np.float64)).to(device, acc)
 
     tiles = [(r + top, c + left) for r in rows for c in cols
@@ -210,6 +252,7 @@ def predict_array(
         results = map(run, batches) if pool is None else pool.map(run, batches)
         for batch, (hgt, sd) in zip(batches, results):
             for i, (r, c) in enumerate(batch):
+                r, c = r - ar, c - ac
                 num[r:r + tile, c:c + tile] += weight * hgt[i]
                 den[r:r + tile, c:c + tile] += weight
                 if with_std:
@@ -217,7 +260,7 @@ def predict_array(
             if progress is not None:
                 progress(len(batch))
 
-    crop = (slice(top, top + h), slice(left, left + w))
+    crop = (slice(top - ar, top - ar + h), slice(left - ac, left - ac + w))
     height = (num[crop] / den[crop]).float().cpu().numpy()
     bad = int((~np.isfinite(height[valid])).sum())
     if bad:

@@ -29,7 +29,7 @@ from rasterio.features import geometry_mask
 import canopy
 from canopy.errors import CanopyError, InputError, OptionError, OutputError
 from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
-from canopy.predict.blend import default_stride, predict_array
+from canopy.predict.blend import default_stride, edge_reach, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from canopy.predict.manifest import Manifest, check_or_write_run, sha256_file
 from canopy.predict.options import PredictOptions
@@ -104,9 +104,18 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     if not valid[-dr:-dr + cell.cell_px, -dc:-dc + cell.cell_px].any():
         return {**record, "status": "empty", "reason": "no imagery", "seconds": time.time() - t0}
 
+    margin = 0
+    if not valid.all():
+        # imagery ends inside the window: the edge rule mirrors it into the rest, and needs the
+        # context around the window to give every pixel the input any other window would
+        margin = 2 * edge_reach(tile)
+        wt = window_transform @ Affine.translation(-margin, -margin)
+        # (scenes seen only in that context count as sources: their pixels may be mirrored in)
+        rgb, valid, used = read_mosaic(scenes, cell.crs, wt, (nr + 2 * margin, nc + 2 * margin),
+                                       cell.gsd)
     height, spread = predict_array(model, rgb, valid, precision=opts.precision,
                                    batch_size=opts.batch_size, with_std=opts.uncertainty,
-                                   stride=stride, origin=(0, 0), pad_mode="fill",
+                                   stride=stride, origin=(0, 0), margin=margin,
                                    fixed_batch=True, lanes=opts.lanes)
     crop = (slice(-dr, -dr + cell.cell_px), slice(-dc, -dc + cell.cell_px))
     height = height[crop]
@@ -344,6 +353,9 @@ def predict_aoi(
             skipped += 1
             continue
         dr, dc, nr, nc = tile_window(cell, cfg.tile_size, stride)
+        # the scenes a cell needs: those reaching its tiles or the context the edge rule reads
+        ctx = 2 * edge_reach(cfg.tile_size)
+        dr, dc, nr, nc = dr - ctx, dc - ctx, nr + 2 * ctx, nc + 2 * ctx
         wt = cell.transform @ Affine.translation(dc, dr)
         if corr_cfg is not None:
             # the correction reads whole blocks around the cell: every scene reaching them counts,
