@@ -289,12 +289,21 @@ def rgb_bands(ds, path=None, bands=None) -> tuple[int, int, int]:
 
 def check_rgb_dtype(ds, bands, path=None, scale=None) -> None:
     """RGB must be uint8 unless ``scale`` (MIN, MAX) maps it linearly to 0..255."""
+    dtype = ds.dtypes[bands[0] - 1]
     if scale is not None:
         lo, hi = scale
         if not hi > lo:
             raise RasterError(f"scale MIN MAX needs MIN < MAX, got {lo} {hi}")
+        if all(ds.dtypes[b - 1] == "uint8" for b in bands):
+            # 0..3000 on bytes would squeeze every colour into a tenth of the range
+            raise RasterError(f"{path or ds.name}: holds uint8 data, already 0..255; drop --scale "
+                              "(it maps other data types to 0..255)")
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            info = np.iinfo(np.dtype(dtype))
+            if hi > info.max or lo < info.min:
+                raise RasterError(f"{path or ds.name}: --scale {lo:g} {hi:g} reaches outside what "
+                                  f"{dtype} data can hold ({info.min}..{info.max})")
         return
-    dtype = ds.dtypes[bands[0] - 1]
     if any(ds.dtypes[b - 1] != "uint8" for b in bands):
         raise RasterError(f"{path or ds.name}: holds {dtype} data; RGB must be uint8, or mapped to "
                           "0..255 with --scale MIN MAX (e.g. --scale 0 3000 for 12-bit reflectance)")
@@ -429,6 +438,9 @@ def grid_at_gsd(ds, src_crs, gsd: float) -> tuple[CRS, Affine, int, int]:
     from rasterio.warp import transform_bounds
 
     t = ds.transform
+    if t.is_identity and not ds.gcps[0]:
+        raise RasterError(f"{ds.name}: has no georeferencing (no geotransform), so no place on the "
+                          "ground; a CRS alone cannot place it (georeference it first)")
     metric = is_metric(src_crs)
     if (metric and t.b == 0 and t.d == 0 and abs(abs(t.a) - gsd) <= GSD_TOLERANCE * gsd
             and abs(abs(t.e) - gsd) <= GSD_TOLERANCE * gsd):
@@ -437,13 +449,38 @@ def grid_at_gsd(ds, src_crs, gsd: float) -> tuple[CRS, Affine, int, int]:
         dst_crs = src_crs
         left, bottom, right, top = ds.bounds
     else:
+        check_bounds_fit(ds.name, ds.bounds, src_crs)
         dst_crs = utm_crs_for_bounds(ds.bounds, src_crs)
         unit = "geographic coordinates" if src_crs.is_geographic else "non-metre units"
         warnings.warn(f"'{ds.name}' is in {unit}; output is in {dst_crs.to_string()}", stacklevel=3)
         left, bottom, right, top = transform_bounds(src_crs, dst_crs, *ds.bounds, densify_pts=21)
-    width = max(1, math.ceil((right - left) / gsd - 1e-9))
-    height = max(1, math.ceil((top - bottom) / gsd - 1e-9))
+    # whole pixels inside the raster: the output never reaches past the input's extent (a
+    # partial pixel at the right or bottom edge is left out, as GIS users expect of a "same
+    # extent" product)
+    width = max(1, math.floor((right - left) / gsd + 1e-9))
+    height = max(1, math.floor((top - bottom) / gsd + 1e-9))
     return dst_crs, Affine(gsd, 0, left, 0, -gsd, top), height, width
+
+
+def check_bounds_fit(name, bounds, crs) -> None:
+    """Refuse coordinates that cannot be in ``crs`` (UTM metres read as degrees): the
+    reprojection would give NaN far from any error message."""
+    from rasterio.warp import transform_bounds
+
+    crs = CRS.from_user_input(crs)
+    left, bottom, right, top = bounds
+    bad = crs.is_geographic and (min(left, right) < -180 - 1e-6 or max(left, right) > 360
+                                 or min(bottom, top) < -90 - 1e-6 or max(bottom, top) > 90 + 1e-6)
+    if not bad:
+        try:
+            bad = not np.isfinite(transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)).all()
+        except Exception:  # PROJ raises for points outside the projection's domain
+            bad = True
+    if bad:
+        from data_catalog.schema import crs_to_text
+
+        raise RasterError(f"{name}: its coordinates ({left:.6g}, {bottom:.6g}, {right:.6g}, "
+                          f"{top:.6g}) do not fit {crs_to_text(crs)}; is that CRS (--crs) right?")
 
 
 def read_rgb_on_grid(path, gsd: float, *, bands=None, crs=None,

@@ -49,11 +49,12 @@ def test_real_scene_output_matches_input_footprint(tmp_path, micro_model, rel, e
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert b.crs.to_epsg() == epsg == a.crs.to_epsg()
         assert b.res == pytest.approx((0.6, 0.6))
-        # same upper-left corner; the grid covers the input and overhangs by less than a pixel
+        # same upper-left corner; the grid lies inside the input, less than a pixel short of it
         assert b.bounds.left == pytest.approx(a.bounds.left, abs=1e-6)
         assert b.bounds.top == pytest.approx(a.bounds.top, abs=1e-6)
-        assert 0 <= b.bounds.right - a.bounds.right < 0.6
-        assert 0 <= a.bounds.bottom - b.bounds.bottom < 0.6
+        # whole pixels inside the input: never past its extent (issue #13), less than a pixel short
+        assert 0 <= a.bounds.right - b.bounds.right < 0.6
+        assert 0 <= b.bounds.bottom - a.bounds.bottom < 0.6
         assert b.descriptions == ("canopy_height",) and b.units == ("m",)
         assert np.isnan(b.nodata)
         heights = b.read(1)
@@ -298,6 +299,11 @@ def _bad_cases(tmp_path, rgb_array, micro_model):
     sd["decode_head.conv_depth.head.4.weight"] = torch.zeros(5, 16, 1, 1)
     torch.save({"state_dict": sd}, wrong)
     good = write_raster(tmp_path / "ok.tif", rgb_array(64, 64))
+    import rasterio as rio
+
+    nogeo = tmp_path / "nogeo.tif"  # pixels only: no geotransform, no CRS
+    with rio.open(nogeo, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
+        ds.write(rgb_array(64, 64))
     return [
         ([tmp_path / "missing.tif"], "cannot open as a raster"),
         ([text], "cannot open as a raster"),
@@ -316,6 +322,11 @@ def _bad_cases(tmp_path, rgb_array, micro_model):
         ([good, "--bands", "1,2"], "--bands must be three band numbers"),
         ([good, "--scale", "3", "1"], "--scale needs MIN < MAX"),
         ([good, "--dtype", "int16"], "--dtype must be one of float32, uint8"),
+        # issue #13: tracebacks and silent wrong results before
+        ([nocrs, "--crs", "EPSG:4326"], "do not fit EPSG:4326"),
+        ([good, "--scale", "0", "3000"], "holds uint8 data, already 0..255; drop --scale"),
+        ([u16, "--scale", "0", "70000"], "reaches outside what uint16 data can hold"),
+        ([nogeo, "--crs", "EPSG:32617"], "has no georeferencing"),
     ]
 
 
