@@ -31,6 +31,7 @@ def predict(
     lanes: Optional[int] = typer.Option(None, "--lanes", min=1, help="CPU: batches run at once, each on its share of the torch threads (default: automatic, one thread per lane up to 4 lanes). Does not change the output."),
     gedi_correction: Optional[Path] = typer.Option(None, "--gedi-correction", help="Folder of a GEDI correction model (canopy train-gedi-correction): heights × its smooth per-block factor field."),
     verify: bool = typer.Option(False, "--verify", help="With --aoi, on resume: re-hash every finished cell instead of trusting unchanged size and mtime."),
+    skip_bad_scenes: bool = typer.Option(False, "--skip-bad-scenes", help="With --aoi: leave out imagery files that cannot be read (truncated, not RGB, no CRS) instead of stopping; they are listed in summary.json."),
     checkpoint: str = typer.Option(
         "default", "--checkpoint", "-c",
         help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
@@ -58,17 +59,18 @@ def predict(
                           torch_threads=torch_threads, bands=bands, crs=crs, scale=scale)
     if aoi is not None:
         return _predict_aoi(aoi, imagery or input, output, checkpoint, opts, overwrite, scheduler,
-                            workers, cell_size, quiet, verify)
+                            workers, cell_size, quiet, verify, skip_bad_scenes)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
     from canopy.io.cog import check_output_path
     from canopy.model.checkpoints import load_model
     from canopy.model.device import resolve_device
     from canopy.predict.raster import predict_raster
-    from data_catalog.raster import open_raster
+    from data_catalog.raster import check_complete, open_raster
 
     # cheap checks first: a big checkpoint takes a while to load
-    open_raster(input).close()
+    with open_raster(input) as ds:
+        check_complete(ds, input)
     check_output_path(output, overwrite, create=False)
     model = load_model(checkpoint, device=resolve_device(opts.device))
     if not model.cfg.trained:
@@ -80,7 +82,7 @@ def predict(
 
 
 def _predict_aoi(aoi, imagery, output, checkpoint, opts, overwrite, scheduler, workers, cell_size,
-                 quiet, verify):
+                 quiet, verify, skip_bad_scenes=False):
     from canopy.model.device import resolve_device
     from canopy.predict.engine import predict_aoi
 
@@ -91,11 +93,13 @@ def _predict_aoi(aoi, imagery, output, checkpoint, opts, overwrite, scheduler, w
     with ProgressBars(enabled=not quiet) as bars:
         summary = predict_aoi(aoi, imagery, output, str(checkpoint), opts, cell_px=cell_size,
                               scheduler=scheduler, workers=workers, overwrite=overwrite,
-                              progress=bars, verify=verify)
+                              progress=bars, verify=verify, skip_bad_scenes=skip_bad_scenes)
     typer.echo(
         f"{summary.cells_done} cell(s) written, {summary.cells_skipped} already done, "
         f"{summary.cells_empty} without data, in {summary.seconds:.1f} s; "
         f"mosaic: {summary.mosaic if summary.mosaic else 'none (no cell had data)'}"
+        + (f"; {len(summary.skipped_scenes)} imagery file(s) skipped (listed in summary.json)"
+           if summary.skipped_scenes else "")
     )
 
 

@@ -74,8 +74,12 @@ def open_raster(path, role: str | None = None) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "not a readable raster"
-        raise RasterError(f"{label}: cannot open as a raster ({reason})") from None
+        raise RasterError(f"{label}: cannot open as a raster "
+                          f"({_first_line(exc) or 'not a readable raster'})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 # ------------------------------------------------------------------------------------- CRS
@@ -309,6 +313,30 @@ def check_rgb_dtype(ds, bands, path=None, scale=None) -> None:
                           "0..255 with --scale MIN MAX (e.g. --scale 0 3000 for 12-bit reflectance)")
 
 
+def check_complete(ds, path=None) -> None:
+    """Refuse a GeoTIFF whose last pixel block lies past the end of the file (a copy cut short):
+    GDAL opens such a file and fails only when a read reaches the missing part, hours into a
+    run. Only the header is read (the block table GDAL exposes), not pixels. Other formats pass.
+    """
+    if ds.driver != "GTiff":
+        return
+    import os
+
+    name = path or ds.name
+    size = os.path.getsize(ds.name)
+    for band in {1, ds.count}:
+        bh, bw = ds.block_shapes[band - 1]
+        last = f"{(ds.width - 1) // bw}_{(ds.height - 1) // bh}"
+        offset = ds.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band)
+        length = ds.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
+        if offset is None or length is None:
+            continue
+        end = int(offset) + int(length)
+        if int(offset) == 0 or end > size:
+            raise RasterError(f"{name}: truncated or damaged (its last pixel block ends at byte "
+                              f"{end:,} but the file has {size:,} bytes)")
+
+
 def needs_alpha(ds) -> bool:
     """Let the warper add an alpha band only when the source has no mask of its own: a raster
     with nodata or an alpha band (drone orthomosaics are often RGBA) already says what is valid,
@@ -334,14 +362,20 @@ def read_rgb(ds, crs, transform: Affine, shape: tuple[int, int], *, src_crs=None
     h, w = shape
     if (tuple(shape) == (ds.height, ds.width) and transform.almost_equals(ds.transform)
             and CRS.from_user_input(crs) == CRS.from_user_input(src_crs)):
-        data, valid, method = ds.read(band_idx), ds.dataset_mask() > 0, "none"
+        try:
+            data, valid, method = ds.read(band_idx), ds.dataset_mask() > 0, "none"
+        except RasterioIOError as exc:
+            raise RasterError(f"{ds.name}: read failed ({_first_line(exc)})") from None
     else:
         resampling = resampling_onto(ds, crs, transform, shape, src_crs)
-        with WarpedVRT(ds, src_crs=src_crs, crs=crs, transform=transform, width=w, height=h,
-                       resampling=resampling, tolerance=WARP_TOLERANCE_PX,
-                       add_alpha=needs_alpha(ds)) as vrt:
-            data = vrt.read(band_idx)
-            valid = vrt.dataset_mask() > 0
+        try:
+            with WarpedVRT(ds, src_crs=src_crs, crs=crs, transform=transform, width=w, height=h,
+                           resampling=resampling, tolerance=WARP_TOLERANCE_PX,
+                           add_alpha=needs_alpha(ds)) as vrt:
+                data = vrt.read(band_idx)
+                valid = vrt.dataset_mask() > 0
+        except RasterioIOError as exc:  # GDAL's own words say "Read failed" and nothing of which
+            raise RasterError(f"{ds.name}: read failed ({_first_line(exc)})") from None
         method = resampling.name
     if scale is not None:
         lo, hi = scale
@@ -481,6 +515,14 @@ def check_bounds_fit(name, bounds, crs) -> None:
 
         raise RasterError(f"{name}: its coordinates ({left:.6g}, {bottom:.6g}, {right:.6g}, "
                           f"{top:.6g}) do not fit {crs_to_text(crs)}; is that CRS (--crs) right?")
+
+
+def output_grid(path, gsd: float, crs=None) -> tuple[CRS, Affine, int, int]:
+    """The grid :func:`read_rgb_on_grid` will read ``path`` onto, from its metadata alone (to
+    size an output before any pixel is read); a file cut short is refused here."""
+    with open_raster(path) as ds:
+        check_complete(ds, path)
+        return grid_at_gsd(ds, resolve_crs(path, ds.crs, crs), gsd)
 
 
 def read_rgb_on_grid(path, gsd: float, *, bands=None, crs=None,

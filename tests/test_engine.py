@@ -496,3 +496,42 @@ def test_heights_near_imagery_edges_match_one_raster(tmp_path, client):
         assert band.sum() > 300
         a, b = float(aoi[band].mean()), float(one_on_grid[band].mean())
         assert b > 15 and abs(a - b) < 0.1 * b, (lo, hi, a, b)
+
+
+def test_a_truncated_scene_is_named_before_any_work(tmp_path, client, capsys):
+    """Issue #13: a folder of scenes with one GeoTIFF cut short. The header check names the file
+    before any model runs (before: a Dask worker traceback, the good scene in the same cell
+    lost); --skip-bad-scenes goes on without it, gives the map the good scene alone gives and
+    lists the file in summary.json; one-raster prediction names the file too."""
+    import shutil
+
+    from tests.test_predict import run_cli
+
+    good = shared(*OSBS)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    shutil.copy(good, folder / "a_good.tif")
+    data = (folder / "a_good.tif").read_bytes()
+    (folder / "b_cut.tif").write_bytes(data[: int(len(data) * 0.6)])  # same place, cut short
+    out = tmp_path / "run"
+    args = ["predict", "--aoi", OSBS_AOI, "--imagery", folder, "-o", out, "-c", "micro",
+            "--cell-size", "64", "--batch-size", "4", "-q"]
+    code, _, err = run_cli(*args, capsys=capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "b_cut.tif: truncated or damaged" in lines[0] and "--skip-bad-scenes" in lines[0]
+    assert not out.exists() or not list(out.rglob("*.tif"))
+
+    code, stdout, err = run_cli(*args, "--skip-bad-scenes", capsys=capsys)
+    assert code == 0, err
+    assert "1 imagery file(s) skipped" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [Path(s["path"]).name for s in summary["skipped_scenes"]] == ["b_cut.tif"]
+    alone = predict_aoi(OSBS_AOI, good, tmp_path / "alone", *JOB, cell_px=64, client=client)
+    A, B = read_common(out / "mosaic.vrt", alone.mosaic)
+    np.testing.assert_array_equal(A, B)
+
+    code, _, err = run_cli("predict", folder / "b_cut.tif", "-o", tmp_path / "one.tif", "-c",
+                           "micro", "-q", capsys=capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "b_cut.tif: truncated or damaged" in lines[0], err

@@ -256,7 +256,7 @@ def test_training_chips_and_predictions_see_the_same_pixels():
 
     folder = ("rgb_chm_pairs", "kootenay_bc_drone")
     img, chm = shared(*folder, "kootenayOrtho_from_rda.tif"), shared(*folder, "kootenayCHM.tif")
-    scenes = index_imagery(img)
+    scenes, _ = index_imagery(img)
     one = read_rgb_on_grid(img, 0.5)  # already at 0.5 m: the file's own grid, on the 0.5 lattice
     for gsd in (0.5, 0.6):
         chips = list(ChipSampler([(str(img), str(chm))], chip_size=48, gsd=gsd, stride=40,
@@ -469,3 +469,39 @@ def test_mirror_fill_is_reflect_padding_at_a_straight_edge_and_window_independen
         dr, dc = r0 - ctx[0].start, c0 - ctx[1].start
         np.testing.assert_array_equal(part[:, dr:dr + 64, dc:dc + 64], whole[:, win[0], win[1]])
     assert (whole[:, ~ok] != fill[:, None]).any(1).all()  # missing pixels near imagery mirrored
+
+
+def test_unwritable_or_full_output_fails_before_any_work(tmp_path, good_rgb, micro_model,
+                                                        monkeypatch, capsys):
+    """Issue #13: a folder that cannot be written, or a disk without room for the map, is one
+    line at the start (before: a 46-line traceback after the whole inference)."""
+    import shutil
+
+    from canopy.errors import OutputError
+
+    unwritable = Path("/sys/canopy-test-out")  # sysfs refuses new files, even to root
+    probe = Path("/sys") / "canopy-write-check"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        pytest.skip("/sys is writable here: no unwritable folder to try")
+    except OSError:
+        pass
+    code, _, err = run_cli("predict", good_rgb, "-o", unwritable / "chm.tif", "-c", "micro",
+                           "-q", capsys=capsys)
+    assert code == 2 and err.startswith("error: cannot write to '/sys'") and len(err.splitlines()) == 1
+
+    calls = []
+    real_read = __import__("canopy.predict.raster", fromlist=["read_rgb_on_grid"]).read_rgb_on_grid
+
+    def counting_read(*a, **k):
+        calls.append(a)
+        return real_read(*a, **k)
+
+    monkeypatch.setattr("canopy.predict.raster.read_rgb_on_grid", counting_read)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(OutputError, match=r"a 64×64 px map needs about 16.4 kB on disk, but only 1.0 kB"):
+        predict_raster(good_rgb, tmp_path / "full.tif", micro_model)
+    assert calls == [] and not (tmp_path / "full.tif").exists()

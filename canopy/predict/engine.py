@@ -18,7 +18,7 @@ import hashlib
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from rasterio.features import geometry_mask
 
 import canopy
 from canopy.errors import CanopyError, InputError, OptionError, OutputError
+from canopy.io.cog import check_free_space, check_writable, estimated_cog_bytes
 from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
 from canopy.predict.blend import default_stride, edge_reach, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
@@ -180,6 +181,7 @@ class RunSummary:
     seconds: float
     mosaic: Path | None
     dashboard: str | None
+    skipped_scenes: list = field(default_factory=list)  # {"path", "error"} of imagery left out
 
 
 def _aoi_sha(geom) -> str:
@@ -277,6 +279,7 @@ def predict_aoi(
     max_in_flight: int | None = None,
     client=None,
     verify: bool = False,
+    skip_bad_scenes: bool = False,
 ) -> RunSummary:
     """Predict canopy height over an AOI into a folder of COG cells + mosaic + STAC + manifest.
 
@@ -285,7 +288,9 @@ def predict_aoi(
     scenes with a CRS). ``client`` (a ``distributed.Client``) is used as is and left open;
     otherwise one is made from ``scheduler`` or a new LocalCluster and closed at the end.
     ``verify`` re-hashes every finished cell on resume instead of trusting unchanged size +
-    mtime. ``progress`` receives ``cells`` counts, and the Dask dashboard's address as a
+    mtime. ``skip_bad_scenes`` leaves out imagery files that fail the header check (unreadable,
+    truncated, not RGB) instead of stopping; they are listed in ``summary.json`` and the
+    summary. ``progress`` receives ``cells`` counts, and the Dask dashboard's address as a
     message. A cell whose task fails is logged as failed (the run goes on), then the run ends
     with an error naming it; running the command again retries it.
     """
@@ -299,6 +304,7 @@ def predict_aoi(
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError("output", f"'{out_dir}' is a file; an area of interest writes a folder")
+    check_writable(out_dir)
     opts = opts or PredictOptions()
     unsupported = [name for name in ("bands", "scale", "crs") if getattr(opts, name) is not None]
     if unsupported:
@@ -309,7 +315,10 @@ def predict_aoi(
     opts = opts.replace(gedi_correction=_absolute_if_path(opts.gedi_correction))
     opts.check_for(load_config(checkpoint).tile_size)
     area = resolve_aoi(aoi)
-    scenes = [s for s in index_imagery(imagery) if not Path(s.path).is_relative_to(out_dir)]
+    scenes, bad_scenes = index_imagery(imagery, skip_bad=skip_bad_scenes)
+    scenes = [s for s in scenes if not Path(s.path).is_relative_to(out_dir)]
+    for bad in bad_scenes:
+        report(progress, "cells", 0, None, message=f"skipped {bad['error']}")
     if not scenes:
         raise OptionError("imagery", f"'{imagery}' holds no rasters outside the output folder")
     coverage = shapely.union_all([s.footprint for s in scenes])
@@ -374,6 +383,11 @@ def predict_aoi(
         aoi_wkb = shapely.to_wkb(geom.intersection(shapely.box(*cell.bounds)))
         todo.append((cell, aoi_wkb, hit))
 
+    # a full disk would stop the run hours in: say so now (cells + the overview's sixteenth)
+    bands = 2 if opts.uncertainty else 1
+    check_free_space(out_dir, estimated_cog_bytes(len(todo) * cell_px * cell_px * 17 // 16,
+                                                  opts.dtype, bands),
+                     f"{len(todo)} cell(s) of {cell_px}² px")
     own_client = client is None
     if own_client and scheduler is None and opts.torch_threads is None:
         # dask sets OMP_NUM_THREADS=1 in its workers: without this, one core does all the work
@@ -433,5 +447,6 @@ def predict_aoi(
             f"{len(failed)} cell(s) failed, first {failed[0]['id']}: {failed[0]['error']} "
             f"(logged in {manifest.path}; run the same command again to retry them)"
         )
-    mosaic = finish_outputs(out_dir, manifest, run, area)
-    return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard)
+    mosaic = finish_outputs(out_dir, manifest, run, area, skipped_scenes=bad_scenes)
+    return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard,
+                      bad_scenes)

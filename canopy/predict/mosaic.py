@@ -311,8 +311,9 @@ def _parse_date(text):
     return None
 
 
-def finish_outputs(out_dir: Path, manifest, run: dict, area) -> Path | None:
-    """Mosaic, overview, STAC and style for the finished cells; returns the main mosaic path."""
+def finish_outputs(out_dir: Path, manifest, run: dict, area, skipped_scenes=()) -> Path | None:
+    """Mosaic, overview, STAC and style for the finished cells; returns the main mosaic path.
+    ``skipped_scenes`` (imagery left out by ``--skip-bad-scenes``) go into summary.json."""
     records = _done(manifest)
     if not records:
         return None
@@ -337,6 +338,7 @@ def finish_outputs(out_dir: Path, manifest, run: dict, area) -> Path | None:
         write_qml(_qml_path(target), nodata=nodata, dtype=run["dtype"])
     write_stac(out_dir, records, run, area)
     summary = {"cells_done": len(records), "zones": sorted(by_zone), "mosaic": main.name,
+               "skipped_scenes": list(skipped_scenes),
                "overview": overview.name}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return main

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from canopy.errors import OutputError
-from canopy.io.cog import check_output_path
+from canopy.io.cog import check_free_space, check_output_path, estimated_cog_bytes
 from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
 from canopy.predict.blend import count_tiles, default_stride, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
-from data_catalog.raster import read_rgb_on_grid
+from data_catalog.raster import output_grid, read_rgb_on_grid
 
 __all__ = ["PredictOptions", "predict_raster"]
 
@@ -43,6 +43,10 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
 
         correction = load_correction(opts.gedi_correction, device=model.device)
     stride = opts.stride or default_stride(tile)
+    _, _, out_h, out_w = output_grid(input_path, model.cfg.gsd, crs=opts.crs)
+    check_free_space(output_path.parent,
+                     estimated_cog_bytes(out_h * out_w, opts.dtype, 2 if opts.uncertainty else 1),
+                     f"a {out_w}×{out_h} px map")
     img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
                            scale=opts.scale)
     n_tiles = count_tiles(img.valid, tile, stride)

@@ -24,8 +24,9 @@ from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
 from canopy.errors import OptionError
+from data_catalog.errors import CatalogError
 from data_catalog.raster import (
-    LatticeReader, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
+    LatticeReader, check_complete, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
     resolve_crs, rgb_bands)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2", ".img"}
@@ -50,6 +51,7 @@ class Scene:
 def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
     with open_raster(path, "imagery") as ds:
         resolve_crs(path, ds.crs, None, option=None)  # state-scale runs take no --crs
+        check_complete(ds, path)
         check_rgb_dtype(ds, rgb_bands(ds, path), path)
         west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
         if datetime is None:
@@ -63,26 +65,41 @@ def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
         )
 
 
-def index_imagery(spec: str | Path) -> list[Scene]:
-    """Scenes from a folder, one raster/VRT, or a catalog GeoParquet (its 'imagery' rows)."""
+def index_imagery(spec: str | Path, *, skip_bad: bool = False
+                  ) -> tuple[list[Scene], list[dict]]:
+    """Scenes from a folder, one raster/VRT, or a catalog GeoParquet (its 'imagery' rows), and
+    the files left out.
+
+    Every scene's header is checked here, before any model runs: readable, a CRS, uint8 RGB, not
+    cut short (:func:`data_catalog.raster.check_complete`). A bad one is an error naming the file,
+    or with ``skip_bad`` is left out and listed (``{"path", "error"}``).
+    """
     path = Path(spec)
     if not path.exists():
         raise OptionError("imagery", f"'{spec}' does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES
-                       and not p.name.startswith("."))
-        scenes = [_scene_from_raster(str(p)) for p in files]
+        entries = [(str(p), None) for p in sorted(path.rglob("*"))
+                   if p.suffix.lower() in RASTER_SUFFIXES and not p.name.startswith(".")]
     elif path.suffix.lower() == ".parquet":
         from data_catalog.catalog import Catalog
 
         frame = Catalog.open(path).query(kinds=["imagery"])
-        scenes = [_scene_from_raster(str(row.path), row.datetime if isinstance(row.datetime, str) else None)
-                  for row in frame.itertuples()]
+        entries = [(str(row.path), row.datetime if isinstance(row.datetime, str) else None)
+                   for row in frame.itertuples()]
     else:
-        scenes = [_scene_from_raster(str(path))]
+        entries = [(str(path), None)]
+    scenes, skipped = [], []
+    for file, when in entries:
+        try:
+            scenes.append(_scene_from_raster(file, when))
+        except CatalogError as exc:
+            if not skip_bad:
+                raise OptionError("imagery", f"{{imagery}}: {exc} (fix or remove it, or pass "
+                                             "{skip_bad_scenes} to go on without it)") from None
+            skipped.append({"path": str(Path(file).resolve()), "error": str(exc)})
     if not scenes:
-        raise OptionError("imagery", f"'{spec}' holds no rasters")
-    return scenes
+        raise OptionError("imagery", f"'{spec}' holds no {'usable ' if skipped else ''}rasters")
+    return scenes, skipped
 
 
 def scene_order(scenes: list[Scene]) -> list[Scene]:
