@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from canopy.errors import InputError, OptionError, OutputError, OutputExistsError
+from canopy.progress import ProgressCallback, report
 from data_catalog.gedi import FOOTPRINT_DIAMETER_M, footprint_percentiles
 
 # Land-cover codes of the ``landcover`` layer.
@@ -702,12 +703,13 @@ def make_scene(width: int, height: int, gsd: float = 0.6, seed: int = 0,
                sun_elevation: float = 45.0, sun_azimuth: float = 135.0, *,
                layout: SceneLayout | None = None, config: LayoutConfig = LayoutConfig(),
                layers: Sequence[str] = ("dsm", "landcover", "shadow"),
-               block_size: int = 1024) -> Scene:
+               block_size: int = 1024, progress: ProgressCallback | None = None) -> Scene:
     """Render a synthetic scene in memory: ``(rgb (3,H,W) uint8, chm (H,W) float32, layers)``.
 
     ``layout`` defaults to :func:`plan_layout` for the scene's size and ``seed``; pass one to
     place objects by hand. ``layers`` picks the extra arrays to return: ``dsm`` (surface height
     including buildings), ``landcover`` (codes in ``LANDCOVER_NAMES``) and ``shadow``.
+    ``progress`` receives ``blocks`` counts as blocks are rendered.
     """
     if width < 1 or height < 1 or gsd <= 0:
         raise InputError(f"scene size must be positive, got {width}×{height} px at gsd {gsd}")
@@ -721,7 +723,11 @@ def make_scene(width: int, height: int, gsd: float = 0.6, seed: int = 0,
     chm = np.empty((height, width), np.float32)
     extra = {"dsm": np.float32, "landcover": np.uint8, "shadow": bool}
     out_layers = {name: np.empty((height, width), extra[name]) for name in layers}
-    for r, c, block in render_blocks(layout, width, height, gsd, seed, sun, block_size):
+    n_blocks = -(-height // block_size) * -(-width // block_size)
+    report(progress, "blocks", 0, n_blocks)
+    for i, (r, c, block) in enumerate(render_blocks(layout, width, height, gsd, seed, sun,
+                                                    block_size)):
+        report(progress, "blocks", i + 1, n_blocks)
         bh, bw = block["chm"].shape
         rgb[:, r:r + bh, c:c + bw] = block["rgb"]
         chm[r:r + bh, c:c + bw] = block["chm"]
@@ -901,17 +907,53 @@ def _write_shots(path: Path, shots: dict, transform_xy, crs, seed: int) -> int:
     return n
 
 
+# What a scene costs per pixel: in memory the RGB and CHM arrays plus the COG writer's copy of
+# the larger one and a block's temporaries; on disk the two COGs (RGB ~3, CHM ~4 bytes with
+# overviews), both rounded up
+SCENE_MEMORY_BYTES_PER_PIXEL = 12
+SCENE_DISK_BYTES_PER_PIXEL = 7
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux), or None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_room(out: Path, side_px: int, area_km2: float) -> None:
+    """Refuse a scene that cannot fit in memory or on the disk before rendering starts (a
+    100,000 km² request ran for minutes towards ~830 GB before)."""
+    from canopy.io.cog import check_free_space
+
+    pixels = side_px * side_px
+    memory = available_memory()
+    if memory is not None and pixels * SCENE_MEMORY_BYTES_PER_PIXEL > memory:
+        raise OptionError("area_km2", f"{area_km2:g} km² is {side_px:,}² px, which needs about "
+                                      f"{pixels * SCENE_MEMORY_BYTES_PER_PIXEL / 1e9:.1f} GB of "
+                                      f"memory; {memory / 1e9:.1f} GB are available")
+    check_free_space(out, pixels * SCENE_DISK_BYTES_PER_PIXEL,
+                     f"a synthetic scene of {area_km2:g} km² ({side_px:,}² px)")
+
+
 def synth_scene(out_dir: str | os.PathLike, area_km2: float = 4.0, gsd: float = 0.6, seed: int = 0,
                 sun_elevation: float = 45.0, sun_azimuth: float = 135.0, crs: str = DEFAULT_CRS,
                 origin: tuple[float, float] | None = None, overwrite: bool = False,
                 gedi: GediConfig = GediConfig(), config: LayoutConfig = LayoutConfig(),
-                block_size: int = 1024) -> dict[str, Path]:
+                block_size: int = 1024, progress: ProgressCallback | None = None
+                ) -> dict[str, Path]:
     """Write a square synthetic scene of ``area_km2`` at ``gsd`` m into ``out_dir``.
 
     Writes scene_rgb.tif, scene_chm.tif (COGs), gedi_shots.parquet and README.txt; returns their
     paths by name ('rgb', 'chm', 'gedi', 'readme'). ``origin`` is the top-left corner (x, y) in
     ``crs`` (default a round UTM position). Memory: the RGB and CHM arrays (7 bytes/px) plus one
-    block's temporaries; the COG writer holds one more copy of the raster being written.
+    block's temporaries; the COG writer holds one more copy of the raster being written. A scene
+    that would not fit in the memory or on the disk available is refused before any work.
+    ``progress`` receives ``blocks`` counts while the scene is rendered.
     """
     from rasterio.transform import from_origin
 
@@ -930,10 +972,11 @@ def synth_scene(out_dir: str | os.PathLike, area_km2: float = 4.0, gsd: float = 
     crs_obj = _resolve_crs(crs)
     x0, y0 = DEFAULT_ORIGIN if origin is None else (float(origin[0]), float(origin[1]))
     out = Path(out_dir)
+    _check_room(out, side_px, area_km2)
     _check_out_dir(out, overwrite)
 
     scene = make_scene(side_px, side_px, gsd, seed, sun.elevation, sun.azimuth, config=config,
-                       layers=(), block_size=block_size)
+                       layers=(), block_size=block_size, progress=progress)
     shots = gedi_like_shots(scene.chm, gsd, seed, gedi)
     if shots["x"].size == 0:
         raise OptionError("area_km2", f"{area_km2} is too small to hold a GEDI footprint")

@@ -28,9 +28,13 @@ def synth_command(
 
     from canopy.synth import synth_scene
 
+    from canopy.cli import ProgressBars
+
     t0 = time.perf_counter()
-    paths = synth_scene(out, area_km2=area_km2, gsd=gsd, seed=seed, sun_elevation=sun_elevation,
-                        sun_azimuth=sun_azimuth, crs=crs, origin=origin, overwrite=overwrite)
+    with ProgressBars("synth") as bars:
+        paths = synth_scene(out, area_km2=area_km2, gsd=gsd, seed=seed,
+                            sun_elevation=sun_elevation, sun_azimuth=sun_azimuth, crs=crs,
+                            origin=origin, overwrite=overwrite, progress=bars)
     for name in ("rgb", "chm", "gedi", "readme"):
         typer.echo(f"{name}: {paths[name]}")
     typer.echo(f"synthetic scene written in {time.perf_counter() - t0:.1f} s")

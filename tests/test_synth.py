@@ -234,3 +234,22 @@ def test_synth_cli_command(tmp_path):
     assert (tmp_path / "s" / "scene_rgb.tif").exists()
     with rasterio.open(tmp_path / "s" / "scene_chm.tif") as src:
         assert src.tags()["CANOPY_SUN_AZIMUTH"] == "200"
+
+
+def test_a_scene_too_big_for_the_machine_is_refused_at_once(tmp_path):
+    """Issue #13: `canopy synth --area-km2 100000` ran silently for 10 minutes towards ~830 GB.
+    Now the size is estimated first and what does not fit is refused (nothing written), and a
+    scene that does fit reports its rendering progress."""
+    import time
+
+    from canopy.errors import OptionError, OutputError
+    from canopy.synth import synth_scene
+
+    t0 = time.perf_counter()
+    with pytest.raises((OptionError, OutputError), match="needs about"):
+        synth_scene(tmp_path / "huge", area_km2=100_000, gsd=0.6)
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "huge").exists()
+    events = []
+    synth_scene(tmp_path / "small", area_km2=0.01, gsd=1.0, block_size=32, progress=events.append)
+    blocks = [e for e in events if e.unit == "blocks"]
+    assert blocks[-1].done == blocks[-1].total == 16 and blocks[0].done == 0
