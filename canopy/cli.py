@@ -194,7 +194,7 @@ _register_subcommands()
 # options whose flag is not the field name with dashes
 FLAG_NAMES = {"backbone_path": "--backbone", "max_height_m": "--max-height",
               "block_size_m": "--block-size", "cell_px": "--cell-size", "out_dir": "--out",
-              "rh_metric": "--rh"}
+              "rh_metric": "--rh", "prediction_band": "--band"}
 
 
 def flag_for(field: str) -> str:

@@ -312,3 +312,29 @@ def test_evaluate_cli_takes_several_references(prediction, tmp_path):
     # User errors reach the caller as canopy errors (the main CLI prints them and exits 2).
     res = CliRunner().invoke(app, ["evaluate", str(prediction), "-o", str(tmp_path / "out2")])
     assert isinstance(res.exception, InputError)
+
+
+def test_rgb_given_as_heights_is_refused_unless_a_band_is_named(tmp_path, capsys):
+    """Issue #13: an RGB raster given as the prediction or as a reference was scored (MAE 151 m)
+    without a word. Rasters with several bands, or one band of bytes, that do not say which band
+    holds heights are refused with one line naming the flag; naming the band goes on, with a
+    warning when the values cannot be heights in metres."""
+    from tests.conftest import shared
+    from tests.test_predict import run_cli
+
+    rgb = shared("rgb_chm_pairs", "neon_osbs_029", "OSBS_029.tif")
+    chm = shared("rgb_chm_pairs", "neon_osbs_029", "OSBS_029_CHM.tif")
+    base = ["--reference-crs", "EPSG:32617"]
+    code, _, err = run_cli("evaluate", rgb, "--reference", chm, "-o", tmp_path / "a", *base,
+                           capsys=capsys)
+    assert code == 2 and err.startswith("error: prediction ") and "3 bands of uint8" in err, err
+    assert "--band N" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    koot = ("rgb_chm_pairs", "kootenay_bc_drone")
+    code, _, err = run_cli("evaluate", shared(*koot, "kootenayCHM.tif"), "--reference",
+                           shared(*koot, "kootenayOrtho_from_rda.tif"), "-o", tmp_path / "b",
+                           capsys=capsys)
+    assert code == 2 and err.startswith("error: reference ") and "--reference-band N" in err, err
+    code, out, err = run_cli("evaluate", rgb, "--band", "1", "--reference", chm, "-o",
+                             tmp_path / "c", *base, capsys=capsys)
+    assert code == 0 and "is it a canopy height raster in metres?" in err, err

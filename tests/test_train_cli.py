@@ -149,9 +149,19 @@ def test_gedi_shots_outside_the_area(tmp_path, scene):
     (["--synthetic", "1", "--backbone", "nowhere.safetensors"], "--backbone 'nowhere.safetensors': file not found"),
     (["--synthetic", "1", "--lr", "-1"], "--lr must be a positive number"),
     (["--synthetic", "1", "--batch-size", "0"], "--batch-size must be a whole number ≥ 1"),
+    (["--synthetic", "1", "--steps", "0"], "--steps must be a whole number ≥ 1"),
 ])
 def test_bad_options(tmp_path, args, fragment):
-    assert_one_line_error([*args, "-o", str(tmp_path / "o"), "--steps", "1", *SMALL], fragment)
+    steps = [] if "--steps" in args else ["--steps", "1"]
+    assert_one_line_error([*args, "-o", str(tmp_path / "o"), *steps, *SMALL], fragment)
+
+
+def test_rgb_given_as_the_chm_is_named(tmp_path):
+    """Issue #13: an RGB image given as the CHM used to end with "every chip fell in the
+    validation/test blocks"; it is now refused as what it is."""
+    rgb = shared("rgb_chm_pairs", "kootenay_bc_drone", "kootenayOrtho_from_rda.tif")
+    assert_one_line_error(["--pairs", f"{rgb}:{rgb}", "-o", str(tmp_path / "o"), "--steps", "1",
+                           *SMALL], "RGB imagery, not a canopy height model")
 
 
 def test_real_pair_with_a_chm_from_laz(tmp_path):

@@ -25,6 +25,12 @@ def evaluate_command(
         help="Percentile of predicted heights in each footprint (default: the RH column's).")] = None,
     reference_crs: Annotated[Optional[str], typer.Option(
         help="CRS of reference rasters that carry none, e.g. EPSG:32617.")] = None,
+    band: Annotated[Optional[int], typer.Option(
+        "--band", help="The prediction's band of heights, when it has several and none is "
+                       "described canopy_height (or one band of bytes).")] = None,
+    reference_band: Annotated[Optional[int], typer.Option(
+        help="The references' band of heights, when they have several (or one band of bytes, "
+             "e.g. whole-metre maps).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
     """Score a canopy-height map against lidar CHMs (and GEDI): metrics.json and PNG figures."""
@@ -35,7 +41,8 @@ def evaluate_command(
         raise InputError("give the prediction raster to evaluate")
     prediction, extra = paths[0], paths[1:]
     refs = list(reference or []) + list(extra)
-    config = EvaluationConfig(gedi_rh_column=gedi_rh, gedi_percentile=gedi_percentile)
+    config = EvaluationConfig(gedi_rh_column=gedi_rh, gedi_percentile=gedi_percentile,
+                              prediction_band=band, reference_band=reference_band)
     result = evaluate(prediction, refs, out, gedi=gedi, reference_crs=reference_crs,
                       overwrite=overwrite, config=config)
     o = result["pooled"]["overall"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import os
 import re
 import shutil
@@ -55,6 +56,12 @@ class EvaluationConfig:
     map_crop_px: int = 512
     max_map_figures: int = 12
     histogram_max_m: float = 60.0
+    # The band holding heights, when the raster does not say (a band described canopy_height,
+    # or a single non-byte band). RGB imagery, or bytes that may be colours, need it named.
+    prediction_band: int | None = None
+    reference_band: int | None = None
+    # beyond these a raster is probably not heights in metres (a warning, not an error)
+    plausible_height_range_m: tuple[float, float] = (-10.0, 150.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +115,40 @@ def _is_georeferenced(src) -> bool:
     return bool(src.transform != Affine.identity() or src.gcps[0] or src.rpcs)
 
 
-def _band_indexes(src) -> tuple[int, int | None]:
-    """(height band, std band or None) by band description; the height band defaults to 1."""
+def _band_indexes(src, named: int | None = None, role: str = "prediction",
+                  path: str | None = None) -> tuple[int, int | None]:
+    """(height band, std band or None). The height band is ``named`` (1-based), else the band
+    described ``canopy_height``, else the only band of a raster whose values can be heights.
+    A raster with several bands, or one band of bytes, that says nothing is refused: an RGB
+    image scored as heights gave an MAE of 151 m without a word."""
     desc = [d or "" for d in src.descriptions]
     std = desc.index(outputs.STD_BAND) + 1 if outputs.STD_BAND in desc else None
-    height = desc.index(outputs.HEIGHT_BAND) + 1 if outputs.HEIGHT_BAND in desc else 1
-    if height == std:
-        height = 1
-    return height, std
+    field = f"{role}_band"
+    if named is not None:
+        if not 1 <= named <= src.count:
+            raise OptionError(field, f"{named} is not a band of '{path or src.name}' (1..{src.count})")
+        return named, (std if std != named else None)
+    if outputs.HEIGHT_BAND in desc:
+        return desc.index(outputs.HEIGHT_BAND) + 1, std
+    if src.count == 1 and src.dtypes[0] != "uint8":
+        return 1, None
+    what = (f"{src.count} bands of {src.dtypes[0]}" if src.count > 1
+            else "one band of bytes (an 8-bit image, or whole-metre heights?)")
+    raise OptionError(field, f"{role} '{path or src.name}' has {what} and none is described "
+                             f"{outputs.HEIGHT_BAND}: name the band of heights with {{{field}}} "
+                             "N (RGB imagery is not a height raster)")
+
+
+def _warn_if_implausible(heights: np.ndarray, role: str, path: str,
+                         config: EvaluationConfig) -> None:
+    finite = heights[np.isfinite(heights)]
+    if not finite.size:
+        return
+    lo, hi = np.percentile(finite, [1, 99])
+    low, high = config.plausible_height_range_m
+    if lo < low or hi > high:
+        warnings.warn(f"{role} '{path}': heights from {lo:.0f} to {hi:.0f} m (1st–99th "
+                      f"percentile); is it a canopy height raster in metres?")
 
 
 def _apply(t, cols, rows):
@@ -195,14 +228,18 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
         if window is None:
             raise InputError(f"prediction '{pred_path}' does not overlap reference '{ref_path}'")
 
-        ref = clean_heights(ref_src.read(1), ref_src.nodata, config.nodata_floor_m)
+        ref_band, _ = _band_indexes(ref_src, config.reference_band, "reference", ref_path)
+        ref = clean_heights(ref_src.read(ref_band), ref_src.nodatavals[ref_band - 1],
+                            config.nodata_floor_m)
+    _warn_if_implausible(ref, "reference", ref_path, config)
     ref_valid = int(np.count_nonzero(np.isfinite(ref)))
     if ref_valid == 0:
         raise InputError(f"reference '{ref_path}' holds only nodata")
 
-    band, std_band = _band_indexes(pred_src)
+    band, std_band = _band_indexes(pred_src, config.prediction_band, "prediction", pred_path)
     pred_nodata = pred_src.nodatavals[band - 1]
     pred = clean_heights(pred_src.read(band, window=window), pred_nodata, config.nodata_floor_m)
+    _warn_if_implausible(pred, "prediction", pred_path, config)
     std = None
     if std_band is not None:
         std = clean_heights(pred_src.read(std_band, window=window),
@@ -242,9 +279,10 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
 
 
 def prediction_edge_error(src, lattice: TileLattice, windows: Sequence = (),
-                          max_pixels: int = 200_000_000, strip_pixels: int = 8_000_000
-                          ) -> tuple[dict, str]:
-    """Edge error of the prediction's height band on its own grid; returns (metrics, scope).
+                          max_pixels: int = 200_000_000, strip_pixels: int = 8_000_000,
+                          band: int | None = None) -> tuple[dict, str]:
+    """Edge error of the prediction's height band (``band``, or the one it describes) on its
+    own grid; returns (metrics, scope).
 
     The whole raster is read in strips (one row of overlap so vertical pairs at strip seams count
     once); a raster above ``max_pixels`` is only measured inside ``windows`` (those read for the
@@ -252,7 +290,7 @@ def prediction_edge_error(src, lattice: TileLattice, windows: Sequence = (),
     """
     from rasterio.windows import Window
 
-    band, _ = _band_indexes(src)
+    band = band or _band_indexes(src)[0]
     nodata = src.nodatavals[band - 1]
     shape = (src.height, src.width)
     sums = EdgeSums()
@@ -323,7 +361,7 @@ def gedi_metrics(src, shots_path: str, pred_path: str, config: EvaluationConfig
 
     # The footprint rule (which pixels, partial footprints, the percentile) is
     # data_catalog.gedi.footprint_percentiles, as in training.
-    band, _ = _band_indexes(src)
+    band, _ = _band_indexes(src, config.prediction_band, "prediction", pred_path)
     nodata = src.nodatavals[band - 1]
     idx = np.flatnonzero(inside)
     pred_pct = np.full(rh.shape, np.nan)
@@ -590,7 +628,7 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
     with open_raster(pred_path, "prediction") as src:
         if src.crs is None or not _is_georeferenced(src):
             raise InputError(f"prediction '{pred_path}' has no CRS or geotransform")
-        band, std_band = _band_indexes(src)
+        band, std_band = _band_indexes(src, config.prediction_band, "prediction", pred_path)
         for i, ref_path in enumerate(refs):
             pair = align_reference(src, pred_path, ref_path, ref_crs, config)
             windows.append(pair.pred_window)
@@ -633,7 +671,8 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
             edge = {"skipped": f"prediction carries no {outputs.TILE_SIZE}/{outputs.TILE_STRIDE} tags "
                                "(model-tile lattice unknown)"}
         else:
-            e, scope = prediction_edge_error(src, lattice, windows, config.edge_error_max_pixels)
+            e, scope = prediction_edge_error(src, lattice, windows, config.edge_error_max_pixels,
+                                             band=band)
             edge = {**e, "scope": scope,
                     "lattice": {k: v for k, v in asdict(lattice).items() if v is not None}}
 

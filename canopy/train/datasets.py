@@ -443,6 +443,11 @@ def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict
                     raise OptionError("pairs", f"{{pairs}}: {what} file {path} not found")
             if chm.lower().endswith((".las", ".laz")):
                 chm = _derive_chm(chm, spec.lidar_resolution, crs, spec.work_dir)
+            else:
+                from data_catalog.chm import describe_chm
+
+                # an RGB image given as the CHM: say so, not "every chip fell in validation"
+                describe_chm(chm, crs)
             pairs.append((img, chm, crs) if crs else (img, chm))
         sources.append(("pairs", pairs, {}, []))
     for kind, source, dates, catalog_gedi in sources:
