@@ -22,7 +22,7 @@ $(TEST_STAMP): $(STAMP)
 venv: $(TEST_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/canopy demo -o demo_out/
+	$(BIN)/canopy demo -o demo_out/ --overwrite
 
 test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests/

@@ -58,10 +58,18 @@ def predict(
                           gedi_correction=str(gedi_correction) if gedi_correction else None,
                           torch_threads=torch_threads, bands=bands, crs=crs, scale=scale)
     if aoi is not None:
+        if input is not None and imagery is not None:
+            raise CanopyError(f"give the imagery once: '{input}' and --imagery '{imagery}' were "
+                              "both given (with --aoi, use --imagery)")
+        if output.suffix.lower() in (".tif", ".tiff"):
+            raise CanopyError(f"-o '{output}' ends in {output.suffix}, but --aoi writes a folder "
+                              "(cells, mosaic, overview, STAC): give a folder name")
         return _predict_aoi(aoi, imagery or input, output, checkpoint, opts, overwrite, scheduler,
                             workers, cell_size, quiet, verify, skip_bad_scenes)
     if input is None:
         raise CanopyError("give an input raster, or --aoi with --imagery")
+    if imagery is not None:
+        raise CanopyError("--imagery goes with --aoi; for one raster give it as the input")
     from canopy.io.cog import check_output_path
     from canopy.model.checkpoints import load_model
     from canopy.model.device import resolve_device
@@ -73,9 +81,7 @@ def predict(
         check_complete(ds, input)
     check_output_path(output, overwrite, create=False)
     model = load_model(checkpoint, device=resolve_device(opts.device))
-    if not model.cfg.trained:
-        typer.echo(f"warning: '{checkpoint}' has random weights; its output is not canopy height",
-                   err=True)
+    _say_what_the_model_is(checkpoint, model.cfg)
     with ProgressBars(input.name, enabled=not quiet) as bars:
         out = predict_raster(input, output, model, opts, overwrite=overwrite, progress=bars)
     typer.echo(f"wrote {out}")
@@ -101,6 +107,18 @@ def _predict_aoi(aoi, imagery, output, checkpoint, opts, overwrite, scheduler, w
         + (f"; {len(summary.skipped_scenes)} imagery file(s) skipped (listed in summary.json)"
            if summary.skipped_scenes else "")
     )
+
+
+def _say_what_the_model_is(checkpoint: str, cfg) -> None:
+    """One line on stderr when the model's heights are not to be trusted as they are."""
+    if not cfg.trained:
+        typer.echo(f"warning: '{checkpoint}' has random weights; its output is not canopy height",
+                   err=True)
+    elif checkpoint in ("default", None):
+        typer.echo("note: the bundled default model is a small demonstration model, far off on "
+                   "landscapes it has not seen (canopy/weights/default/MODEL_CARD.md); for maps "
+                   "anyone decides on, use released weights (-c) or train on your own lidar",
+                   err=True)
 
 
 class ProgressBars:
@@ -139,6 +157,7 @@ class ProgressBars:
 def demo(
     output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Output folder."),
     checkpoint: str = typer.Option("default", "--checkpoint", "-c", help="Model to run (default: the bundled trained model)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the map of an earlier demo in the folder."),
 ):
     """Run the main job on the bundled real sample scene (NEON OSBS, Florida, 0.1 m RGB)."""
     from canopy.model.checkpoints import load_model
@@ -157,7 +176,7 @@ def demo(
         )
         return
     out = output / "sample_chm.tif"
-    predict_raster(SAMPLE_SCENE, out, model, PredictOptions(uncertainty=True), overwrite=True)
+    predict_raster(SAMPLE_SCENE, out, model, PredictOptions(uncertainty=True), overwrite=overwrite)
     import numpy as np
     import rasterio
 
@@ -210,10 +229,14 @@ def main() -> None:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    from canopy.errors import USER_ERRORS, OptionError, OutputExistsError
+    from canopy.errors import USER_ERRORS, OptionError, OutputExistsError, RunInterrupted
 
     try:
         app()
+    except RunInterrupted as exc:  # before USER_ERRORS: Ctrl-C exits 130 as shells expect
+        how = f" with {flag_for(exc.remedy)}" if exc.remedy else ""
+        typer.echo(f"{exc}; run the same command{how} to go on from there", err=True)
+        sys.exit(130)
     except OptionError as exc:  # the library names the field; the user typed a flag
         typer.echo(f"error: {exc.render(flag_for)}", err=True)
         sys.exit(2)

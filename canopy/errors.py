@@ -53,6 +53,16 @@ class ModelOutputError(CanopyError):
     """The model gave heights that cannot be right (NaN or infinite where the input is valid)."""
 
 
+class RunInterrupted(CanopyError):
+    """The user stopped a resumable run (Ctrl-C); the message says what was kept. ``remedy``
+    names the setting that continues it (None: the same call again), which the CLI shows as its
+    flag. (Not a KeyboardInterrupt: click would swallow that into its bare "Aborted!".)"""
+
+    def __init__(self, message: str, remedy: str | None = None):
+        super().__init__(message)
+        self.remedy = remedy
+
+
 class OutputError(CanopyError):
     """An output path cannot be written (it exists, its folder is unwritable or full)."""
 
@@ -78,4 +88,4 @@ USER_ERRORS = (CanopyError, CatalogError, BackboneError)
 
 __all__ = ["USER_ERRORS", "BackboneError", "CanopyError", "CatalogError", "CheckpointError",
            "ConfigError", "InputError", "NoDefaultModelError", "OptionError", "OutputError",
-           "ModelOutputError", "OutputExistsError", "TrainingDivergedError"]
+           "ModelOutputError", "OutputExistsError", "RunInterrupted", "TrainingDivergedError"]

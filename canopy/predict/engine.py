@@ -27,7 +27,7 @@ from affine import Affine
 from rasterio.features import geometry_mask
 
 import canopy
-from canopy.errors import CanopyError, InputError, OptionError, OutputError
+from canopy.errors import CanopyError, InputError, OptionError, OutputError, RunInterrupted
 from canopy.io.cog import check_free_space, check_writable, estimated_cog_bytes
 from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
 from canopy.predict.blend import default_stride, edge_reach, predict_array
@@ -400,6 +400,7 @@ def predict_aoi(
         report(progress, "cells", finished, len(cells), message=f"Dask dashboard: {dashboard}")
     report(progress, "cells", finished, len(cells))
     failed: list[dict] = []
+    cell_of: dict = {}  # key → (cell, future) of the tasks in flight
     try:
         from distributed import as_completed
 
@@ -407,19 +408,18 @@ def predict_aoi(
         window = max_in_flight or 2 * n_workers
         pending = iter(todo)
         futures = as_completed()
-        cell_of = {}
 
         def submit_next() -> None:
             item = next(pending, None)
             if item is not None:
                 fut = client.submit(predict_cell, *item, checkpoint, opts, str(out_dir), pure=False)
-                cell_of[fut.key] = item[0]
+                cell_of[fut.key] = (item[0], fut)
                 futures.add(fut)
 
         for _ in range(window):
             submit_next()
         for fut in futures:
-            cell = cell_of.pop(fut.key)
+            cell, _ = cell_of.pop(fut.key)
             try:
                 rec = fut.result()
                 if rec["status"] == "done" and not _visible(out_dir / rec["path"], rec["bytes"]):
@@ -435,12 +435,19 @@ def predict_aoi(
             finished += 1
             report(progress, "cells", finished, len(cells))
             submit_next()
+    except KeyboardInterrupt:
+        # Ctrl-C: stop the cells in flight (a worker busy with a ViT-L cell would otherwise hold
+        # the cluster's shutdown for minutes), keep what is logged, and say how to go on
+        client.cancel([f for _, f in cell_of.values()])
+        raise RunInterrupted(
+            f"interrupted: {done} cell(s) written in this run, {skipped + done + empty} of "
+            f"{len(cells)} finished and kept") from None
     finally:
         if own_client:
             cluster = getattr(client, "cluster", None)
-            client.close()
+            client.close(timeout=10)
             if cluster is not None and scheduler is None:
-                cluster.close()
+                cluster.close(timeout=10)
 
     if failed:
         raise CanopyError(

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from canopy.errors import (
-    CheckpointError, InputError, OptionError, OutputExistsError, TrainingDivergedError)
+    CheckpointError, InputError, OptionError, OutputExistsError, RunInterrupted,
+    TrainingDivergedError)
 from canopy.model.device import resolve_device
 from canopy.progress import ProgressCallback, report
 from canopy.model.config import HeightModelConfig
@@ -620,65 +621,71 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     final_val: dict = {}
     acc: dict[str, float] = {}
     acc_n = 0
-    with leaky_decoder_relus(model, cfg.relu_leak):
-        while step < stop_at:
-            epoch, k = divmod(step, spe)
-            idx = batch_indices(n, cfg.batch_size, cfg.seed, epoch, k, info.rank, info.world_size)
-            batch = collate([ds.sample(i, epoch) for i in idx])
-            terms = compute_loss(fwd, model, batch, cfg, device, prior_scale)
-            if not torch.isfinite(terms["total"]):
-                # weights are about to become NaN: stop before that, with the last checkpoint
-                # intact and no model folder that looks finished
-                raise TrainingDivergedError(
-                    f"training diverged at step {step + 1}: the loss is {float(terms['total'])} "
-                    f"(learning rate {sched.get_last_lr()[0]:.3g}; try a lower {{lr}} or "
-                    f"{{grad_clip}}); the last checkpoint in {out} is from step "
-                    f"{_checkpoint_step(ck_path)}")
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-            opt.step()
-            sched.step()
-            step += 1
-            say()
-            window_chips += len(idx) * info.world_size
-            for key, v in terms.items():
-                acc[key] = acc.get(key, 0.0) + float(v.detach())
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm
-            acc_n += 1
-            end_of_epoch = (step % spe == 0) or step == total
-            if info.is_main and (step % cfg.log_every == 0 or end_of_epoch or step == stop_at):
-                now = time.perf_counter()
-                row = {"step": step, "epoch": epoch, "kind": "train", "lr": sched.get_last_lr()[0],
-                       "loss": acc["total"] / acc_n, "silog": acc["silog"] / acc_n,
-                       "l1": acc["l1"] / acc_n, "gedi": acc.get("gedi", math.nan) / acc_n,
-                       "cosub": acc.get("cosub", math.nan) / acc_n,
-                       "logit_reg": acc.get("logit_reg", math.nan) / acc_n,
-                       "grad_norm": acc["grad_norm"] / acc_n,
-                       "chips_per_s": window_chips / max(now - window_t, 1e-9),
-                       "seconds": elapsed_before + now - t0}
-                log.write(row)
-                say(f"step {step}/{total} loss {row['loss']:.4f} (silog {row['silog']:.3f}, "
-                    f"L1 {row['l1']:.2f} m) {row['chips_per_s']:.1f} chips/s")
-                acc, acc_n = {}, 0
-                window_t, window_chips = now, 0
-            if end_of_epoch and val_records and info.is_main:
-                final_val = validate(model, val_records, cfg, device, baseline)
-                row = {"step": step, "epoch": epoch, "kind": "val",
-                       "seconds": elapsed_before + time.perf_counter() - t0, **final_val}
-                log.write(row)
-                history.append(row)
-                say(f"epoch {epoch}: val MAE {final_val['val_mae']:.2f} m, RMSE "
-                    f"{final_val['val_rmse']:.2f} m, bias {final_val['val_bias']:+.2f} m "
-                    f"(mean-height baseline MAE {final_val['baseline_mae']:.2f} m)")
-            barrier(info)
-            if info.is_main and (step % cfg.checkpoint_every == 0 or step == stop_at):
-                _save_checkpoint(ck_path, model, opt, sched, step, cfg,
-                                {"seconds": elapsed_before + time.perf_counter() - t0,
-                                 "history": history, "epoch": step // spe,
-                                 "step_in_epoch": step % spe})
-            barrier(info)
+    try:
+        with leaky_decoder_relus(model, cfg.relu_leak):
+            while step < stop_at:
+                epoch, k = divmod(step, spe)
+                idx = batch_indices(n, cfg.batch_size, cfg.seed, epoch, k, info.rank, info.world_size)
+                batch = collate([ds.sample(i, epoch) for i in idx])
+                terms = compute_loss(fwd, model, batch, cfg, device, prior_scale)
+                if not torch.isfinite(terms["total"]):
+                    # weights are about to become NaN: stop before that, with the last checkpoint
+                    # intact and no model folder that looks finished
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step + 1}: the loss is {float(terms['total'])} "
+                        f"(learning rate {sched.get_last_lr()[0]:.3g}; try a lower {{lr}} or "
+                        f"{{grad_clip}}); the last checkpoint in {out} is from step "
+                        f"{_checkpoint_step(ck_path)}")
+                opt.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+                opt.step()
+                sched.step()
+                step += 1
+                say()
+                window_chips += len(idx) * info.world_size
+                for key, v in terms.items():
+                    acc[key] = acc.get(key, 0.0) + float(v.detach())
+                acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm
+                acc_n += 1
+                end_of_epoch = (step % spe == 0) or step == total
+                if info.is_main and (step % cfg.log_every == 0 or end_of_epoch or step == stop_at):
+                    now = time.perf_counter()
+                    row = {"step": step, "epoch": epoch, "kind": "train", "lr": sched.get_last_lr()[0],
+                           "loss": acc["total"] / acc_n, "silog": acc["silog"] / acc_n,
+                           "l1": acc["l1"] / acc_n, "gedi": acc.get("gedi", math.nan) / acc_n,
+                           "cosub": acc.get("cosub", math.nan) / acc_n,
+                           "logit_reg": acc.get("logit_reg", math.nan) / acc_n,
+                           "grad_norm": acc["grad_norm"] / acc_n,
+                           "chips_per_s": window_chips / max(now - window_t, 1e-9),
+                           "seconds": elapsed_before + now - t0}
+                    log.write(row)
+                    say(f"step {step}/{total} loss {row['loss']:.4f} (silog {row['silog']:.3f}, "
+                        f"L1 {row['l1']:.2f} m) {row['chips_per_s']:.1f} chips/s")
+                    acc, acc_n = {}, 0
+                    window_t, window_chips = now, 0
+                if end_of_epoch and val_records and info.is_main:
+                    final_val = validate(model, val_records, cfg, device, baseline)
+                    row = {"step": step, "epoch": epoch, "kind": "val",
+                           "seconds": elapsed_before + time.perf_counter() - t0, **final_val}
+                    log.write(row)
+                    history.append(row)
+                    say(f"epoch {epoch}: val MAE {final_val['val_mae']:.2f} m, RMSE "
+                        f"{final_val['val_rmse']:.2f} m, bias {final_val['val_bias']:+.2f} m "
+                        f"(mean-height baseline MAE {final_val['baseline_mae']:.2f} m)")
+                barrier(info)
+                if info.is_main and (step % cfg.checkpoint_every == 0 or step == stop_at):
+                    _save_checkpoint(ck_path, model, opt, sched, step, cfg,
+                                    {"seconds": elapsed_before + time.perf_counter() - t0,
+                                     "history": history, "epoch": step // spe,
+                                     "step_in_epoch": step % spe})
+                barrier(info)
 
+    except KeyboardInterrupt:
+        # Ctrl-C mid-step: the state is not that of a finished step, so nothing is saved; the
+        # last checkpoint is where --resume continues, bit for bit
+        raise RunInterrupted(f"interrupted at step {step}/{total}; the checkpoint in {out} is "
+                             f"from step {_checkpoint_step(ck_path)}", remedy="resume") from None
     seconds = elapsed_before + time.perf_counter() - t0
     finished = step >= total
     model_dir = None
