@@ -200,3 +200,43 @@ def load_backbone(path: str | Path, source: str | None = None) -> tuple[DinoViT,
         sd["mask_token"] = torch.zeros_like(vit.mask_token)
     load_state_dict_strict(vit, sd, source)
     return vit, cfg
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` as safetensors, atomically (a temporary name in the same
+    folder, fsynced, then renamed), with the permissions of any file this user makes
+    (0666 minus the umask). safetensors itself creates its file 0600: a model written for a
+    team, or served, must be readable by it."""
+    import os
+    import uuid
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _umask() -> int:
+    import os
+
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting (another thread could see 022 briefly)
+    os.umask(mask)
+    return mask
+

@@ -369,3 +369,24 @@ def test_decoder_computes_the_released_decoder():
         ref = reference_hrch_decoder(model.state_dict(), taps)
     assert ours.shape == (2, model.cfg.decoder.n_bins, 256, 256)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_saved_weights_are_readable_like_any_other_file(tmp_path, micro_model):
+    """Issue #13: model.safetensors was written 0600 (safetensors' own mode) beside 0644 files;
+    a model saved for a team or a server must be readable as the user's umask allows."""
+    import os
+    import stat
+
+    from canopy.model.checkpoints import save_native
+    from canopy.model.gedi_correction import CorrectionConfig, GediCorrectionNet, save_correction
+
+    old = os.umask(0o022)
+    try:
+        out = save_native(micro_model, tmp_path / "m")
+        corr = save_correction(GediCorrectionNet(CorrectionConfig(block_px=256, input_px=64)),
+                               tmp_path / "g")
+    finally:
+        os.umask(old)
+    for path in (out / "model.safetensors", out / "config.json", corr / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert not list(tmp_path.rglob("*.partial"))

@@ -76,8 +76,16 @@ def test_exact_resume(tmp_path, synthetic_chips):
     half = train(micro_config(tmp_path / "split", stop_after_steps=4, **common), tr, va)
     assert not half.finished and half.model_dir is None
     assert (tmp_path / "split" / CHECKPOINT_NAME).exists()
-    rest = train(micro_config(tmp_path / "split", **common), tr, va, resume=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "split", tmp_path / "perturbed")
+    events = []
+    rest = train(micro_config(tmp_path / "split", **common), tr, va, resume=True,
+                 progress=events.append)
     assert rest.finished and rest.steps_done == 8
+    # it resumed: the steps run after the checkpoint are 5..8 only (a run that restarted from
+    # step 0 with the same seed would reach the same weights, so the weights alone cannot tell)
+    assert sorted({e.done for e in events if e.unit == "steps" and e.message is None}) == [5, 6, 7, 8]
     a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=False)
     b = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=False)
     for key, value in a["model"].items():
@@ -90,6 +98,15 @@ def test_exact_resume(tmp_path, synthetic_chips):
     lb = [r for r in csv.DictReader(open(tmp_path / "split" / "log.csv"))]
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    # and the checkpoint is what it continued from: perturbed weights in it give other weights
+    ck_path = tmp_path / "perturbed" / CHECKPOINT_NAME
+    ck = torch.load(ck_path, weights_only=False)
+    ck["model"]["decode_head.project.conv.weight"] += 0.01
+    torch.save(ck, ck_path)
+    train(micro_config(tmp_path / "perturbed", **common), tr, va, resume=True)
+    d = torch.load(ck_path, weights_only=False)
+    assert not torch.equal(d["model"]["decode_head.project.conv.weight"],
+                           a["model"]["decode_head.project.conv.weight"])
     # and a different seed gives different weights (the test would catch a no-op)
     other = train(micro_config(tmp_path / "other", **{**common, "seed": 6}), tr, va)
     c = torch.load(other.out_dir / CHECKPOINT_NAME, weights_only=False)
@@ -210,3 +227,25 @@ def test_a_model_with_nan_weights_is_refused_when_loaded(tmp_path, micro_model):
     save_native(broken, tmp_path / "nan_model")
     with pytest.raises(CheckpointError, match="NaN or infinite values .*decode_head.project.conv.weight"):
         load_model(tmp_path / "nan_model")
+
+
+def test_resume_can_extend_the_steps(tmp_path, synthetic_chips):
+    """Issue #13: `canopy train --resume` could not extend --steps. It can: the run goes on
+    from its checkpoint, keeps its warm-up and stretches the cosine decay to the new total."""
+    tr, va = synthetic_chips
+    common = dict(seed=3, log_every=1, checkpoint_every=100)
+    train(micro_config(tmp_path / "r", steps=4, **common), tr[:16], va[:2])
+    events = []
+    more = train(micro_config(tmp_path / "r", steps=7, **common), tr[:16], va[:2], resume=True,
+                 progress=events.append)
+    assert more.finished and more.steps_done == 7
+    assert sorted({e.done for e in events if e.unit == "steps" and e.message is None}) == [5, 6, 7]
+    assert any("extending the run from 4 to 7 steps" in (e.message or "") for e in events)
+    rows = [r for r in csv.DictReader(open(tmp_path / "r" / "log.csv")) if r["kind"] == "train"]
+    lrs = [float(r["lr"]) for r in rows]
+    assert [int(r["step"]) for r in rows] == list(range(1, 8))
+    assert lrs[4] > lrs[3] * 0.5 and lrs[-1] < lrs[4]  # decay restarted over the longer run
+    from canopy.errors import OptionError
+
+    with pytest.raises(OptionError, match="fewer than the 7 already done"):
+        train(micro_config(tmp_path / "r", steps=5, **common), tr[:16], va[:2], resume=True)

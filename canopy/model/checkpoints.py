@@ -33,7 +33,7 @@ from canopy.model.config import HeightModelConfig, hrch_config, micro_config
 from canopy.model.dpt import DPTConfig
 from canopy.model.height_model import HeightModel
 from ssl_backbone.checkpoints import (
-    load_state_dict_strict, read_state_dict, strip_prefixes, unwrap_containers,
+    load_state_dict_strict, read_state_dict, save_safetensors, strip_prefixes, unwrap_containers,
     vit_config_from_state_dict)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -181,18 +181,15 @@ def load_native(path: Path, device="cpu") -> HeightModel:
 
 def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str | None = None) -> Path:
     """Write ``model.safetensors`` (config also in its metadata) + ``config.json`` (+ card)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_json = model.cfg.to_json()
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.partial"
-    save_file(sd, str(tmp), metadata={"config": cfg_json, "format": "canopy-height"})
+    # config and card first: a folder with weights in it is always a complete model
     (out / "config.json").write_text(cfg_json + "\n")
     if model_card:
         (out / "MODEL_CARD.md").write_text(model_card)
-    os.replace(tmp, out / "model.safetensors")
+    save_safetensors(model.state_dict(), out / "model.safetensors",
+                     metadata={"config": cfg_json, "format": "canopy-height"})
     return out
 
 

@@ -46,6 +46,7 @@ from torch import nn
 from canopy.errors import CheckpointError, InputError, OptionError, OutputError
 from canopy.model.config import HRCH_MEAN, HRCH_STD
 from data_catalog.gedi import FOOTPRINT_DIAMETER_M
+from ssl_backbone.checkpoints import save_safetensors
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 
@@ -332,8 +333,6 @@ def save_correction(model: GediCorrectionNet, out_dir: str | os.PathLike,
                     report: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``metrics.json``, the fit ``report``)
     into ``out_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -346,8 +345,7 @@ def save_correction(model: GediCorrectionNet, out_dir: str | os.PathLike,
     if report is not None:
         _atomic_write(out / REPORT_FILE,
                       lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
-        sd, str(p), metadata={"config": cfg_json, "format": FORMAT}))
+    save_safetensors(sd, out / WEIGHTS_FILE, metadata={"config": cfg_json, "format": FORMAT})
     return out
 
 

@@ -170,8 +170,9 @@ class TrainConfig:
 
 
 # 'Resume' must see the same job: these fields may differ between the first run and a resume.
+# steps/epochs may grow: the run goes on with its cosine decay stretched to the new total.
 RESUMABLE_DIFFERENCES = {"stop_after_steps", "threads", "log_every", "checkpoint_every",
-                         "tensorboard", "val_batch_size", "out_dir", "device"}
+                         "tensorboard", "val_batch_size", "out_dir", "device", "steps", "epochs"}
 
 
 # ------------------------------------------------------------------------------------ model
@@ -595,6 +596,19 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
             ck, {"model": model, "optimizer": opt, "scheduler": sched}, str(ck_path))
         elapsed_before = float(ck.get("seconds", 0.0))
         history = list(ck.get("history", []))
+        # the scheduler's state holds the schedule it ran with (LambdaLR stores its callable's
+        # fields): a resume with more steps keeps that warm-up and stretches the decay
+        before = sched.lr_lambdas[0]
+        if before.total_steps != total:
+            if total < step:
+                raise OptionError("steps", f"{total} steps are fewer than the {step} already "
+                                           f"done in {out}")
+            sched.lr_lambdas = [WarmupCosine(total_steps=total, warmup_steps=before.warmup_steps,
+                                             base=1.0, final=cfg.min_lr_share)
+                                for _ in sched.lr_lambdas]
+            say(f"extending the run from {before.total_steps} to {total} steps: the learning "
+                "rate decays over the new total from here (the run is no longer identical to "
+                f"one planned for {total} steps)")
         say(f"resumed from {ck_path} at step {step}/{total}")
     elif resume:
         say(f"--resume: no checkpoint in {out} yet; starting from step 0")
