@@ -137,6 +137,7 @@ def test_outputs_of_a_run(tmp_path, client):
         with rasterio.open(cell) as ds:
             assert ds.descriptions == ("canopy_height",) and ds.units == ("m",)
             assert ds.tags()["CANOPY_CELL"] == cell.stem
+        assert cell.with_suffix(".qml").exists()  # a cell opened alone in QGIS is styled too
     collection = json.loads((out / "stac" / "collection.json").read_text())
     items = [ln for ln in collection["links"] if ln["rel"] == "item"]
     assert len(items) == s.cells_done == 4
@@ -144,8 +145,32 @@ def test_outputs_of_a_run(tmp_path, client):
     assert item["properties"]["proj:code"] == "EPSG:32617"
     assert item["properties"]["canopy:model"] == "micro"
     assert item["properties"]["canopy:source_scenes"] == ["OSBS_029.tif"]
+    # no acquisition date in the scene's tags or name: said so; the run's time is 'created'
+    run_json = json.loads((out / "run.json").read_text())
+    assert item["properties"]["canopy:acquisition_date"] == "unknown"
+    assert item["properties"]["created"].startswith(run_json["created"][:19])
     assert (out / "mosaic.qml").exists() and (out / "run.json").exists()
 
+
+
+def test_stac_items_carry_the_imagery_date_not_the_processing_time(tmp_path, client):
+    """Issue #13: an item's datetime was the processing time. It is now the imagery's
+    acquisition, here from the scene's file name (tags and the catalog are read first), with
+    the processing time as 'created'."""
+    import shutil
+
+    src = tmp_path / "osbs_20180915.tif"
+    shutil.copy(shared(*OSBS), src)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", *JOB, cell_px=64, client=client)
+    collection = json.loads((tmp_path / "o" / "stac" / "collection.json").read_text())
+    href = next(ln["href"] for ln in collection["links"] if ln["rel"] == "item")
+    props = json.loads((tmp_path / "o" / "stac" / href).resolve().read_text())["properties"]
+    assert props["start_datetime"].startswith("2018-09-15") and props["datetime"] is None
+    assert "canopy:acquisition_date" not in props and props["created"].startswith("20")
+    assert collection["extent"]["temporal"]["interval"][0][0].startswith("2018-09-15")
+    with rasterio.open(next((tmp_path / "o" / "cells").glob("*.tif"))) as ds:
+        assert ds.tags()["CANOPY_IMAGERY_DATES"] == "2018-09-15/2018-09-15"
+    assert s.cells_done == 4
 
 def test_one_raster_and_a_cell_carry_the_same_tags(tmp_path, client, micro_model):
     """One output contract (canopy.io.outputs): a one-raster prediction and every cell of a

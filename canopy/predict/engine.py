@@ -151,7 +151,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     rel = f"{CELLS_DIR}/{cell.id}.tif"
     path = write_prediction(Path(out_dir) / rel, height, spread, crs=cell.crs,
                             transform=cell.transform, dtype=opts.dtype, tags=tags, overwrite=True,
-                            qml=False)
+                            qml=True)  # each cell opens styled in QGIS too
     st = path.stat()
     return {**record, "status": "done", "path": rel, "bytes": st.st_size,
             "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path), "sources": used,

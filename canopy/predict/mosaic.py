@@ -276,13 +276,19 @@ def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
             "canopy:cell": r["id"], "canopy:software": run["software"],
             "canopy:source_scenes": [Path(s).name for s in r.get("sources", [])],
         }
+        created = _parse_date(run.get("created")) or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        props["created"] = created.isoformat()  # when the map was made (STAC common metadata)
         parsed = [_parse_date(d) for d in (start, end)]
         if all(parsed):
-            props["start_datetime"], props["end_datetime"] = (p.isoformat() for p in parsed)
+            # the time of the map is the imagery's: its acquisition dates (tags, catalog or file
+            # name, canopy.predict.sources.acquisition_text), as users of released maps ask for
+            props["start_datetime"] = parsed[0].isoformat()
+            props["end_datetime"] = max(parsed[1], parsed[0]).isoformat()
             dates += parsed
             when = None
-        else:  # no acquisition date known: the run's start, fixed in run.json (reproducible)
-            when = _parse_date(run.get("created")) or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        else:  # STAC needs a time: the run's, said to be no acquisition date
+            when = created
+            props["canopy:acquisition_date"] = "unknown"
         item = pystac.Item(id=r["id"], geometry=mapping(box(west, south, east, north)),
                            bbox=[west, south, east, north], datetime=when, properties=props)
         item.add_asset("data", pystac.Asset(

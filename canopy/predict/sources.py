@@ -48,6 +48,22 @@ class Scene:
         return shapely.from_wkb(self.footprint_wkb)
 
 
+def acquisition_text(tags: dict, path: str) -> str | None:
+    """When a scene was flown or shot, as ``ISO`` or ``ISO/ISO``: from its metadata tags (the
+    catalog's rule, :func:`data_catalog.imagery.acquisition_time`), else from a date in its file
+    name (``naip_20200915.tif``), else None. Never the file's processing time."""
+    from data_catalog.imagery import AcquisitionTime, acquisition_time, parse_datetimes
+
+    when = acquisition_time(tags)
+    if when is None:
+        found = parse_datetimes(Path(path).stem)
+        when = AcquisitionTime(min(found), max(found)) if found else None
+    if when is None:
+        return None
+    start, end = (f"{d:%Y-%m-%dT%H:%M:%SZ}" for d in (when.start, when.end))
+    return start if start == end else f"{start}/{end}"
+
+
 def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
     with open_raster(path, "imagery") as ds:
         resolve_crs(path, ds.crs, None, option=None)  # state-scale runs take no --crs
@@ -55,8 +71,7 @@ def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
         check_rgb_dtype(ds, rgb_bands(ds, path), path)
         west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
         if datetime is None:
-            tags = ds.tags()
-            datetime = tags.get("ACQUISITION_DATE") or tags.get("TIFFTAG_DATETIME")
+            datetime = acquisition_text(ds.tags(), path)
         return Scene(
             path=str(Path(path).resolve()), crs_wkt=ds.crs.to_wkt(), bounds=tuple(ds.bounds),
             footprint_wkb=shapely.to_wkb(box(west, south, east, north)),
