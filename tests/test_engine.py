@@ -590,3 +590,29 @@ def test_a_truncated_scene_is_named_before_any_work(tmp_path, client, capsys):
                            "micro", "-q", capsys=capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "b_cut.tif: truncated or damaged" in lines[0], err
+
+
+def test_a_small_aoi_gives_a_mosaic_of_the_aoi(tmp_path, client):
+    """Issue #13: an AOI far smaller than a cell gave a cell-sized mosaic that was 99.8 %
+    nodata. The mosaic and its overview are cut to the AOI's bounds; the cells stay whole (they
+    are the resumable unit and neighbouring runs share them)."""
+    from data_catalog.aoi import resolve_aoi
+
+    src = shared(*OSBS)
+    s = predict_aoi(OSBS_AOI, src, tmp_path / "o", *JOB, cell_px=1024, client=client)
+    assert s.cells_done == 1
+    aoi = resolve_aoi(OSBS_AOI).geometry
+    from canopy.predict.grid import project_geometry
+
+    left, bottom, right, top = project_geometry(aoi, 32617).bounds
+    with rasterio.open(s.mosaic) as m, rasterio.open(tmp_path / "o" / "overview.tif") as ov:
+        assert m.width < 80 and m.height < 80  # the AOI is ~29 × 28 m at 0.6 m; a cell is 1024 px
+        assert m.bounds.left <= left < m.bounds.left + 0.6 and m.bounds.top >= top > m.bounds.top - 0.6
+        assert m.bounds.right >= right > m.bounds.right - 0.6
+        assert np.isfinite(m.read(1)).mean() > 0.5
+        assert ov.bounds == pytest.approx(m.bounds)
+    with rasterio.open(next((tmp_path / "o" / "cells").glob("*.tif"))) as cell:
+        assert cell.width == cell.height == 1024
+        # and the mosaic holds the cell's pixels, unchanged
+        A, B = read_common(s.mosaic, next((tmp_path / "o" / "cells").glob("*.tif")))
+        np.testing.assert_array_equal(A, B)

@@ -41,8 +41,10 @@ def _done(manifest) -> list[dict]:
                   key=lambda r: r["id"])
 
 
-def _cell_grid(out_dir: Path, records: list[dict]):
-    """Union bounds and profile of a list of same-CRS cells."""
+def _cell_grid(out_dir: Path, records: list[dict], clip=None):
+    """Union bounds and profile of a list of same-CRS cells; with ``clip`` (bounds on the same
+    pixel lattice) the union is cut to it, so an AOI far smaller than a cell gives a mosaic of
+    the AOI, not of 4096² px of nodata."""
     bounds = []
     for r in records:
         with rasterio.open(out_dir / r["path"]) as ds:
@@ -53,7 +55,20 @@ def _cell_grid(out_dir: Path, records: list[dict]):
     bottom = min(b.bottom for b in bounds)
     right = max(b.right for b in bounds)
     top = max(b.top for b in bounds)
+    if clip is not None:
+        cl, cb, cr, ct = clip
+        if max(left, cl) < min(right, cr) and max(bottom, cb) < min(top, ct):
+            left, bottom, right, top = max(left, cl), max(bottom, cb), min(right, cr), min(top, ct)
     return (left, bottom, right, top), profile, descriptions
+
+
+def aoi_extent(area, epsg: int, gsd: float) -> tuple[float, float, float, float]:
+    """The AOI's bounds in UTM ``epsg``, snapped outward to the ``gsd`` pixel lattice."""
+    from canopy.predict.grid import project_geometry
+
+    left, bottom, right, top = project_geometry(area.geometry, epsg).bounds
+    return (_snap(left, gsd, False), _snap(bottom, gsd, False), _snap(right, gsd, True),
+            _snap(top, gsd, True))
 
 
 def _nodata_xml(nodata) -> str:
@@ -81,10 +96,11 @@ def mosaic_tags(out_dir: Path, records: list[dict], left: float, top: float) -> 
     return meta
 
 
-def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path | None = None) -> Path:
+def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path | None = None,
+              clip=None) -> Path:
     """A VRT over same-CRS cells (written by hand: rasterio has no buildvrt and the cells sit on
-    one pixel lattice, so each source is a plain offset copy)."""
-    (left, bottom, right, top), profile, descriptions = _cell_grid(out_dir, records)
+    one pixel lattice, so each source is a plain offset copy), cut to ``clip`` when given."""
+    (left, bottom, right, top), profile, descriptions = _cell_grid(out_dir, records, clip)
     res = profile["transform"].a
     metadata = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>'
                        for k, v in mosaic_tags(out_dir, records, left, top).items())
@@ -100,12 +116,18 @@ def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path
                 xoff = int(round((ds.bounds.left - left) / res))
                 yoff = int(round((top - ds.bounds.top) / res))
                 w, h = ds.width, ds.height
+            # the part of the cell inside the mosaic's extent
+            sx, sy = max(0, -xoff), max(0, -yoff)
+            dx, dy = max(0, xoff), max(0, yoff)
+            cw, ch = min(w - sx, width - dx), min(h - sy, height - dy)
+            if cw <= 0 or ch <= 0:
+                continue
             rel = os.path.relpath(out_dir / r["path"], vrt_path.parent)
             sources.append(
                 f'    <ComplexSource><SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>'
                 f"<SourceBand>{b}</SourceBand>"
-                f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                f'<DstRect xOff="{xoff}" yOff="{yoff}" xSize="{w}" ySize="{h}"/>'
+                f'<SrcRect xOff="{sx}" yOff="{sy}" xSize="{cw}" ySize="{ch}"/>'
+                f'<DstRect xOff="{dx}" yOff="{dy}" xSize="{cw}" ySize="{ch}"/>'
                 f"<NODATA>{nod}</NODATA></ComplexSource>"
             )
         ov = ""
@@ -325,19 +347,21 @@ def finish_outputs(out_dir: Path, manifest, run: dict, area, skipped_scenes=()) 
         return None
     by_zone = Counter(r["epsg"] for r in records)
     main_epsg = by_zone.most_common(1)[0][0]
+    # mosaics cover the AOI's bounds, not whole cells beyond it
+    clip = {epsg: aoi_extent(area, epsg, run["gsd"]) for epsg in by_zone}
     if len(by_zone) == 1:
         # one zone: the overview spans exactly the VRT's extent, as GDAL assumes of an overview
-        extent, _, _ = _cell_grid(out_dir, records)
+        extent, _, _ = _cell_grid(out_dir, records, clip[main_epsg])
         overview = write_overview(out_dir, records, main_epsg, run["gsd"], extent)
-        write_vrt(out_dir, records, out_dir / f"mosaic_{main_epsg}.vrt", overview)
-        main = write_vrt(out_dir, records, out_dir / "mosaic.vrt", overview)
+        write_vrt(out_dir, records, out_dir / f"mosaic_{main_epsg}.vrt", overview, clip[main_epsg])
+        main = write_vrt(out_dir, records, out_dir / "mosaic.vrt", overview, clip[main_epsg])
     else:
         # several zones: the overview (main zone's CRS, all cells) belongs to the GTI only; the
         # per-zone VRTs cover other extents and get none rather than a misregistered one
         overview = write_overview(out_dir, records, main_epsg, run["gsd"])
         for epsg in by_zone:
             write_vrt(out_dir, [r for r in records if r["epsg"] == epsg],
-                      out_dir / f"mosaic_{epsg}.vrt")
+                      out_dir / f"mosaic_{epsg}.vrt", clip=clip[epsg])
         main = write_gti(out_dir, records, main_epsg, run["gsd"], overview)
     nodata = outputs.nodata_for(run["dtype"])
     for target in (main, overview, *(out_dir / f"mosaic_{e}.vrt" for e in by_zone)):
