@@ -505,3 +505,28 @@ def test_unwritable_or_full_output_fails_before_any_work(tmp_path, good_rgb, mic
     with pytest.raises(OutputError, match=r"a 64×64 px map needs about 16.4 kB on disk, but only 1.0 kB"):
         predict_raster(good_rgb, tmp_path / "full.tif", micro_model)
     assert calls == [] and not (tmp_path / "full.tif").exists()
+
+
+def test_progress_goes_to_logs_when_stderr_is_not_a_terminal():
+    """Issue #13: with stderr redirected (a batch job's log) there was no progress at all. The
+    CLI's renderer writes a plain line every so often and at the end; on a terminal, bars."""
+    import io
+
+    from canopy.cli import ProgressBars
+    from canopy.progress import Progress
+
+    log = io.StringIO()  # not a terminal
+    with ProgressBars("run", log_every_s=0.0, stream=log) as bars:
+        for done in range(0, 5):
+            bars(Progress("cells", done, 4))
+        bars(Progress("cells", 4, 4, message="Dask dashboard: http://x"))
+    lines = log.getvalue().splitlines()
+    assert "Dask dashboard: http://x" in lines
+    assert any(line.startswith("run: cells 2/4 (50.0 %)") for line in lines)
+    assert lines[-1].startswith("run: cells 4/4 (100.0 %)")
+    quiet = io.StringIO()
+    with ProgressBars("run", log_every_s=3600, stream=quiet) as bars:
+        for done in range(0, 5):
+            bars(Progress("cells", done, 4))
+    lines = quiet.getvalue().splitlines()  # an hour apart: only the final line
+    assert len(lines) == 1 and lines[0].startswith("run: cells 4/4 (100.0 %)")
