@@ -28,7 +28,7 @@ def synth_command(
 
     from canopy.synth import synth_scene
 
-    from canopy.cli import ProgressBars
+    from canopy.console import ProgressBars
 
     t0 = time.perf_counter()
     with ProgressBars("synth") as bars:

@@ -512,7 +512,7 @@ def test_progress_goes_to_logs_when_stderr_is_not_a_terminal():
     CLI's renderer writes a plain line every so often and at the end; on a terminal, bars."""
     import io
 
-    from canopy.cli import ProgressBars
+    from canopy.console import ProgressBars
     from canopy.progress import Progress
 
     log = io.StringIO()  # not a terminal

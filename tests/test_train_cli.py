@@ -30,7 +30,7 @@ def run_cli(args: list[str]):
     app.command("version")(lambda: None)  # a second command keeps 'train' a subcommand
     result = CliRunner().invoke(app, ["train", *args])
     if isinstance(result.exception, USER_ERRORS):
-        from canopy.cli import flag_for
+        from canopy.console import flag_for
         from canopy.errors import OptionError
 
         exc = result.exception  # shown as the main CLI shows it: options by their flags

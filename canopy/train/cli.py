@@ -107,7 +107,7 @@ def train_command(
         max_date_gap_days=max_date_gap_days, lidar_resolution=lidar_resolution, chm_crs=chm_crs,
         work_dir=str(out),
     )
-    from canopy.cli import ProgressBars
+    from canopy.console import ProgressBars
 
     train_records, val_records, summary = build_data(spec)
     with ProgressBars("train", enabled=not quiet) as bars:

@@ -59,7 +59,7 @@ def train_gedi_correction_command(
         scenes = scenes_from_files([str(p) for p in imagery or []], [str(p) for p in gedi or []],
                                    [str(p) for p in heights] if heights else None)
     decoder = None if heights else model
-    from canopy.cli import ProgressBars
+    from canopy.console import ProgressBars
 
     with ProgressBars("fit", enabled=not quiet) as bars:
         report = train_gedi_correction(scenes, output, cfg, opts, decoder=decoder, device=dev,
