@@ -530,3 +530,30 @@ def test_progress_goes_to_logs_when_stderr_is_not_a_terminal():
             bars(Progress("cells", done, 4))
     lines = quiet.getvalue().splitlines()  # an hour apart: only the final line
     assert len(lines) == 1 and lines[0].startswith("run: cells 4/4 (100.0 %)")
+
+
+def test_cli_small_things_a_gis_analyst_notices(tmp_path, good_rgb, capsys):
+    """Issue #13 item 4: --aoi with an -o ending in .tif made a folder called x.tif; a positional
+    input beside --imagery was silently ignored; `canopy demo` replaced its map silently; and
+    `canopy predict` said nothing about the bundled model being a demonstration model."""
+    aoi = ["--aoi", "-81.99,29.68,-81.97,29.70"]
+    code, _, err = run_cli("predict", *aoi, "--imagery", good_rgb, "-o", tmp_path / "x.tif",
+                           "-c", "micro", capsys=capsys)
+    assert code == 2 and "ends in .tif, but --aoi writes a folder" in err
+    assert not (tmp_path / "x.tif").exists()
+    code, _, err = run_cli("predict", good_rgb, *aoi, "--imagery", good_rgb, "-o",
+                           tmp_path / "run", "-c", "micro", capsys=capsys)
+    assert code == 2 and "give the imagery once" in err and not (tmp_path / "run").exists()
+    code, _, err = run_cli("predict", good_rgb, "--imagery", good_rgb, "-o", tmp_path / "a.tif",
+                           "-c", "micro", capsys=capsys)
+    assert code == 2 and "--imagery goes with --aoi" in err
+
+    code, _, err = run_cli("predict", good_rgb, "-o", tmp_path / "d.tif", "-q", capsys=capsys)
+    assert code == 0 and err.count("demonstration model") == 1, err
+
+    assert run_cli("demo", "-o", tmp_path / "demo", capsys=capsys)[0] == 0
+    before = (tmp_path / "demo" / "sample_chm.tif").stat().st_mtime_ns
+    code, _, err = run_cli("demo", "-o", tmp_path / "demo", capsys=capsys)
+    assert code == 2 and "already exists (use --overwrite" in err
+    assert (tmp_path / "demo" / "sample_chm.tif").stat().st_mtime_ns == before
+    assert run_cli("demo", "-o", tmp_path / "demo", "--overwrite", capsys=capsys)[0] == 0
