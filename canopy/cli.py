@@ -37,8 +37,8 @@ def predict(
         "default", "--checkpoint", "-c",
         help="Model: HRCH v1 .pth (float or compressed_*), a native model folder/.safetensors, "
              "or a random-weight variant name (micro, hrch_v1_large_random) for plumbing tests."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast, CPU or GPU) or int8 (CPU: int8 ViT Linear layers and decoder convolutions, scales per tile; fastest on CPUs with VNNI)."),
+    device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (on a GPU bf16; on a CPU the fastest of fp32, bf16 and int8 for this model, from a short timed probe cached per machine), fp32, bf16 (autocast) or int8 (CPU: int8 ViT Linear layers and decoder convolutions, scales per tile)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Model tiles per forward pass."),
     dtype: str = typer.Option("float32", help="float32 (metres, NaN nodata) or uint8 (whole metres, nodata 255)."),
     uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),

@@ -21,6 +21,22 @@ def shared(*parts) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def canopy_cache(tmp_path_factory):
+    """What canopy caches (precision probes, converted checkpoints) goes to a folder of this
+    test session, not the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("canopy-cache")
+    old = os.environ.get("CANOPY_CACHE_DIR")
+    os.environ["CANOPY_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CANOPY_CACHE_DIR", None)
+    else:
+        os.environ["CANOPY_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def micro_model():
     from canopy.model.checkpoints import load_model

@@ -23,7 +23,8 @@ from canopy.predict.options import PredictOptions
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from tests.conftest import shared, write_raster
 
-JOB = ("micro", PredictOptions(batch_size=4))
+# fp32 named: runs compared with each other must not each time-probe their own precision
+JOB = ("micro", PredictOptions(batch_size=4, precision="fp32"))
 OSBS = ("rgb_chm_pairs", "neon_osbs_029", "OSBS_029.tif")
 OSBS_AOI = "-81.9900,29.6924,-81.9897,29.69265"
 
@@ -416,7 +417,8 @@ def correction_dir(tmp_path_factory):
 def test_gedi_correction_keeps_cells_seam_free(tmp_path, client, correction_dir):
     """With a correction, two cell sizes still give identical arrays, and the factor is applied."""
     src = shared(*OSBS)
-    job = ("micro", PredictOptions(batch_size=4, gedi_correction=str(correction_dir)))
+    job = ("micro", PredictOptions(batch_size=4, gedi_correction=str(correction_dir),
+                                   precision="fp32"))
     a = predict_aoi(OSBS_AOI, src, tmp_path / "a", *job, cell_px=64, client=client)
     b = predict_aoi(OSBS_AOI, src, tmp_path / "b", *job, cell_px=100, client=client)
     A, B = read_common(a.mosaic, b.mosaic)
@@ -466,7 +468,7 @@ def test_edge_error_of_trained_model_on_real_imagery(tmp_path, client):
 
         w, s, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
     aoi = f"{w},{s},{e},{n}"
-    job = ("default", PredictOptions(batch_size=8))
+    job = ("default", PredictOptions(batch_size=8, precision="fp32"))
     run = predict_aoi(aoi, src, tmp_path / "blend", *job, cell_px=128, client=client)
     tiles = _mosaic_edge_error(run)
     assert tiles["n_border_pairs"] > 2000 and tiles["inside_mean_abs_jump"] > 0.02
@@ -482,7 +484,8 @@ def test_edge_error_of_trained_model_on_real_imagery(tmp_path, client):
     with rasterio.open(next((tmp_path / "blend" / "cells").glob("*.tif"))) as ds:
         tile = int(ds.tags()["CANOPY_TILE_SIZE"])
     seams = predict_aoi(aoi, src, tmp_path / "no_overlap", "default",
-                        PredictOptions(batch_size=8, stride=tile), cell_px=128, client=client)
+                        PredictOptions(batch_size=8, stride=tile, precision="fp32"), cell_px=128,
+                        client=client)
     assert _mosaic_edge_error(seams)["edge_error"] > 2 * tiles["edge_error"]
 
     # canopy evaluate finds the lattice in the mosaic's own tags and measures the same figure
@@ -570,7 +573,7 @@ def test_a_truncated_scene_is_named_before_any_work(tmp_path, client, capsys):
     (folder / "b_cut.tif").write_bytes(data[: int(len(data) * 0.6)])  # same place, cut short
     out = tmp_path / "run"
     args = ["predict", "--aoi", OSBS_AOI, "--imagery", folder, "-o", out, "-c", "micro",
-            "--cell-size", "64", "--batch-size", "4", "-q"]
+            "--cell-size", "64", "--batch-size", "4", "--precision", "fp32", "-q"]
     code, _, err = run_cli(*args, capsys=capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1, err

@@ -68,7 +68,7 @@ def test_one_tile_at_model_gsd_is_the_model_output(tmp_path, micro_model, rgb_ar
     """A 256×256 raster already at 0.6 m reaches the model as one unmodified tile."""
     rgb = rgb_array(256, 256)
     src = write_raster(tmp_path / "tile.tif", rgb)
-    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions())
+    out = predict_raster(src, tmp_path / "chm.tif", micro_model, PredictOptions(precision="fp32"))
     expected = micro_model.predict_tensor(torch.from_numpy(rgb[None]))[0].numpy()
     with rasterio.open(out) as ds:
         assert ds.tags()["CANOPY_RESAMPLING"] == "none"
@@ -98,40 +98,6 @@ def test_nodata_stays_nodata_and_uncertainty_band(tmp_path, micro_model, rgb_arr
         h, s = ds.read(1), ds.read(2)
     assert np.isnan(h[:, :100]).all() and np.isfinite(h[:, 100:]).all()
     assert np.isnan(s[:, :100]).all() and (s[:, 100:] >= 0).all()
-
-
-def test_bf16_close_to_fp32(tmp_path, micro_model, rgb_array):
-    src = write_raster(tmp_path / "t.tif", rgb_array(300, 300))
-    a = predict_raster(src, tmp_path / "a.tif", micro_model, PredictOptions())
-    b = predict_raster(src, tmp_path / "b.tif", micro_model,
-                       PredictOptions(precision="bf16"))
-    with rasterio.open(a) as da, rasterio.open(b) as db:
-        diff = np.abs(da.read(1) - db.read(1))
-        assert db.tags()["CANOPY_PRECISION"] == "bf16"
-        spread = np.nanmax(da.read(1)) - np.nanmin(da.read(1))
-    # random weights give a nearly flat map (~0.2 m of structure): bf16 must stay well inside it
-    assert np.nanmax(diff) < 0.1 and np.nanmax(diff) < spread
-
-
-def test_int8_close_to_fp32_with_trained_weights_on_real_imagery(tmp_path):
-    """--precision int8 (int8 ViT Linear layers and decoder convolutions) changes the trained
-    default model's heights on the real Kootenay ortho by centimetres on average, not its map."""
-    from canopy.model.checkpoints import load_model
-
-    src = shared("rgb_chm_pairs", "kootenay_bc_drone", "kootenayOrtho_from_rda.tif")
-    a = predict_raster(src, tmp_path / "a.tif", load_model("default"), PredictOptions())
-    q = load_model("default")
-    b = predict_raster(src, tmp_path / "b.tif", q, PredictOptions(precision="int8"))
-    with rasterio.open(a) as da, rasterio.open(b) as db:
-        A, B = da.read(1), db.read(1)
-        assert db.tags()["CANOPY_PRECISION"] == "int8"
-    ok = np.isfinite(A)
-    assert ok.sum() > 50_000 and np.array_equal(ok, np.isfinite(B))
-    d = np.abs(A[ok] - B[ok])
-    assert 0 < d.mean() < 0.1 and np.percentile(d, 99) < 1.0  # measured 0.036 m and 0.28 m
-    assert np.corrcoef(A[ok], B[ok])[0, 1] > 0.99
-    with pytest.raises(ValueError, match="quantised to int8"):
-        q.predict_tensor(torch.zeros(1, 3, 96, 96, dtype=torch.uint8), precision="fp32")
 
 
 def test_int8_tile_does_not_depend_on_its_batch_mates():
@@ -210,7 +176,7 @@ def test_band_selection_and_scaling(tmp_path, micro_model, rgb_array):
     rgbn = np.concatenate([rgb_array(256, 256), rgb_array(256, 256)[:1]]).astype(np.uint16) * 10
     src = write_raster(tmp_path / "rgbn.tif", rgbn)
     out = predict_raster(src, tmp_path / "o.tif", micro_model,
-                         PredictOptions(bands="1,2,3", scale=(0, 2550)))
+                         PredictOptions(bands="1,2,3", scale=(0, 2550), precision="fp32"))
     expected = micro_model.predict_tensor(torch.from_numpy((rgbn[:3] // 10).astype(np.uint8)[None]))[0]
     with rasterio.open(out) as ds:
         np.testing.assert_allclose(ds.read(1), expected.numpy(), atol=1e-4)

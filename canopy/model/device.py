@@ -1,6 +1,7 @@
 """Which torch device a model runs on: one resolver for prediction, training and evaluation.
 
-Names are ``cpu``, ``cuda`` or ``cuda:N``. A name this machine cannot honour is an
+Names are ``auto`` (the first GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
+``cuda:N``. A name this machine cannot honour is an
 :class:`canopy.errors.OptionError` on the ``device`` field, raised before any model is loaded,
 so a missing GPU is one line at the start, not a traceback after minutes of reading.
 """
@@ -16,9 +17,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """The ``torch.device`` for ``device``, checked against this machine."""
     if isinstance(device, torch.device):
         device = str(device)
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     head, _, index = str(device).partition(":")
     if head not in ("cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
-        raise OptionError("device", f"must be cpu, cuda or cuda:N, got '{device}'")
+        raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, got '{device}'")
     if head == "cuda":
         if not torch.cuda.is_available():
             raise OptionError("device", f"{device}: no CUDA device is available on this machine")

@@ -277,13 +277,14 @@ def predict_array(
     return height, spread
 
 
-def predict_image(model, rgb: np.ndarray, *, precision: str = "fp32", batch_size: int = 8,
+def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size: int = 8,
                   with_std: bool = False, stride: int | None = None, lanes: int | None = None,
                   progress: Callable[[int], None] | None = None):
     """Canopy height (metres, float32 ``H×W``) of an ``H×W×3`` uint8 RGB array at the model's GSD.
 
     Images of any size are cut into overlapping model tiles and blended (no seams), exactly as
-    ``canopy predict`` does; an image of one tile is that tile's output. With ``with_std`` a
+    ``canopy predict`` does; an image of one tile is that tile's output. ``precision`` ``auto``
+    is the fastest accurate one for this model on this machine (:mod:`canopy.model.auto`). With ``with_std`` a
     ``(height, spread)`` pair is returned; spread is the standard deviation of the head's
     distribution over height bins, in metres.
     """
@@ -292,6 +293,14 @@ def predict_image(model, rgb: np.ndarray, *, precision: str = "fp32", batch_size
         raise TypeError(f"rgb must be a uint8 array (0..255), got {getattr(rgb, 'dtype', type(rgb))}")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
+    if precision == "auto":
+        from canopy.model.auto import choose_precision
+
+        precision = choose_precision(model, precision, batch_size=batch_size).precision
+        if precision == "int8" and not model.is_int8:
+            import copy
+
+            model = copy.deepcopy(model)  # int8 quantises in place: the caller's model stays
     height, spread = predict_array(model, np.moveaxis(rgb, 2, 0), precision=precision,
                                    batch_size=batch_size, with_std=with_std, stride=stride,
                                    lanes=lanes, progress=progress)

@@ -46,6 +46,7 @@ DEFAULT_CELL_PX = 4096
 # worker side
 
 _MODELS: dict = {}
+_CHOICES: dict = {}
 _CORRECTIONS: dict = {}
 
 
@@ -59,9 +60,12 @@ def worker_correction(path: str):
 
 
 def worker_device(device: str) -> str:
-    """``cuda`` on a node with several GPUs: worker k of a LocalCluster takes GPU k mod n."""
+    """The device this worker runs on: ``auto`` is a GPU when the worker has one; ``cuda`` on
+    a node with several GPUs: worker k of a LocalCluster takes GPU k mod n."""
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" or torch.cuda.device_count() < 2:
         return device
     try:
@@ -74,15 +78,30 @@ def worker_device(device: str) -> str:
 
 
 def worker_model(checkpoint: str, opts: PredictOptions):
-    """The model for this worker process, loaded on first use and kept."""
+    """The model for this worker process, loaded on first use and kept, in the precision
+    ``opts`` asks for (``auto`` resolved here, on the worker's own hardware)."""
     key = (checkpoint, opts.device, opts.precision)
     if key not in _MODELS:
+        from canopy.model.auto import choose_precision
         from canopy.model.checkpoints import load_model
 
         _MODELS.clear()  # one model per worker: never two big ones side by side
+        _CHOICES.clear()
         model = load_model(checkpoint, device=worker_device(opts.device))
-        _MODELS[key] = model.prepare_for_inference(opts.precision)
+        choice = choose_precision(model, opts.precision, batch_size=opts.batch_size)
+        model.prepare_for_inference(choice.precision)
+        # the same model answers for the resolved settings the driver sends with each cell
+        for k in (key, (checkpoint, model.device.type, choice.precision)):
+            _MODELS[k], _CHOICES[k] = model, choice
     return _MODELS[key]
+
+
+def resolve_on_worker(checkpoint: str, opts: PredictOptions) -> tuple[str, str, str]:
+    """(device type, precision, reason) a worker runs ``opts`` with: ``auto`` settings are
+    resolved where the model runs (its GPU, its CPU's probe), and the model stays loaded."""
+    worker_model(checkpoint, opts)
+    choice = _CHOICES[(checkpoint, opts.device, opts.precision)]
+    return choice.device.type, choice.precision, choice.reason
 
 
 def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: str,
@@ -297,7 +316,6 @@ def predict_aoi(
     from data_catalog.aoi import resolve_aoi
 
     from canopy.model.checkpoints import load_config
-    from canopy.predict.mosaic import finish_outputs
 
     t0 = time.time()
     # workers of a remote cluster see paths as given: hand them absolute ones (shared filesystem)
@@ -325,6 +343,60 @@ def predict_aoi(
     if not area.geometry.intersects(coverage):
         raise InputError(f"the AOI '{area.name}' does not intersect any of the {len(scenes)} imagery scene(s)")
 
+    own_client = client is None
+    if own_client and scheduler is None and opts.torch_threads is None:
+        # dask sets OMP_NUM_THREADS=1 in its workers: without this, one core does all the work
+        opts = opts.replace(torch_threads=max(1, (os.cpu_count() or 1) // (workers or 1)))
+    client = connect(scheduler, workers, opts.torch_threads) if own_client else client
+    try:
+        return _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, opts,
+                          cell_px, overwrite, progress, max_in_flight, verify, t0)
+    finally:
+        if own_client:
+            cluster = getattr(client, "cluster", None)
+            client.close(timeout=10)
+            if cluster is not None and scheduler is None:
+                cluster.close(timeout=10)
+
+
+def _resolve_auto(client, out_dir: Path, checkpoint: str, opts: PredictOptions,
+                  progress: ProgressCallback | None) -> PredictOptions:
+    """``auto`` device and precision, decided on a worker (its GPU, its CPU's timed probe,
+    :mod:`canopy.model.auto`). A run resumed with the same ``auto`` settings keeps what it was
+    started with: a probe is a timing and may choose otherwise on another day, which would
+    make the folder look like another run."""
+    if "auto" not in (opts.device, opts.precision):
+        return opts
+    import json
+
+    from canopy.predict.manifest import RUN_FILE
+
+    try:
+        old = json.loads((out_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("asked") == {"device": opts.device, "precision": opts.precision}:
+        report(progress, "cells", 0, None, message=f"precision {old['precision']} on "
+                                                   f"{old['device']}, as this run started")
+        return opts.replace(device=old["device"], precision=old["precision"])
+    device, precision, reason = client.submit(resolve_on_worker, checkpoint, opts,
+                                              pure=False).result()
+    report(progress, "cells", 0, None, message=f"{reason} ({device})")
+    return opts.replace(device=device, precision=precision)
+
+
+def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, opts, cell_px,
+               overwrite, progress, max_in_flight, verify, t0) -> RunSummary:
+    """The part of :func:`predict_aoi` that needs the cluster: settings resolved on a worker,
+    the run's identity, the cells, the mosaics."""
+    from canopy.model.checkpoints import load_config
+    from canopy.predict.mosaic import finish_outputs
+
+    dashboard = getattr(client, "dashboard_link", None)
+    if dashboard:
+        report(progress, "cells", 0, None, message=f"Dask dashboard: {dashboard}")
+    asked = {"device": opts.device, "precision": opts.precision}
+    opts = _resolve_auto(client, out_dir, checkpoint, opts, progress)
     model_ref, model_sha = _model_identity(checkpoint)
     cfg = load_config(checkpoint)
     stride = opts.stride or default_stride(cfg.tile_size)
@@ -341,6 +413,7 @@ def predict_aoi(
         # a different batch shape or device can change the last bits (see blend.fixed_batch)
         "batch_size": opts.batch_size, "device": opts.device.split(":")[0],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "asked": asked,  # not identity: what the user asked for, before auto was resolved
     }
     resumed = check_or_write_run(out_dir, run, overwrite)
     manifest = Manifest.load(out_dir) if resumed else Manifest(out_dir)
@@ -388,12 +461,6 @@ def predict_aoi(
     check_free_space(out_dir, estimated_cog_bytes(len(todo) * cell_px * cell_px * 17 // 16,
                                                   opts.dtype, bands),
                      f"{len(todo)} cell(s) of {cell_px}² px")
-    own_client = client is None
-    if own_client and scheduler is None and opts.torch_threads is None:
-        # dask sets OMP_NUM_THREADS=1 in its workers: without this, one core does all the work
-        opts = opts.replace(torch_threads=max(1, (os.cpu_count() or 1) // (workers or 1)))
-    client = connect(scheduler, workers, opts.torch_threads) if own_client else client
-    dashboard = getattr(client, "dashboard_link", None)
     done, empty = 0, no_imagery
     finished = skipped + no_imagery
     if dashboard:
@@ -442,12 +509,6 @@ def predict_aoi(
         raise RunInterrupted(
             f"interrupted: {done} cell(s) written in this run, {skipped + done + empty} of "
             f"{len(cells)} finished and kept") from None
-    finally:
-        if own_client:
-            cluster = getattr(client, "cluster", None)
-            client.close(timeout=10)
-            if cluster is not None and scheduler is None:
-                cluster.close(timeout=10)
 
     if failed:
         raise CanopyError(

@@ -22,8 +22,8 @@ DTYPES = ("float32", "uint8")
 class PredictOptions:
     """How to predict. Defaults are what ``canopy predict`` does without flags."""
 
-    device: str = "cpu"                  # cpu, cuda or cuda:N
-    precision: str = "fp32"              # fp32, bf16 or int8 (CPU)
+    device: str = "auto"                 # auto (a GPU if there is one), cpu, cuda or cuda:N
+    precision: str = "auto"              # auto (canopy.model.auto), fp32, bf16 or int8 (CPU)
     batch_size: int = 8                  # model tiles per forward pass
     dtype: str = "float32"               # float32 metres (NaN nodata) or uint8 whole metres (255)
     uncertainty: bool = False            # add the spread band (std of the bin distribution, m)
@@ -38,12 +38,12 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         dev = self.device
-        if not isinstance(dev, str) or not (dev in ("cpu", "cuda") or _is_cuda_index(dev)):
-            raise OptionError("device", f"must be cpu, cuda or cuda:N, got '{dev}'")
-        if self.precision not in INFERENCE_PRECISIONS:
-            raise OptionError("precision", f"must be one of {', '.join(INFERENCE_PRECISIONS)}, "
-                                           f"got '{self.precision}'")
-        if self.precision == "int8" and dev != "cpu":
+        if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or _is_cuda_index(dev)):
+            raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, got '{dev}'")
+        if self.precision not in ("auto", *INFERENCE_PRECISIONS):
+            raise OptionError("precision", f"must be auto or one of "
+                                           f"{', '.join(INFERENCE_PRECISIONS)}, got '{self.precision}'")
+        if self.precision == "int8" and dev.startswith("cuda"):
             raise OptionError("precision", "int8 runs on the CPU only; use bf16 on a GPU")
         _positive(self, "batch_size")
         if self.dtype not in DTYPES:

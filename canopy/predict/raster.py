@@ -8,11 +8,13 @@ against the model's tile and the GEDI correction's folder.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from canopy.errors import OutputError
 from canopy.io.cog import check_free_space, check_output_path, estimated_cog_bytes
 from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
+from canopy.model.auto import choose_precision
 from canopy.predict.blend import count_tiles, default_stride, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
@@ -25,7 +27,9 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                    overwrite: bool = False, progress: ProgressCallback | None = None) -> Path:
     """Predict canopy height for one GDAL-readable RGB raster and write a COG (+ .qml).
 
-    ``progress`` receives ``tiles`` counts as model tiles finish."""
+    ``opts.precision`` ``auto`` is resolved for ``model`` on this machine
+    (:func:`canopy.model.auto.choose_precision`; the choice is reported and written in the
+    output's tags). ``progress`` receives ``tiles`` counts as model tiles finish."""
     opts = opts or PredictOptions()
     output_path = Path(output_path)
     if Path(input_path).resolve() == output_path.resolve():
@@ -36,6 +40,13 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     tile = model.cfg.tile_size
     opts.check_for(tile)
 
+    choice = choose_precision(model, opts.precision, batch_size=opts.batch_size)
+    if opts.precision == "auto":
+        report(progress, "tiles", 0, None, message=choice.reason)
+        if choice.precision == "int8" and not model.is_int8:
+            # int8 quantises in place; the caller's model must stay as it was given
+            model = copy.deepcopy(model)
+    opts = opts.replace(precision=choice.precision, device=model.device.type)
     model.prepare_for_inference(opts.precision)
     correction = None
     if opts.gedi_correction:  # load before the long part: a bad path fails at once

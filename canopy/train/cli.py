@@ -53,7 +53,7 @@ def train_command(
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training chips (instead of --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Chips per step (global, split across DDP ranks).")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the decoder (warm-up, cosine decay).")] = 1e-3,
-    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast; also on CPU).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32 or bf16 (autocast; also on CPU).")] = "auto",
     finetune_blocks: Annotated[int, typer.Option(
         help="Also train the last N backbone blocks (-1: the whole backbone; 0: frozen).")] = 0,
     cosub: Annotated[bool, typer.Option(
@@ -77,7 +77,7 @@ def train_command(
     max_height: Annotated[float, typer.Option(help="Top bin of a fresh head, m.")] = 100.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of weights, order, augmentation and splits.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
     name: Annotated[str, typer.Option(help="Model name written in its config and card.")] = "canopy_trained",
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to TensorBoard (if installed).")] = False,

@@ -50,6 +50,7 @@ from torch import nn
 from canopy.errors import (
     CheckpointError, InputError, OptionError, OutputExistsError, RunInterrupted,
     TrainingDivergedError)
+from canopy.model.auto import training_precision
 from canopy.model.device import resolve_device
 from canopy.progress import ProgressCallback, report
 from canopy.model.config import HeightModelConfig
@@ -103,7 +104,7 @@ class TrainConfig:
     warmup_steps: int | None = None      # default: 8 % of the steps
     min_lr_share: float = 0.01           # cosine decays to this share of the peak
     grad_clip: float = 1.0
-    precision: str = "fp32"              # bf16 autocast pays off on GPUs/AMX CPUs, not everywhere
+    precision: str = "auto"              # auto: bf16 on GPUs and CPUs with native bf16, else fp32
     finetune_blocks: int = 0             # 0 frozen backbone; N last blocks; -1 all of it
     drop_path: float = 0.1               # stochastic depth on fine-tuned blocks (train time)
     cosub: bool = False
@@ -115,7 +116,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     val_batch_size: int = 8
-    device: str = "cpu"
+    device: str = "auto"                 # auto: a GPU when there is one
     threads: int | None = None
     stop_after_steps: int | None = None  # leave the run resumable after this step (time boxes)
     model_name: str = "canopy_trained"
@@ -131,8 +132,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every setting that can be wrong, each error naming its field, before data is read."""
-        if self.precision not in PRECISIONS:
-            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, "
+        if self.precision not in ("auto", *PRECISIONS):
+            raise OptionError("precision", f"must be auto or one of {', '.join(PRECISIONS)}, "
                                            f"got '{self.precision}'")
         if (self.steps is None) == (self.epochs is None):
             raise OptionError("steps", "give exactly one of {steps} and {epochs}")
@@ -544,6 +545,10 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     info = init_distributed(cfg.device)
     device = resolve_device(cfg.device if not cfg.device.startswith("cuda") or info.world_size == 1
                             else f"cuda:{info.local_rank}")
+    if device.type == "cuda" and cfg.device == "auto" and info.world_size > 1:
+        device = torch.device(f"cuda:{info.local_rank}")
+    asked = cfg  # what the user asked for: the run's identity, saved in checkpoints
+    cfg = replace(cfg, precision=training_precision(device, cfg.precision))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL needs each rank on its own GPU
     if cfg.threads:
@@ -591,7 +596,7 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     history: list = []
     if resume and ck_path.exists():
         ck = _load_checkpoint(ck_path)
-        check_resume_config(ck["train_config"], cfg, ck_path)
+        check_resume_config(ck["train_config"], asked, ck_path)
         step = restore_training_state(
             ck, {"model": model, "optimizer": opt, "scheduler": sched}, str(ck_path))
         elapsed_before = float(ck.get("seconds", 0.0))
@@ -623,7 +628,9 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     ds = ChipDataset(train_records, cfg.augment, seed=cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if info.is_main:
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "train_config.json").write_text(json.dumps(asked.to_dict(), indent=2) + "\n")
+        say(f"{device.type}, precision {cfg.precision}"
+            + (" (auto)" if asked.precision == "auto" else ""))
         say(f"{n} training chips ({spe} steps/epoch), {len(val_records)} validation chips; "
             f"{total} steps of {cfg.batch_size}; {sum(p.numel() for p in trainable):,} trainable "
             f"parameters of {sum(p.numel() for p in model.parameters()):,}; mean-height "
@@ -689,7 +696,7 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
                         f"(mean-height baseline MAE {final_val['baseline_mae']:.2f} m)")
                 barrier(info)
                 if info.is_main and (step % cfg.checkpoint_every == 0 or step == stop_at):
-                    _save_checkpoint(ck_path, model, opt, sched, step, cfg,
+                    _save_checkpoint(ck_path, model, opt, sched, step, asked,
                                     {"seconds": elapsed_before + time.perf_counter() - t0,
                                      "history": history, "epoch": step // spe,
                                      "step_in_epoch": step % spe})
