@@ -391,3 +391,33 @@ def test_saved_weights_are_readable_like_any_other_file(tmp_path, micro_model):
     for path in (out / "model.safetensors", out / "config.json", corr / "model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_compressed_checkpoints_are_dequantised_once(tmp_path, micro_model, rgb_array,
+                                                     monkeypatch):
+    """Cold start (#21): the float weights of a compressed checkpoint are cached in canopy's
+    cache folder (never beside the checkpoint) and memory-mapped on later loads; a changed file
+    is converted again."""
+    import os
+
+    from canopy.model import checkpoints
+
+    monkeypatch.setenv("CANOPY_CACHE_DIR", str(tmp_path / "cache"))
+    quantized = torch.ao.quantization.quantize_dynamic(micro_model, {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    src = tmp_path / "models" / "compressed_micro.pth"
+    src.parent.mkdir()
+    torch.save(quantized.state_dict(), src)
+    first = load_model(src)
+    assert list(src.parent.iterdir()) == [src]  # nothing written beside the checkpoint
+    assert len(list((tmp_path / "cache" / "checkpoints").glob("*.pt"))) == 1
+    calls = []
+    real = checkpoints.dequantize_state_dict
+    monkeypatch.setattr(checkpoints, "dequantize_state_dict", lambda sd: calls.append(1) or real(sd))
+    second = load_model(src)
+    assert calls == [] and second.cfg == first.cfg
+    x = torch.from_numpy(rgb_array(64, 64)[None])
+    torch.testing.assert_close(second.predict_tensor(x), first.predict_tensor(x), atol=0, rtol=0)
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    load_model(src)
+    assert calls == [1]  # the file changed: converted again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def test_train_from_a_catalog_with_gedi_end_to_end(tmp_path, scene):
     assert summary["data"]["catalog"]["train_chips"] > 0
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,epoch,kind") and any(",val," in r for r in log)
+    # --gedi-weight reached the loss: every training row logs a GEDI term (guards against the
+    # option dropped on its way to LossConfig, or the GEDI loss switched off in the loop)
+    rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["kind"] == "train"]
+    assert rows and all(np.isfinite(float(r["gedi"])) and float(r["gedi"]) > 0 for r in rows)
     assert (out / "model" / "model.safetensors").exists()
     assert "canopy train" in (out / "model" / "MODEL_CARD.md").read_text()
     # the CHM is at the model's grid here: labels are compared pixel for pixel; a rerun into the

@@ -121,14 +121,59 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
 
 
 def load_hrch_checkpoint(path: Path, device="cpu") -> HeightModel:
-    sd = strip_prefixes(read_state_dict(path, tensors_only=False))
-    compressed = any("_packed_params" in k for k in sd)
-    if compressed:
-        sd = dequantize_state_dict(sd)
+    cached = _dequantised_cache(path)
+    if cached is not None and cached.exists():
+        sd, compressed = read_state_dict(cached, str(path)), True
+    else:
+        sd = strip_prefixes(read_state_dict(path, tensors_only=False))
+        compressed = any("_packed_params" in k for k in sd)
+        if compressed:
+            sd = dequantize_state_dict(sd)
+            _write_cache(cached, sd)
     cfg = infer_config(sd, source=path.name)
     cfg.source = f"{path.name} ({'dynamic-int8, dequantised' if compressed else 'float'})"
-    model = HeightModel(cfg)
-    load_state_dict_strict(model, sd, str(path))
+    return model_from_state_dict(cfg, sd, str(path), device)
+
+
+def _dequantised_cache(path: Path) -> Path | None:
+    """Where the float weights of a compressed (dynamic int8) checkpoint are kept once
+    dequantised: in canopy's cache folder (never beside the checkpoint, which may be read-only
+    or shared), under a name made of the file's path, size and modification time, so a changed
+    file is converted again. A compressed ViT-H took 12 s to load, dequantising each time; from
+    the cache it is memory-mapped (docs/performance.md)."""
+    from canopy.model.auto import cache_dir
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "checkpoints" / f"{path.stem}-{key[:24]}.pt"
+
+
+def _write_cache(cached: Path | None, sd: dict) -> None:
+    """Best effort (a cache that cannot be written only costs the conversion next time);
+    atomic, so a killed process never leaves a half file under the final name."""
+    if cached is None:
+        return
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.contiguous() for k, v in sd.items()}, tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def model_from_state_dict(cfg: HeightModelConfig, sd: dict, source: str, device="cpu"
+                          ) -> HeightModel:
+    """A :class:`HeightModel` holding ``sd``: built on the meta device and given the tensors as
+    they are (memory-mapped from the file where it allows), so loading costs what reading the
+    weights costs, not an initialisation of ViT-H's 630 M parameters that the file overwrites."""
+    with torch.device("meta"):
+        model = HeightModel(cfg)
+    load_state_dict_strict(model, sd, source, assign=True)
+    model.reset_constants()
     return model.to(device).eval()
 
 
@@ -174,9 +219,7 @@ def load_native(path: Path, device="cpu") -> HeightModel:
     except Exception as exc:
         raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
     cfg = _native_config(weights, config_path, meta)
-    model = HeightModel(cfg)
-    load_state_dict_strict(model, sd, str(weights))
-    return model.to(device).eval()
+    return model_from_state_dict(cfg, sd, str(weights), device)
 
 
 def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str | None = None) -> Path:

@@ -61,13 +61,19 @@ class HeightModel(nn.Module):
         self.cfg = cfg
         self.backbone = DinoViT(cfg.backbone)
         self.decode_head = DPTHead(cfg.backbone.embed_dim, cfg.decoder)
-        d = cfg.decoder
-        self.register_buffer("bin_centres", bin_centres(d.n_bins, d.min_depth, d.max_depth),
-                             persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0,
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0,
-                             persistent=False)
+        self.reset_constants()
+
+    def reset_constants(self, device=None) -> None:
+        """(Re)make the buffers that come from the config, not from weights files: bin centres
+        and the input normalisation. A model built on the meta device (checkpoints.py, to skip
+        random initialisation) gets them here once its weights are in place."""
+        cfg, d = self.cfg, self.cfg.decoder
+        self.register_buffer("bin_centres", bin_centres(d.n_bins, d.min_depth, d.max_depth,
+                                                        device=device), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.mean, device=device)
+                             .view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.std, device=device)
+                             .view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @property
     def device(self) -> torch.device:
