@@ -390,12 +390,14 @@ READ_BLOCK_PX = 512
 
 
 def lattice_pieces(transform: Affine, shape: tuple[int, int], gsd: float,
-                   block_px: int = READ_BLOCK_PX) -> list[tuple[tuple[int, int], tuple, tuple]]:
-    """The blocks of the ``gsd`` lattice (anchored at the CRS origin) that a window on it overlaps:
-    ``((block row, block col), (window rows, window cols), (block rows, block cols))`` each."""
+                   block_px: int = READ_BLOCK_PX, anchor: tuple[float, float] = (0.0, 0.0)
+                   ) -> list[tuple[tuple[int, int], tuple, tuple]]:
+    """The blocks of the ``gsd`` lattice (anchored at ``anchor`` (x, y), by default the CRS
+    origin) that a window on it overlaps: ``((block row, block col), (window rows, window
+    cols), (block rows, block cols))`` each."""
     h, w = shape
-    col0 = int(round(transform.c / gsd))
-    row0 = int(round(-transform.f / gsd))
+    col0 = int(round((transform.c - anchor[0]) / gsd))
+    row0 = int(round((anchor[1] - transform.f) / gsd))
     B = block_px
     pieces = []
     for br in range(row0 // B, (row0 + h - 1) // B + 1):
@@ -419,9 +421,12 @@ class LatticeReader:
     prediction cell covering it. ``max_blocks`` warped blocks are kept for windows that follow.
     """
 
-    def __init__(self, ds, crs, gsd: float, *, src_crs=None, bands=None, max_blocks: int = 0):
+    def __init__(self, ds, crs, gsd: float, *, src_crs=None, bands=None, max_blocks: int = 0,
+                 anchor: tuple[float, float] = (0.0, 0.0), scale=None):
         self.ds, self.crs, self.gsd = ds, CRS.from_user_input(crs), gsd
         self.src_crs, self.bands, self.max_blocks = src_crs, bands, max_blocks
+        # a one-raster map's lattice starts at the raster's corner, a state run's at the origin
+        self.anchor, self.scale = anchor, scale
         self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def block(self, br: int, bc: int) -> tuple[np.ndarray, np.ndarray]:
@@ -430,9 +435,11 @@ class LatticeReader:
         if key in self._cache:
             return self._cache[key]
         B = READ_BLOCK_PX
-        transform = Affine(self.gsd, 0, bc * B * self.gsd, 0, -self.gsd, -br * B * self.gsd)
+        x0, y0 = self.anchor
+        transform = Affine(self.gsd, 0, x0 + bc * B * self.gsd, 0, -self.gsd,
+                           y0 - br * B * self.gsd)
         rgb, valid, _ = read_rgb(self.ds, self.crs, transform, (B, B), src_crs=self.src_crs,
-                                 bands=self.bands)
+                                 bands=self.bands, scale=self.scale)
         if self.max_blocks > 0:
             if len(self._cache) >= self.max_blocks:
                 self._cache.pop(next(iter(self._cache)))  # the oldest: windows move on
@@ -443,7 +450,8 @@ class LatticeReader:
         """A window of the lattice (``transform`` on it, ``shape`` rows × cols)."""
         rgb = np.zeros((3, *shape), np.uint8)
         valid = np.zeros(shape, bool)
-        for (br, bc), (rs, cs), (brs, bcs) in lattice_pieces(transform, shape, self.gsd):
+        for (br, bc), (rs, cs), (brs, bcs) in lattice_pieces(transform, shape, self.gsd,
+                                                             anchor=self.anchor):
             data, ok = self.block(br, bc)
             rgb[:, rs, cs] = data[:, brs, bcs]
             valid[rs, cs] = ok[brs, bcs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -165,7 +166,12 @@ def test_training_forward_matches_the_model(synthetic_chips):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, synthetic_chips):
-    """torchrun with 2 CPU processes (gloo) trains on the same global batches as one process."""
+    """torchrun with 2 CPU processes (gloo) trains on the same global batches as one process:
+    both processes join one process group of two, each loads its own half of every global
+    batch (disjoint halves whose union is the one-process batch), and the weights match.
+    Guards against: WORLD_SIZE ignored (two independent one-process runs write the same
+    weights, which the weight check alone cannot tell from DDP) and every rank loading the
+    whole batch (all-reduced identical gradients also match)."""
     import subprocess
     import sys
     import textwrap
@@ -184,7 +190,19 @@ def test_two_process_ddp_matches_one_process(tmp_path, synthetic_chips):
         cfg = TrainConfig(out_dir=sys.argv[1], arch="vit_micro", n_bins=64, gsd=0.5,
                           chip_size=64, batch_size=4, steps=2, precision="fp32", threads=1,
                           seed=3, augment=NO_AUGMENT, loss=LossConfig(silog_weight=0.0))
+        # record what this process loaded and the process group it trained in
+        import json, os
+        import torch.distributed as dist
+        from canopy.train import datasets
+        seen, sample = [], datasets.ChipDataset.sample
+        def recording(self, i, epoch):
+            seen.append([int(epoch), int(i)])
+            return sample(self, i, epoch)
+        datasets.ChipDataset.sample = recording
         train(cfg, tr, [])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        with open(sys.argv[1] + f".rank{{os.environ.get('RANK', '0')}}.json", "w") as f:
+            json.dump({{"world": world, "seen": seen}}, f)
     """))
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK")}
     env["OMP_NUM_THREADS"] = "1"
@@ -200,6 +218,17 @@ def test_two_process_ddp_matches_one_process(tmp_path, synthetic_chips):
     # gradients are averaged over two half-batches instead of one batch: same to rounding
     for key in b:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+    # and two processes trained, each on its half of the same global batches
+    ranks = [json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "single.rank0.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    per_step = 4 // 2  # global batch 4, two processes
+    assert len(single["seen"]) == 2 * 4 and all(len(r["seen"]) == 2 * per_step for r in ranks)
+    for step in range(2):
+        halves = [{tuple(s) for s in r["seen"][step * per_step:(step + 1) * per_step]}
+                  for r in ranks]
+        assert not halves[0] & halves[1]
+        assert halves[0] | halves[1] == {tuple(s) for s in single["seen"][step * 4:(step + 1) * 4]}
 
 
 def test_a_diverging_run_stops_with_one_error_and_no_model(tmp_path, synthetic_chips):

@@ -10,6 +10,7 @@ looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -120,48 +121,79 @@ def write_cog(
     The array's dtype is kept (float32 or uint8 in practice). Band 1 gets the first description,
     and so on. ``units`` is one unit for all bands or one per band.
     """
-    path = check_output_path(path, overwrite)
     arr = np.asarray(data)
     if arr.ndim == 2:
         arr = arr[None]
     count, height, width = arr.shape
+    with cog_writer(path, width=width, height=height, count=count, dtype=arr.dtype.name,
+                    crs=crs, transform=transform, nodata=nodata, descriptions=descriptions,
+                    units=units, tags=tags, compress=compress, overwrite=overwrite, qml=qml,
+                    qml_range=qml_range) as dst:
+        dst.write(arr)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def cog_writer(path: str | os.PathLike, *, width: int, height: int, count: int, dtype: str,
+               crs, transform, nodata: float | int | None, descriptions: Sequence[str],
+               units: Sequence[str] | str = "m", tags: Mapping[str, str] | None = None,
+               compress: str = "DEFLATE", overwrite: bool = False, qml: bool = True,
+               qml_range: tuple[float, float] = (0.0, 40.0), stage_on_disk: bool = False):
+    """A writable raster (rasterio dataset) that becomes a COG at ``path`` when the block ends
+    without an error; windows may be written in any order (``dst.write(arr, window=...)``).
+
+    The pixels go first to a plain GTiff — in memory, or with ``stage_on_disk`` to a hidden
+    file beside the output (for rasters larger than memory: a one-raster map is written window
+    by window) — from which GDAL's COG driver builds the tiled, compressed file with overviews.
+    The stage holds the same pixels either way, so the COG is the same bytes. Nothing that looks
+    finished is left if the block fails or is interrupted.
+    """
+    path = check_output_path(path, overwrite)
     if isinstance(units, str):
         units = [units] * count
     if len(descriptions) != count or len(units) != count:
         raise ValueError("one description and one unit per band")
-    is_float = np.issubdtype(arr.dtype, np.floating)
-    predictor = 3 if is_float else 2
-
+    predictor = 3 if np.issubdtype(np.dtype(dtype), np.floating) else 2
+    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype,
+                   crs=crs, transform=transform, nodata=nodata)
     tmp = _tmp_name(path)
-    profile = dict(
-        driver="GTiff", width=width, height=height, count=count, dtype=arr.dtype.name,
-        crs=crs, transform=transform, nodata=nodata,
-    )
+    stage = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.stage.tif")
+    mem = None
     try:
-        with MemoryFile() as mem:
-            with mem.open(**profile) as src:
-                src.write(arr)
-                for i in range(count):
-                    src.set_band_description(i + 1, descriptions[i])
-                src.units = tuple(units)
-                src.update_tags(AREA_OR_POINT="Area", **dict(tags or {}))
-            with mem.open() as src:
-                rasterio.shutil.copy(
-                    src, tmp, driver="COG",
-                    BLOCKSIZE=COG_BLOCKSIZE, COMPRESS=compress, PREDICTOR=predictor,
-                    OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE", RESAMPLING="AVERAGE",
-                    STATISTICS="YES", BIGTIFF="IF_SAFER", NUM_THREADS="1",
-                )
+        if stage_on_disk:
+            # tiled so windows land without rewriting strips; light compression: it is read once
+            dst = rasterio.open(stage, "w", **profile, tiled=True, blockxsize=COG_BLOCKSIZE,
+                                blockysize=COG_BLOCKSIZE, compress="DEFLATE", zlevel=1,
+                                predictor=predictor, BIGTIFF="IF_SAFER")
+        else:
+            mem = MemoryFile()
+            dst = mem.open(**profile)
+        with dst:
+            for i in range(count):
+                dst.set_band_description(i + 1, descriptions[i])
+            dst.units = tuple(units)
+            dst.update_tags(AREA_OR_POINT="Area", **dict(tags or {}))
+            yield dst
+        with (rasterio.open(stage) if stage_on_disk else mem.open()) as src:
+            rasterio.shutil.copy(
+                src, tmp, driver="COG",
+                BLOCKSIZE=COG_BLOCKSIZE, COMPRESS=compress, PREDICTOR=predictor,
+                OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE", RESAMPLING="AVERAGE",
+                STATISTICS="YES", BIGTIFF="IF_SAFER", NUM_THREADS="1",
+            )
         if qml:
             write_qml(path.with_suffix(".qml"), vmin=qml_range[0], vmax=qml_range[1],
-                      nodata=nodata, dtype=arr.dtype.name)
+                      nodata=nodata, dtype=dtype)
         with open(tmp, "rb") as f:  # on disk before the name says it is finished
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    finally:
+        stage.unlink(missing_ok=True)
+        if mem is not None:
+            mem.close()
 
 
 def cog_problems(path: str | os.PathLike) -> list[str]:

@@ -1,9 +1,19 @@
-"""``canopy predict`` for one raster: read → model grid → blended tiles → COG.
+"""``canopy predict`` for one raster: read → model grid → blended tiles → COG, in windows.
 
 The output follows the contract of :mod:`canopy.io.outputs` (the same tags and bands as a cell of
 a state run). Everything that can be wrong with the request is checked before the imagery is
-read and the model runs: the options (:class:`PredictOptions`), the output path, the stride
-against the model's tile and the GEDI correction's folder.
+read and the model runs: the options (:class:`PredictOptions`), the output path and the room for
+it, the stride against the model's tile and the GEDI correction's folder.
+
+Memory is bounded by the window, not the raster: the output grid is cut into windows of
+``window_px`` (4096) pixels; each window reads the imagery of the model tiles that overlap it
+(tiles sit on one lattice from the raster's corner, as in a single pass) through fixed blocks
+of that grid (:class:`data_catalog.raster.LatticeReader`, so a pixel reads the same in every
+window), plus the context the edge rule needs where imagery ends, and its heights are written
+into the COG's staging file. A pixel's height is the same float64 blend of the same tiles,
+computed in the same order with the same batch shape (``fixed_batch``), whatever the window
+size: the map is byte-identical to one computed in one piece (tested). A raster of one window
+is predicted in one piece, as before.
 """
 
 from __future__ import annotations
@@ -11,25 +21,37 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+
 from canopy.errors import OutputError
-from canopy.io.cog import check_free_space, check_output_path, estimated_cog_bytes
-from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
+from canopy.io import outputs
+from canopy.io.cog import check_free_space, check_output_path, cog_writer, estimated_cog_bytes
 from canopy.model.auto import choose_precision
-from canopy.predict.blend import count_tiles, default_stride, predict_array, tile_starts
+from canopy.predict.blend import default_stride, edge_reach, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
-from data_catalog.raster import output_grid, read_rgb_on_grid
+from data_catalog.errors import RasterError
+from data_catalog.raster import (
+    READ_BLOCK_PX, LatticeReader, check_rgb_dtype, grids_coincide, open_raster, output_grid,
+    resampling_onto, resolve_crs, rgb_bands)
 
 __all__ = ["PredictOptions", "predict_raster"]
 
+WINDOW_PX = 4096
+
 
 def predict_raster(input_path, output_path, model, opts: PredictOptions | None = None, *,
-                   overwrite: bool = False, progress: ProgressCallback | None = None) -> Path:
+                   overwrite: bool = False, progress: ProgressCallback | None = None,
+                   window_px: int = WINDOW_PX) -> Path:
     """Predict canopy height for one GDAL-readable RGB raster and write a COG (+ .qml).
 
     ``opts.precision`` ``auto`` is resolved for ``model`` on this machine
     (:func:`canopy.model.auto.choose_precision`; the choice is reported and written in the
-    output's tags). ``progress`` receives ``tiles`` counts as model tiles finish."""
+    output's tags). ``progress`` receives ``tiles`` counts as model tiles finish. The raster is
+    predicted in windows of ``window_px`` pixels (module docstring); the result does not depend
+    on it."""
     opts = opts or PredictOptions()
     output_path = Path(output_path)
     if Path(input_path).resolve() == output_path.resolve():
@@ -54,47 +76,126 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
 
         correction = load_correction(opts.gedi_correction, device=model.device)
     stride = opts.stride or default_stride(tile)
-    _, _, out_h, out_w = output_grid(input_path, model.cfg.gsd, crs=opts.crs)
+    gsd = model.cfg.gsd
+    crs, transform, height, width = output_grid(input_path, gsd, crs=opts.crs)
+    windows = [(r0, c0, min(window_px, height - r0), min(window_px, width - c0))
+               for r0 in range(0, height, window_px) for c0 in range(0, width, window_px)]
+    n_bands = 2 if opts.uncertainty else 1
+    staged = len(windows) > 1  # a map larger than a window is staged on disk, not in memory
     check_free_space(output_path.parent,
-                     estimated_cog_bytes(out_h * out_w, opts.dtype, 2 if opts.uncertainty else 1),
-                     f"a {out_w}×{out_h} px map")
-    img = read_rgb_on_grid(input_path, model.cfg.gsd, bands=opts.bands, crs=opts.crs,
-                           scale=opts.scale)
-    n_tiles = count_tiles(img.valid, tile, stride)
-    done = 0
-    report(progress, "tiles", 0, n_tiles)
+                     estimated_cog_bytes(height * width, opts.dtype, n_bands) * (2 if staged else 1),
+                     f"a {width}×{height} px map")
 
-    def tiles_done(n: int) -> None:
-        nonlocal done
-        done += n
-        report(progress, "tiles", done, n_tiles)
+    rows, cols = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    lattice = outputs.TileLattice(tile, stride, count_row=len(rows), count_col=len(cols))
+    with open_raster(input_path) as ds:
+        src_crs = resolve_crs(input_path, ds.crs, opts.crs)
+        bands = rgb_bands(ds, input_path, opts.bands)
+        check_rgb_dtype(ds, bands, input_path, opts.scale)
+        own_grid = (crs == src_crs and ds.transform == transform
+                    and grids_coincide(ds.transform, src_crs, transform, crs))
+        method = "none" if own_grid else resampling_onto(ds, crs, transform, (height, width),
+                                                         src_crs).name
+        tags = outputs.prediction_tags(model.cfg, opts, lattice=lattice,
+                                       sources=[Path(input_path).name], resampling=method,
+                                       imagery_dates=_imagery_dates(ds))
+        # enough warped blocks kept for a window and its context, so a window reads each once
+        span = -(-(window_px + 2 * tile + 4 * edge_reach(tile)) // READ_BLOCK_PX) + 1
+        reader = LatticeReader(ds, crs, gsd, src_crs=src_crs, bands=bands, scale=opts.scale,
+                               anchor=(transform.c, transform.f), max_blocks=span * span)
+        grid = _Grid(reader, transform, height, width)
+        plans = [(w, _tiles_over(w, rows, cols, tile)) for w in windows]
+        total = sum(len(r) * len(c) for _, (r, c) in plans)
+        done = 0
+        report(progress, "tiles", 0, total)
 
-    height, spread = predict_array(
-        model, img.rgb, img.valid, precision=opts.precision, batch_size=opts.batch_size,
-        with_std=opts.uncertainty, stride=stride, progress=tiles_done, lanes=opts.lanes)
+        def tiles_done(n: int) -> None:
+            nonlocal done
+            done += n
+            report(progress, "tiles", done, total)
+
+        any_valid = False
+        with cog_writer(output_path, width=width, height=height, count=n_bands,
+                        dtype=opts.dtype, crs=crs, transform=transform,
+                        nodata=outputs.nodata_for(opts.dtype),
+                        descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:n_bands],
+                        units=outputs.UNITS, tags=tags, overwrite=overwrite,
+                        stage_on_disk=staged) as dst:
+            for (r0, c0, h, w), (trows, tcols) in plans:
+                before = done
+                result = _predict_window(model, grid, (r0, c0, h, w), trows, tcols, tile,
+                                         stride, opts, correction, tiles_done)
+                tiles_done(len(trows) * len(tcols) - (done - before))  # tiles without imagery
+                if result is None:
+                    continue
+                any_valid = True
+                for b, values in enumerate(result, start=1):
+                    dst.write(outputs.to_output_dtype(values, opts.dtype)[0], b,
+                              window=Window(c0, r0, w, h))
+            if not any_valid:
+                raise RasterError(f"'{input_path}' has no valid pixels (all nodata or masked)")
+    return output_path
+
+
+class _Grid:
+    """The output grid of one raster, read in windows: pixels off the grid are no imagery."""
+
+    def __init__(self, reader: LatticeReader, transform: Affine, height: int, width: int):
+        self.reader, self.transform, self.height, self.width = reader, transform, height, width
+
+    def read(self, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        rgb, valid = self.reader.read(self.transform @ Affine.translation(c0, r0), (h, w))
+        rs = slice(max(0, -r0), max(0, min(h, self.height - r0)))
+        cs = slice(max(0, -c0), max(0, min(w, self.width - c0)))
+        inside = np.zeros((h, w), bool)
+        inside[rs, cs] = True
+        return rgb, valid & inside
+
+
+def _tiles_over(window, rows, cols, tile) -> tuple[list[int], list[int]]:
+    """The raster's tiles (its lattice from the corner) that overlap ``window``."""
+    r0, c0, h, w = window
+    return ([s for s in rows if s < r0 + h and s + tile > r0],
+            [s for s in cols if s < c0 + w and s + tile > c0])
+
+
+def _predict_window(model, grid: _Grid, window, trows, tcols, tile, stride, opts, correction,
+                    progress):
+    """(height[, spread]) of one output window, or None when it holds no imagery."""
+    r0, c0, h, w = window
+    tr0, tc0 = trows[0], tcols[0]
+    th, tw = trows[-1] + tile - tr0, tcols[-1] + tile - tc0  # the tiles' span
+    rgb, valid = grid.read(tr0, tc0, th, tw)
+    if not valid[r0 - tr0:r0 - tr0 + h, c0 - tc0:c0 - tc0 + w].any():
+        return None
+    margin = 0
+    if not valid.all():
+        # imagery ends in these tiles: the edge rule mirrors it, with its context around them
+        margin = 2 * edge_reach(tile)
+        rgb, valid = grid.read(tr0 - margin, tc0 - margin, th + 2 * margin, tw + 2 * margin)
+    height, spread = predict_array(model, rgb, valid, precision=opts.precision,
+                                   batch_size=opts.batch_size, with_std=opts.uncertainty,
+                                   stride=stride, origin=(0, 0), margin=margin, fixed_batch=True,
+                                   lanes=opts.lanes, progress=progress)
+    crop = (slice(r0 - tr0, r0 - tr0 + h), slice(c0 - tc0, c0 - tc0 + w))
+    height = height[crop]
+    spread = spread[crop] if spread is not None else None
     if correction is not None:
-        from canopy.predict.correction import correct_heights
+        from canopy.predict.correction import correct_heights, required_window
 
-        height, spread = correct_heights(correction, height, spread, img.rgb, img.valid,
-                                         img.transform, img.crs)
-
-    h, w = img.valid.shape
-    lattice = TileLattice(tile, stride, count_row=len(tile_starts(h, tile, stride)),
-                          count_col=len(tile_starts(w, tile, stride)))
-    tags = prediction_tags(model.cfg, opts, lattice=lattice, sources=[Path(input_path).name],
-                           resampling=img.resampling, imagery_dates=_imagery_dates(input_path))
-    return write_prediction(output_path, height, spread, crs=img.crs, transform=img.transform,
-                            dtype=opts.dtype, tags=tags, overwrite=overwrite)
+        wt = grid.transform @ Affine.translation(c0, r0)
+        win = required_window(wt, (h, w), correction)
+        rgb_c, ok_c = grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width)
+        height, spread = correct_heights(correction, height, spread, rgb_c, ok_c, wt,
+                                         grid.reader.crs, rgb_transform=win.transform(wt))
+    return (height,) if spread is None else (height, spread)
 
 
-def _imagery_dates(path) -> str:
+def _imagery_dates(ds) -> str:
     """The input's acquisition date(s) from its tags, as the catalog reads them."""
-    import rasterio
-
     from data_catalog.imagery import acquisition_time
 
-    with rasterio.open(path) as ds:
-        when = acquisition_time(ds.tags())
+    when = acquisition_time(ds.tags())
     if when is None:
         return "unknown"
-    return dates_tag([when.start.date().isoformat(), when.end.date().isoformat()])
+    return outputs.dates_tag([when.start.date().isoformat(), when.end.date().isoformat()])

@@ -140,7 +140,8 @@ def test_gedi_filters_reach_the_ingest_and_stale_partitions_are_dropped(catalog_
 
 
 def test_hdf5_that_is_not_gedi_is_refused(catalog_path, tmp_path):
-    h5py = pytest.importorskip("h5py")
+    import h5py  # a required dependency (pyproject.toml): a missing one is a broken install
+
     path = tmp_path / "not_gedi.h5"
     with h5py.File(path, "w") as handle:
         handle["temperature"] = np.arange(3)

@@ -9,6 +9,7 @@ import shapely
 from pyproj import Transformer
 from rasterio.warp import calculate_default_transform, reproject, Resampling
 
+from data_catalog.catalog import Catalog
 from data_catalog.chips import ChipPair, ChipSampler, split_of_block
 from data_catalog.errors import CatalogError
 from tests.conftest import shared
@@ -216,9 +217,8 @@ def test_pairs_without_overlap_and_bad_inputs():
 
 
 def test_catalog_input_pairs_imagery_with_overlapping_chms(tmp_path):
-    catalog_module = pytest.importorskip("data_catalog.catalog")
     pair = osbs()
-    catalog = catalog_module.Catalog.open(tmp_path / "cat.parquet")
+    catalog = Catalog.open(tmp_path / "cat.parquet")
     catalog.add("imagery", [pair.imagery, kootenay().imagery])
     catalog.add("chm", [pair.chm], crs="EPSG:32617")
     catalog.add("chm", [kootenay().chm])
