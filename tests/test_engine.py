@@ -121,17 +121,59 @@ def test_two_cell_sizes_give_identical_arrays(tmp_path, client):
     np.testing.assert_array_equal(A, B)
 
 
+# a 6 m square of the OSBS scene without imagery (nodata 255), inside the AOI: x0, y0, x1, y1
+OSBS_HOLE = (404232.0, 3285120.0, 404238.0, 3285126.0)
+
+
+def _osbs_with_a_hole(folder: Path) -> Path:
+    """The real OSBS_029 scene (same name) with OSBS_HOLE set to its nodata value."""
+    with rasterio.open(shared(*OSBS)) as ds:
+        rgb, profile, t = ds.read(), ds.profile, ds.transform
+    x0, y0, x1, y1 = OSBS_HOLE
+    c0, r0 = ~t * (x0, y1)
+    c1, r1 = ~t * (x1, y0)
+    rgb[:, round(r0):round(r1), round(c0):round(c1)] = profile["nodata"]
+    folder.mkdir()
+    with rasterio.open(folder / "OSBS_029.tif", "w", **profile) as ds:
+        ds.write(rgb)
+    return folder / "OSBS_029.tif"
+
+
 def test_outputs_of_a_run(tmp_path, client):
-    src = shared(*OSBS)
+    """The outputs of a state run over real imagery with a hole in it. README: "Pixels without
+    imagery or outside the AOI are nodata, never 0 m": mosaic pixels wholly inside the hole or
+    with their centre outside the AOI polygon are NaN, and every pixel well inside both the AOI
+    and the imagery has a height. Guards against: pixels without imagery written as 0 m
+    (canopy/predict/blend.py) and pixels outside the AOI written as 0 m
+    (canopy/predict/engine.py); the former check (some NaN and some finite pixels) passed
+    with both."""
+    import shapely
+
+    from canopy.predict.grid import project_geometry
+    from data_catalog.aoi import resolve_aoi
+
+    src = _osbs_with_a_hole(tmp_path / "scene")
     s = predict_aoi(OSBS_AOI, src, tmp_path / "o", *JOB, cell_px=64, client=client)
     out = tmp_path / "o"
     with rasterio.open(s.mosaic) as m, rasterio.open(out / "overview.tif") as ov:
         assert m.crs.to_epsg() == 32617 and m.res == (0.6, 0.6)
         assert m.overviews(1), "the mosaic must point to the overview COG"
         assert ov.bounds == pytest.approx(m.bounds)  # GDAL takes an overview to cover the VRT
-        h = m.read(1)
-        # pixels outside the imagery footprint or the AOI are nodata, never 0 m
-        assert np.isnan(h).any() and np.isfinite(h).any()
+        h, t = m.read(1), m.transform
+    rows, cols = np.mgrid[0:h.shape[0], 0:h.shape[1]]
+    xc, yc = t.c + (cols + 0.5) * t.a, t.f + (rows + 0.5) * t.e  # pixel centres
+    half = t.a / 2
+    x0, y0, x1, y1 = OSBS_HOLE
+    in_hole = (xc - half >= x0) & (xc + half <= x1) & (yc - half >= y0) & (yc + half <= y1)
+    near_hole = (xc > x0 - 2 * t.a) & (xc < x1 + 2 * t.a) & (yc > y0 - 2 * t.a) & (yc < y1 + 2 * t.a)
+    aoi = project_geometry(resolve_aoi(OSBS_AOI).geometry, 32617)
+    centres = shapely.points(xc, yc)
+    outside = ~shapely.contains(aoi, centres)
+    well_inside = shapely.contains(aoi.buffer(-2 * t.a), centres) & ~near_hole
+    assert in_hole.sum() >= 64 and outside.sum() >= 10 and well_inside.sum() > 1500
+    assert np.isnan(h[in_hole]).all(), h[in_hole]
+    assert np.isnan(h[outside]).all(), h[outside][np.isfinite(h[outside])]
+    assert np.isfinite(h[well_inside]).all() and (h[well_inside] > 0).all()
     with rasterio.open(out / "overview.tif") as ov:
         assert ov.res[0] == pytest.approx(0.6 * 16, rel=0.2)
     for cell in (out / "cells").glob("*.tif"):
