@@ -39,7 +39,7 @@ def predict(
              "or a random-weight variant name (micro, hrch_v1_large_random) for plumbing tests."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto (on a GPU bf16; on a CPU the fastest of fp32, bf16 and int8 for this model, from a short timed probe cached per machine), fp32, bf16 (autocast) or int8 (CPU: int8 ViT Linear layers and decoder convolutions, scales per tile)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Model tiles per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Model tiles per forward pass (default: 8 on a CPU, 64 on a GPU)."),
     dtype: str = typer.Option("float32", help="float32 (metres, NaN nodata) or uint8 (whole metres, nodata 255)."),
     uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),

@@ -119,18 +119,26 @@ def test_a_state_run_records_what_auto_chose_and_keeps_it_on_resume(tmp_path, mo
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=40) as cluster, Client(cluster) as client:
         events = []
-        predict_aoi(aoi, src, tmp_path / "run", "micro", PredictOptions(batch_size=4),
+        predict_aoi(aoi, src, tmp_path / "run", "micro", PredictOptions(),
                     cell_px=64, client=client, progress=events.append)
         run = json.loads((tmp_path / "run" / "run.json").read_text())
-        assert run["asked"] == {"device": "auto", "precision": "auto"}
+        assert run["asked"] == {"device": "auto", "precision": "auto", "batch_size": None}
+        assert run["batch_size"] == auto.CPU_BATCH
         assert run["precision"] in auto.CPU_CANDIDATES and run["device"] == "cpu"
         assert any((e.message or "").startswith("precision auto →") for e in events)
         # the same command again is the same run, whatever a new probe would say
         (tmp_path / "cache").rename(tmp_path / "old_cache")
         events = []
-        again = predict_aoi(aoi, src, tmp_path / "run", "micro", PredictOptions(batch_size=4),
+        again = predict_aoi(aoi, src, tmp_path / "run", "micro", PredictOptions(),
                             cell_px=64, client=client, progress=events.append)
         assert again.cells_skipped == again.cells_total - again.cells_empty
         assert any("as this run started" in (e.message or "") for e in events)
     with rasterio.open(next((tmp_path / "run" / "cells").glob("*.tif"))) as ds:
         assert ds.tags()["CANOPY_PRECISION"] == run["precision"]
+
+
+def test_the_batch_size_follows_the_device_unless_given():
+    """A GPU is given 64 tiles per forward pass (8 left an H200 mostly idle), a CPU 8."""
+    assert auto.batch_size_for("cpu", None) == auto.CPU_BATCH == 8
+    assert auto.batch_size_for(torch.device("cuda", 1), None) == auto.GPU_BATCH == 64
+    assert auto.batch_size_for("cuda", 16) == 16 and auto.batch_size_for("cpu", 3) == 3

@@ -395,17 +395,22 @@ def test_options_are_validated_once_naming_the_field():
         PredictOptions(stride=300).check_for(256)
 
 
-def test_a_model_giving_nan_writes_no_map(tmp_path, good_rgb):
+@pytest.mark.parametrize("precision,message", [
+    ("fp32", "non-finite heights for .* valid pixels"), ("bf16", "non-finite heights"),
+    ("int8", r"weights hold NaN .*decode_head.project.conv.bias")])
+def test_a_model_giving_nan_writes_no_map(tmp_path, good_rgb, precision, message):
     """A model whose output is NaN over valid input is an error, not a finished-looking COG of
-    nodata (before: a 100 % NaN map, 'wrote …', exit 0)."""
+    nodata (before: a 100 % NaN map, 'wrote …', exit 0), in every precision: int8 kernels clamp
+    NaN into range, so there the weights are checked before quantising (they gave a finite,
+    wrong map when ``auto`` chose int8)."""
     from canopy.errors import ModelOutputError
     from canopy.model.checkpoints import load_model
 
     broken = load_model("micro")
     with torch.no_grad():
         broken.decode_head.project.conv.bias.fill_(float("nan"))
-    with pytest.raises(ModelOutputError, match="non-finite heights for .* valid pixels"):
-        predict_raster(good_rgb, tmp_path / "nan.tif", broken)
+    with pytest.raises(ModelOutputError, match=message):
+        predict_raster(good_rgb, tmp_path / "nan.tif", broken, PredictOptions(precision=precision))
     assert not list(tmp_path.glob("*nan*"))
 
 

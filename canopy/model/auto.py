@@ -2,6 +2,7 @@
 
 * Device ``auto``: the first CUDA GPU when there is one, else the CPU
   (:func:`canopy.model.device.resolve_device`).
+* Batch size (None): 8 tiles on a CPU, 64 on a GPU (:func:`batch_size_for`).
 * Precision ``auto``: on a GPU, bf16 where it supports it (fp32 otherwise); on a CPU, the fastest
   of the precisions whose accuracy was measured acceptable on real imagery with a trained model
   (fp32; bf16, |Δ| 0.017 m mean against fp32; int8, 0.036 m mean, MAE against lidar within
@@ -31,6 +32,18 @@ import torch
 AUTO = "auto"
 CPU_CANDIDATES = ("fp32", "bf16", "int8")
 CACHE_FORMAT = 1
+# Tiles per forward pass when the caller gives none. A CPU gains nothing from bigger batches
+# (its lanes run batches side by side instead); a GPU needs enough tiles to fill it: the model's
+# rate by batch size on an H200 is in docs/performance.md.
+CPU_BATCH, GPU_BATCH = 8, 64
+
+
+def batch_size_for(device, batch_size: int | None) -> int:
+    """``batch_size``, or the default for ``device`` (a torch device or its type) when None."""
+    if batch_size is not None:
+        return batch_size
+    kind = device if isinstance(device, str) else device.type
+    return GPU_BATCH if kind.startswith("cuda") else CPU_BATCH
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ import contextlib
 import torch
 from torch import nn
 
+from canopy.errors import ModelOutputError
 from canopy.model.bins import bin_centres, heights_from_hidden, heights_from_logits
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTHead
+from ssl_backbone.checkpoints import first_nonfinite
 from ssl_backbone.vit import DinoViT
 
 PRECISIONS = ("fp32", "bf16")  # autocast modes (training and inference)
@@ -138,6 +140,11 @@ class HeightModel(nn.Module):
         from canopy.model import int8
 
         self.eval()
+        broken = first_nonfinite(self.state_dict())
+        if broken is not None:
+            # int8 kernels clamp NaN into range: the map would look finite and be wrong
+            raise ModelOutputError(f"the model's weights hold NaN or infinite values ({broken}); "
+                                   "int8 cannot run it")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice, see docstring
             torch.ao.quantization.quantize_dynamic(self.backbone, {nn.Linear}, dtype=torch.qint8,

@@ -277,7 +277,7 @@ def predict_array(
     return height, spread
 
 
-def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size: int = 8,
+def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size: int | None = None,
                   with_std: bool = False, stride: int | None = None, lanes: int | None = None,
                   progress: Callable[[int], None] | None = None):
     """Canopy height (metres, float32 ``H×W``) of an ``H×W×3`` uint8 RGB array at the model's GSD.
@@ -293,6 +293,9 @@ def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size
         raise TypeError(f"rgb must be a uint8 array (0..255), got {getattr(rgb, 'dtype', type(rgb))}")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
+    from canopy.model.auto import batch_size_for
+
+    batch_size = batch_size_for(model.device, batch_size)
     if precision == "auto":
         from canopy.model.auto import choose_precision
 

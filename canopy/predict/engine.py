@@ -82,13 +82,14 @@ def worker_model(checkpoint: str, opts: PredictOptions):
     ``opts`` asks for (``auto`` resolved here, on the worker's own hardware)."""
     key = (checkpoint, opts.device, opts.precision)
     if key not in _MODELS:
-        from canopy.model.auto import choose_precision
+        from canopy.model.auto import batch_size_for, choose_precision
         from canopy.model.checkpoints import load_model
 
         _MODELS.clear()  # one model per worker: never two big ones side by side
         _CHOICES.clear()
         model = load_model(checkpoint, device=worker_device(opts.device))
-        choice = choose_precision(model, opts.precision, batch_size=opts.batch_size)
+        choice = choose_precision(model, opts.precision,
+                                  batch_size=batch_size_for(model.device, opts.batch_size))
         model.prepare_for_inference(choice.precision)
         # the same model answers for the resolved settings the driver sends with each cell
         for k in (key, (checkpoint, model.device.type, choice.precision)):
@@ -375,14 +376,23 @@ def _resolve_auto(client, out_dir: Path, checkpoint: str, opts: PredictOptions,
         old = json.loads((out_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
         old = {}
-    if old.get("asked") == {"device": opts.device, "precision": opts.precision}:
+    if old.get("asked") == _asked(opts):
         report(progress, "cells", 0, None, message=f"precision {old['precision']} on "
                                                    f"{old['device']}, as this run started")
-        return opts.replace(device=old["device"], precision=old["precision"])
+        return opts.replace(device=old["device"], precision=old["precision"],
+                            batch_size=old["batch_size"])
     device, precision, reason = client.submit(resolve_on_worker, checkpoint, opts,
                                               pure=False).result()
     report(progress, "cells", 0, None, message=f"{reason} ({device})")
-    return opts.replace(device=device, precision=precision)
+    from canopy.model.auto import batch_size_for
+
+    return opts.replace(device=device, precision=precision,
+                        batch_size=batch_size_for(device, opts.batch_size))
+
+
+def _asked(opts: PredictOptions) -> dict:
+    """What the user asked for, before ``auto`` and default settings were resolved."""
+    return {"device": opts.device, "precision": opts.precision, "batch_size": opts.batch_size}
 
 
 def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, opts, cell_px,
@@ -395,7 +405,7 @@ def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, 
     dashboard = getattr(client, "dashboard_link", None)
     if dashboard:
         report(progress, "cells", 0, None, message=f"Dask dashboard: {dashboard}")
-    asked = {"device": opts.device, "precision": opts.precision}
+    asked = _asked(opts)
     opts = _resolve_auto(client, out_dir, checkpoint, opts, progress)
     model_ref, model_sha = _model_identity(checkpoint)
     cfg = load_config(checkpoint)

@@ -24,7 +24,7 @@ class PredictOptions:
 
     device: str = "auto"                 # auto (a GPU if there is one), cpu, cuda or cuda:N
     precision: str = "auto"              # auto (canopy.model.auto), fp32, bf16 or int8 (CPU)
-    batch_size: int = 8                  # model tiles per forward pass
+    batch_size: int | None = None        # model tiles per forward pass (None: by device, auto.py)
     dtype: str = "float32"               # float32 metres (NaN nodata) or uint8 whole metres (255)
     uncertainty: bool = False            # add the spread band (std of the bin distribution, m)
     stride: int | None = None            # model-tile stride in px (None: 3/4 of the tile)
@@ -45,10 +45,9 @@ class PredictOptions:
                                            f"{', '.join(INFERENCE_PRECISIONS)}, got '{self.precision}'")
         if self.precision == "int8" and dev.startswith("cuda"):
             raise OptionError("precision", "int8 runs on the CPU only; use bf16 on a GPU")
-        _positive(self, "batch_size")
         if self.dtype not in DTYPES:
             raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        for name in ("stride", "lanes", "torch_threads"):
+        for name in ("batch_size", "stride", "lanes", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(self, name)
         if self.bands is not None:

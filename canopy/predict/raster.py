@@ -10,7 +10,8 @@ Memory is bounded by the window, not the raster: the output grid is cut into win
 (tiles sit on one lattice from the raster's corner, as in a single pass) through fixed blocks
 of that grid (:class:`data_catalog.raster.LatticeReader`, so a pixel reads the same in every
 window), plus the context the edge rule needs where imagery ends, and its heights are written
-into the COG's staging file. A pixel's height is the same float64 blend of the same tiles,
+into the COG's staging file. The next window is read, and the last one written, in threads
+while the model runs. A pixel's height is the same float64 blend of the same tiles,
 computed in the same order with the same batch shape (``fixed_batch``), whatever the window
 size: the map is byte-identical to one computed in one piece (tested). A raster of one window
 is predicted in one piece, as before.
@@ -19,6 +20,7 @@ is predicted in one piece, as before.
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from rasterio.windows import Window
 from canopy.errors import OutputError
 from canopy.io import outputs
 from canopy.io.cog import check_free_space, check_output_path, cog_writer, estimated_cog_bytes
-from canopy.model.auto import choose_precision
+from canopy.model.auto import batch_size_for, choose_precision
 from canopy.predict.blend import default_stride, edge_reach, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
@@ -62,6 +64,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     tile = model.cfg.tile_size
     opts.check_for(tile)
 
+    opts = opts.replace(batch_size=batch_size_for(model.device, opts.batch_size))
     choice = choose_precision(model, opts.precision, batch_size=opts.batch_size)
     if opts.precision == "auto":
         report(progress, "tiles", 0, None, message=choice.reason)
@@ -121,17 +124,39 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:n_bands],
                         units=outputs.UNITS, tags=tags, overwrite=overwrite,
                         stage_on_disk=staged) as dst:
-            for (r0, c0, h, w), (trows, tcols) in plans:
-                before = done
-                result = _predict_window(model, grid, (r0, c0, h, w), trows, tcols, tile,
-                                         stride, opts, correction, tiles_done)
-                tiles_done(len(trows) * len(tcols) - (done - before))  # tiles without imagery
-                if result is None:
-                    continue
-                any_valid = True
+            def write(window, result):
+                r0, c0, h, w = window
                 for b, values in enumerate(result, start=1):
                     dst.write(outputs.to_output_dtype(values, opts.dtype)[0], b,
                               window=Window(c0, r0, w, h))
+
+            # One reader thread reads the next window while the model runs on this one, and one
+            # writer thread encodes the last window's heights: a GPU does not wait for GDAL. At
+            # most one window is read ahead and one waits to be written, so memory stays bounded;
+            # each dataset is used by one thread at a time.
+            with ThreadPoolExecutor(1, "canopy-read") as reads, \
+                    ThreadPoolExecutor(1, "canopy-write") as writes:
+                def read_ahead(i):
+                    if i >= len(plans):
+                        return None
+                    window, (trows, tcols) = plans[i]
+                    return reads.submit(_read_window, grid, window, trows, tcols, tile, correction)
+
+                pending_read, pending_write = read_ahead(0), None
+                for i, (window, (trows, tcols)) in enumerate(plans):
+                    read = pending_read.result()
+                    pending_read = read_ahead(i + 1)
+                    before = done
+                    if read is not None:
+                        result = _predict_window(model, grid, window, trows, tcols, read, stride,
+                                                 opts, correction, tiles_done)
+                        any_valid = True
+                        if pending_write is not None:
+                            pending_write.result()
+                        pending_write = writes.submit(write, window, result)
+                    tiles_done(len(trows) * len(tcols) - (done - before))  # tiles w/o imagery
+                if pending_write is not None:
+                    pending_write.result()
             if not any_valid:
                 raise RasterError(f"'{input_path}' has no valid pixels (all nodata or masked)")
     return output_path
@@ -159,9 +184,9 @@ def _tiles_over(window, rows, cols, tile) -> tuple[list[int], list[int]]:
             [s for s in cols if s < c0 + w and s + tile > c0])
 
 
-def _predict_window(model, grid: _Grid, window, trows, tcols, tile, stride, opts, correction,
-                    progress):
-    """(height[, spread]) of one output window, or None when it holds no imagery."""
+def _read_window(grid: _Grid, window, trows, tcols, tile, correction):
+    """The imagery one output window needs (its tiles, the edge rule's context where imagery
+    ends, the GEDI correction's window), or None when the window holds no imagery."""
     r0, c0, h, w = window
     tr0, tc0 = trows[0], tcols[0]
     th, tw = trows[-1] + tile - tr0, tcols[-1] + tile - tc0  # the tiles' span
@@ -173,6 +198,22 @@ def _predict_window(model, grid: _Grid, window, trows, tcols, tile, stride, opts
         # imagery ends in these tiles: the edge rule mirrors it, with its context around them
         margin = 2 * edge_reach(tile)
         rgb, valid = grid.read(tr0 - margin, tc0 - margin, th + 2 * margin, tw + 2 * margin)
+    extra = None
+    if correction is not None:
+        from canopy.predict.correction import required_window
+
+        wt = grid.transform @ Affine.translation(c0, r0)
+        win = required_window(wt, (h, w), correction)
+        extra = (wt, win, *grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width))
+    return rgb, valid, margin, extra
+
+
+def _predict_window(model, grid: _Grid, window, trows, tcols, read, stride, opts, correction,
+                    progress):
+    """(height[, spread]) of one output window from what :func:`_read_window` read."""
+    r0, c0, h, w = window
+    tr0, tc0 = trows[0], tcols[0]
+    rgb, valid, margin, extra = read
     height, spread = predict_array(model, rgb, valid, precision=opts.precision,
                                    batch_size=opts.batch_size, with_std=opts.uncertainty,
                                    stride=stride, origin=(0, 0), margin=margin, fixed_batch=True,
@@ -181,11 +222,9 @@ def _predict_window(model, grid: _Grid, window, trows, tcols, tile, stride, opts
     height = height[crop]
     spread = spread[crop] if spread is not None else None
     if correction is not None:
-        from canopy.predict.correction import correct_heights, required_window
+        from canopy.predict.correction import correct_heights
 
-        wt = grid.transform @ Affine.translation(c0, r0)
-        win = required_window(wt, (h, w), correction)
-        rgb_c, ok_c = grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width)
+        wt, win, rgb_c, ok_c = extra
         height, spread = correct_heights(correction, height, spread, rgb_c, ok_c, wt,
                                          grid.reader.crs, rgb_transform=win.transform(wt))
     return (height,) if spread is None else (height, spread)
