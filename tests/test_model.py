@@ -187,9 +187,11 @@ def test_predict_api_numpy_and_tensor(micro_model, rgb_array):
     t = torch.from_numpy(np.moveaxis(img[:256, :256], 2, 0)[None].copy())
     out_t = micro_model.predict_tensor(t)
     assert tuple(out_t.shape) == (1, 256, 256)
-    # one tile, two routes, same numbers
+    # one tile, two routes, same numbers (with the same threads: a CPU lane runs on its share
+    # of the cores, whose float sums differ in the last bits from a call on all of them)
     np.testing.assert_array_equal(
-        canopy.predict_image(micro_model, np.ascontiguousarray(img[:256, :256]), precision="fp32"),
+        canopy.predict_image(micro_model, np.ascontiguousarray(img[:256, :256]), precision="fp32",
+                             lanes=1),
         out_t[0].numpy())
     h, s = micro_model.predict_tensor(t, with_std=True)
     assert (s >= 0).all()
@@ -421,3 +423,27 @@ def test_compressed_checkpoints_are_dequantised_once(tmp_path, micro_model, rgb_
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     load_model(src)
     assert calls == [1]  # the file changed: converted again
+
+
+def test_a_batch_too_large_for_one_pass_runs_in_pieces(micro_model, monkeypatch):
+    """A 256-tile ViT-H batch made a 2^31-element head map, which CUDA's upsampling refused
+    (found on an H200 with --batch-size 256): such a batch now runs in pieces of at most
+    ``max_batch`` tiles and gives the same heights."""
+    from canopy.model.checkpoints import load_config
+
+    with torch.device("meta"):  # the ViT-H model's shapes, no memory
+        vith = HeightModel(load_config("hrch_v1_huge_random"))
+    huge, n = vith.cfg.decoder, vith.max_batch((256, 256))
+    assert n * max(huge.channels, huge.head_hidden) * 256 * 256 < 2 ** 31 <= \
+        (n + 1) * max(huge.channels, huge.head_hidden) * 256 * 256
+    x = torch.randint(0, 255, (5, 3, 64, 64), dtype=torch.uint8)
+    whole, whole_std = micro_model.predict_tensor(x, with_std=True)
+    seen = []
+    real = micro_model.backbone.forward_taps
+    monkeypatch.setattr(micro_model.backbone, "forward_taps",
+                        lambda t, *a, **k: seen.append(len(t)) or real(t, *a, **k))
+    monkeypatch.setattr(micro_model, "max_batch", lambda hw: 2)
+    part, part_std = micro_model.predict_tensor(x, with_std=True)
+    assert seen == [2, 2, 1]
+    np.testing.assert_allclose(part.numpy(), whole.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(part_std.numpy(), whole_std.numpy(), rtol=0, atol=1e-4)

@@ -138,15 +138,20 @@ def cog_writer(path: str | os.PathLike, *, width: int, height: int, count: int, 
                crs, transform, nodata: float | int | None, descriptions: Sequence[str],
                units: Sequence[str] | str = "m", tags: Mapping[str, str] | None = None,
                compress: str = "DEFLATE", overwrite: bool = False, qml: bool = True,
-               qml_range: tuple[float, float] = (0.0, 40.0), stage_on_disk: bool = False):
+               qml_range: tuple[float, float] = (0.0, 40.0), stage_on_disk: bool = False,
+               threads: int | str = 1):
     """A writable raster (rasterio dataset) that becomes a COG at ``path`` when the block ends
     without an error; windows may be written in any order (``dst.write(arr, window=...)``).
 
     The pixels go first to a plain GTiff — in memory, or with ``stage_on_disk`` to a hidden
     file beside the output (for rasters larger than memory: a one-raster map is written window
     by window) — from which GDAL's COG driver builds the tiled, compressed file with overviews.
-    The stage holds the same pixels either way, so the COG is the same bytes. Nothing that looks
+    The stage holds the same pixels either way, so the COG holds the same pixels (its
+    STATISTICS_MEAN tag can differ in the 14th digit: GDAL sums the blocks in another order). Nothing that looks
     finished is left if the block fails or is interrupted.
+
+    ``threads`` is GDAL's ``NUM_THREADS`` for compressing (an int or ``ALL_CPUS``): the bytes
+    do not depend on it. One by default, for callers that write many files at once.
     """
     path = check_output_path(path, overwrite)
     if isinstance(units, str):
@@ -164,7 +169,7 @@ def cog_writer(path: str | os.PathLike, *, width: int, height: int, count: int, 
             # tiled so windows land without rewriting strips; light compression: it is read once
             dst = rasterio.open(stage, "w", **profile, tiled=True, blockxsize=COG_BLOCKSIZE,
                                 blockysize=COG_BLOCKSIZE, compress="DEFLATE", zlevel=1,
-                                predictor=predictor, BIGTIFF="IF_SAFER")
+                                predictor=predictor, BIGTIFF="IF_SAFER", NUM_THREADS=str(threads))
         else:
             mem = MemoryFile()
             dst = mem.open(**profile)
@@ -179,7 +184,7 @@ def cog_writer(path: str | os.PathLike, *, width: int, height: int, count: int, 
                 src, tmp, driver="COG",
                 BLOCKSIZE=COG_BLOCKSIZE, COMPRESS=compress, PREDICTOR=predictor,
                 OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE", RESAMPLING="AVERAGE",
-                STATISTICS="YES", BIGTIFF="IF_SAFER", NUM_THREADS="1",
+                STATISTICS="YES", BIGTIFF="IF_SAFER", NUM_THREADS=str(threads),
             )
         if qml:
             write_qml(path.with_suffix(".qml"), vmin=qml_range[0], vmax=qml_range[1],

@@ -210,7 +210,20 @@ class HeightModel(nn.Module):
             if with_std:
                 return tuple(torch.cat(parts) for parts in zip(*outs))
             return torch.cat(outs)
+        n = self.max_batch(rgb.shape[-2:])
+        if rgb.shape[0] > n:
+            # CUDA's upsampling kernels index with 32 bits: a 256-tile ViT-H batch (a 2^31-element
+            # head map) failed on an H200. Larger batches run in pieces; no faster beyond ~64.
+            parts = [self.predict_tensor(rgb[i:i + n], precision, with_std)
+                     for i in range(0, rgb.shape[0], n)]
+            return tuple(torch.cat(p) for p in zip(*parts)) if with_std else torch.cat(parts)
         with autocast_context(self.device, precision):
             x = self.normalize(rgb)
             return self.heights_from_taps(self.backbone.forward_taps(x), x.shape[-2:],
                                           with_std=with_std)
+
+    def max_batch(self, hw) -> int:
+        """The most tiles of size ``hw`` one forward pass takes: every full-resolution map of
+        the head stays under 2^31 elements."""
+        widest = max(self.cfg.decoder.channels, self.cfg.decoder.head_hidden)
+        return max(1, (2 ** 31 - 1) // (widest * int(hw[0]) * int(hw[1])))

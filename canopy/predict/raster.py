@@ -123,7 +123,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         nodata=outputs.nodata_for(opts.dtype),
                         descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:n_bands],
                         units=outputs.UNITS, tags=tags, overwrite=overwrite,
-                        stage_on_disk=staged) as dst:
+                        stage_on_disk=staged, threads="ALL_CPUS") as dst:  # one command: all cores
             def write(window, result):
                 r0, c0, h, w = window
                 for b, values in enumerate(result, start=1):
