@@ -4,8 +4,14 @@ Reference (``run_chm_model.ipynb::windowed_infer_loop`` as described in
 docs/reference_model.md): 1024-px windows that do not overlap (the last row/column
 shifted to end at the edge), each cut into 256-px tiles at stride 192, all tiles of a window in
 one batch, Gaussian apodisation (1 in the central 224², 0 in a 16-px border, blurred with σ = 8,
-floor 1e-14), no blending between windows. Run as published (fp32) and in bf16 autocast, so
-precision and engineering are told apart.
+floor 1e-14), no blending between windows; the model is the released forward pass restated
+from a state dict (benchmarks/hrch_reference.py: explicit attention matmuls, all bin logits),
+loaded from a checkpoint in the released layout and warmed up before the loop is timed. Run as
+published (fp32) and in bf16 autocast, so precision and engineering are told apart.
+
+One-raster ``canopy predict`` (``--cli``): the whole command in a new process, with no
+precision flag and with ``--precision bf16``; ``auto``'s probe (once per machine, cached) is run
+first and reported apart.
 
 Engine: ``canopy predict --aoi`` (predict_aoi) on a LocalCluster with one worker process, cells
 aligned with the raster, timed twice: cold (cluster start + model load included) and warm; with
@@ -125,25 +131,13 @@ def window_starts(n: int, window: int) -> list[int]:
     return s
 
 
-def hrch_heights(model, batch, precision: str) -> np.ndarray:
-    """Heights as the HRCH model computes them: the full per-bin logit tensor, normalised bin
-    weights (relu(l) + 0.1) / Σ materialised, then the expected bin value (docs/reference_model.md)."""
-    import torch
-
-    from canopy.model.bins import bin_probabilities, expected_height
-    from canopy.model.height_model import autocast_context
-
-    with torch.no_grad():
-        with autocast_context(model.device, precision):
-            logits = model(model.normalize(batch))
-        probs = bin_probabilities(logits)
-        return expected_height(probs, model.bin_centres, model.cfg.decoder.output_scale).numpy()
-
-
-def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, tile: int = 256,
+def reference_loop(released, img: np.ndarray, precision: str, window: int = 1024, tile: int = 256,
                    stride: int = 192, border: int = 16, sigma: float = 8.0) -> np.ndarray:
-    """The notebook's method, faithfully: no overlap between windows, no blending across them."""
+    """The notebook's method, faithfully: no overlap between windows, no blending across them.
+    ``released`` is (state dict, config): the released forward (benchmarks/hrch_reference.py)."""
     import torch
+
+    from benchmarks.hrch_reference import released_heights
 
     _, h, w = img.shape
     out = np.zeros((h, w), np.float32)
@@ -155,7 +149,7 @@ def reference_loop(model, img: np.ndarray, precision: str, window: int = 1024, t
             pos = [(r, c) for r in range(0, window - tile + 1, stride)
                    for c in range(0, window - tile + 1, stride)]
             batch = torch.from_numpy(np.stack([win[:, r:r + tile, c:c + tile] for r, c in pos]))
-            hgt = hrch_heights(model, batch, precision)
+            hgt = released_heights(*released, batch, precision).numpy()
             num = np.zeros((window, window))
             den = np.zeros((window, window))
             for (r, c), p in zip(pos, hgt):
@@ -175,24 +169,85 @@ def ref_tile_count(size: int, window: int = 1024, tile: int = 256, stride: int =
 
 
 def run_reference(scene: str, checkpoint: str, precision: str, out: str) -> dict:
+    """The released loop with the model loaded and warmed up (one window's batch run first), as
+    the released notebook is usually timed: its load and first call are reported apart."""
     import rasterio
+    import torch
 
-    from canopy.model.checkpoints import load_model
+    from benchmarks.hrch_reference import released_heights
+    from canopy.model.checkpoints import infer_config
 
-    model = load_model(checkpoint)
-    geo = reference_geometry(model.cfg.tile_size)
+    t0 = time.perf_counter()
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    cfg = infer_config(sd, source=checkpoint)
+    t_load = time.perf_counter() - t0
+    geo = reference_geometry(cfg.tile_size)
     with rasterio.open(scene) as ds:
         img, profile = ds.read(), ds.profile
+    n = ((geo["window"] - geo["tile"]) // geo["stride"] + 1) ** 2
+    t0 = time.perf_counter()
+    released_heights(sd, cfg, torch.from_numpy(img[:, :geo["tile"], :geo["tile"]].copy())[None]
+                     .expand(n, -1, -1, -1), precision)
+    t_warm = time.perf_counter() - t0
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        pred = reference_loop(model, img, precision, **geo)
+        pred = reference_loop((sd, cfg), img, precision, **geo)
         dt = time.perf_counter() - t0
     profile.update(count=1, dtype="float32", nodata=float("nan"), compress="deflate")
     with rasterio.open(out, "w", **profile) as o:
         o.write(pred, 1)
     return {"variant": f"reference {precision}", "seconds": dt, "px_per_s": pred.size / dt,
+            "load_s": t_load, "warm_up_s": t_warm,
             "tiles": ref_tile_count(img.shape[1], geo["window"], geo["tile"], geo["stride"]),
             "peak_rss_gib": rss.peak / 2**30}
+
+
+def run_cli(scene: str, checkpoint: str, precision: str, out: str) -> dict:
+    """``canopy predict scene.tif -o out.tif -c checkpoint`` as a user runs it (a new process:
+    import, model load, auto choices, prediction, COG); ``precision`` ``default`` adds no flag."""
+    import rasterio
+
+    cmd = [sys.executable, "-m", "canopy.cli", "predict", scene, "-o", out, "-c", checkpoint,
+           "-q", "--overwrite"]
+    if precision != "default":
+        cmd += ["--precision", precision]
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    with rasterio.open(out) as ds:
+        pixels, ran = ds.width * ds.height, ds.tags()["CANOPY_PRECISION"]
+    name = "canopy predict, no flags" if precision == "default" else f"canopy predict --precision {precision}"
+    return {"variant": name, "seconds": dt, "px_per_s": pixels / dt, "precision_ran": ran,
+            "peak_rss_gib": rss.peak / 2**30, "command": " ".join(cmd[3:])}
+
+
+def run_probe(checkpoint: str) -> dict:
+    """Run ``auto``'s timed probe for this model once (it is cached per machine, so the timed
+    commands find it done, as every run after a user's first does); its cost is reported."""
+    from canopy.model.auto import choose_precision
+    from canopy.model.checkpoints import load_model
+
+    model = load_model(checkpoint)
+    t0 = time.perf_counter()
+    choice = choose_precision(model, "auto")
+    return {"seconds": time.perf_counter() - t0, "chose": choice.precision, "reason": choice.reason}
+
+
+def released_layout_file(checkpoint: str, tmp: Path) -> str:
+    """A checkpoint file in the released v1 layout: ``checkpoint`` itself when it is a file,
+    else the registered model (random weights, seeded) saved as ``{'state_dict': …}``."""
+    if Path(checkpoint).is_file():
+        return checkpoint
+    import torch
+
+    from canopy.model.checkpoints import load_model
+
+    path = tmp / f"{checkpoint}.pth"
+    torch.save({"state_dict": load_model(checkpoint).state_dict()}, path)
+    return str(path)
 
 
 def _preload(checkpoint, opts) -> None:
@@ -291,7 +346,7 @@ def edge_errors(args, tmp: Path) -> dict:
     geo = reference_geometry(cfg.tile_size)
     out = {"checkpoint": args.edge_checkpoint, "scene": f"Kootenay ortho mirrored to "
            f"{args.edge_size}² px at 0.5 m", "reference_geometry": geo}
-    sub("ref", scene, args.edge_checkpoint, "fp32", tmp / "edge_ref.tif")
+    sub("ref", scene, released_layout_file(args.edge_checkpoint, tmp), "fp32", tmp / "edge_ref.tif")
     with rasterio.open(tmp / "edge_ref.tif") as ds:
         a = ds.read(1)
     borders = sorted({w0 + t + d for w0 in window_starts(a.shape[1], geo["window"])
@@ -347,8 +402,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; best kept")
-    ap.add_argument("--engine", nargs="+", default=["bf16", "fp32", "int8", "int8:224"],
+    ap.add_argument("--engine", nargs="*", default=["bf16", "fp32", "int8", "int8:224"],
                     help="engine variants PRECISION[:STRIDE] (default stride: 3/4 of the tile)")
+    ap.add_argument("--cli", nargs="*", default=["default", "bf16"],
+                    help="one-raster `canopy predict` variants, whole command: 'default' (no "
+                         "precision flag) or a precision")
     ap.add_argument("--edge-checkpoint", default=None,
                     help="trained model for the edge-error figure, measured on a real 0.5 m "
                          "scene (the Kootenay drone ortho, mirrored to --edge-size px)")
@@ -369,6 +427,10 @@ def main() -> None:
         kind, *rest = args._run
         if kind == "ref":
             print(json.dumps(run_reference(*rest)))
+        elif kind == "cli":
+            print(json.dumps(run_cli(*rest)))
+        elif kind == "probe":
+            print(json.dumps(run_probe(*rest)))
         else:
             scene, ckpt, prec, out, cell, batch, threads, stride, cold = rest
             print(json.dumps(run_engine(scene, ckpt, prec, out, int(cell), int(batch), int(threads),
@@ -387,23 +449,28 @@ def main() -> None:
                 indent=2))
         return
     from canopy.model.checkpoints import load_config
-    from canopy.predict.blend import default_stride
+    from canopy.predict.blend import default_stride, tile_starts
 
     tile = load_config(args.checkpoint).tile_size
     if args.size < reference_geometry(tile)["window"]:
         ap.error(f"--size must be at least the reference window, {reference_geometry(tile)['window']} px")
     scene = make_scene(tmp / "scene.tif", args.size, args.cell_px)
+    checkpoint = released_layout_file(args.checkpoint, tmp)
+    probe = sub("probe", checkpoint) if args.cli else None  # once per machine, cached: not timed
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
-        variants = [("ref", "fp32", 0), ("ref", "bf16", 0)] + [
+        variants = [("ref", "fp32", 0), ("ref", "bf16", 0)] + [("cli", v, 0) for v in args.cli] + [
             ("engine", v.split(":")[0], int(v.split(":")[1]) if ":" in v else 0) for v in args.engine]
         for kind, prec, stride in variants:
             out = tmp / f"{kind}_{prec}_{stride}_{rep}"
             if kind == "ref":
-                r = sub("ref", scene, args.checkpoint, prec, f"{out}.tif")
+                r = sub("ref", scene, checkpoint, prec, f"{out}.tif")
                 r["output"] = f"{out}.tif"
+            elif kind == "cli":
+                r = sub("cli", scene, checkpoint, prec, f"{out}.tif")
+                r["tiles"] = len(tile_starts(args.size, tile, default_stride(tile))) ** 2
             else:
-                r = sub("engine", scene, args.checkpoint, prec, out, args.cell_px, args.batch_size,
+                r = sub("engine", scene, checkpoint, prec, out, args.cell_px, args.batch_size,
                         args.threads, stride, int(not args.warm_only))
                 r["stride"] = stride or default_stride(tile)
                 expected = sorted(c.id for c in scene_cells(args.size, args.cell_px))
@@ -439,7 +506,8 @@ def main() -> None:
         r["share_of_bf16_matmul_floor"] = r["tiles"] * gflop / r["seconds"] / mm
     summary = {"command": " ".join(["python benchmarks/engine_vs_reference.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "size": args.size,
-               "gflop_per_tile": gflop, "bf16_matmul_gflops": mm, "results": best}
+               "gflop_per_tile": gflop, "bf16_matmul_gflops": mm, "auto_probe": probe,
+               "results": best}
     engines = [r for r in best.values() if r["variant"].startswith("engine")]
     for r in engines:  # time per km² at 0.6 m and what it means for California (a projection)
         r["seconds_per_km2"] = 1e6 / (r["px_per_s"] * GSD * GSD)

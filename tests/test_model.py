@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from canopy.errors import CheckpointError, NoDefaultModelError
 from canopy.model import HeightModel, hrch_config, micro_config
+from benchmarks.hrch_reference import released_decoder, released_heights, released_taps
 from canopy.model.checkpoints import (infer_config, load_model, save_native)
 
 
@@ -66,44 +66,6 @@ def test_architecture_is_read_from_shapes(size):
     assert cfg.name == ref.name
 
 
-def reference_hrch_taps(model, x):
-    """Independent re-statement of the released backbone's forward (DINOv2 ViT, no timm):
-    manual attention, LayerScale, and the position table resized with
-    interpolate(scale_factor=(h+0.1)/n, bicubic, align_corners=True, recompute_scale_factor=True)."""
-    sd = model.backbone.state_dict()
-    cfg = model.cfg.backbone
-    D, heads, p = cfg.embed_dim, cfg.num_heads, cfg.patch_size
-    B, _, H, W = x.shape
-    h, w = H // p, W // p
-    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
-    tok = tok.flatten(2).transpose(1, 2)
-    tok = torch.cat([sd["cls_token"].expand(B, -1, -1), tok], 1)
-    pos = sd["pos_embed"]
-    n = int(math.sqrt(pos.shape[1] - 1))
-    grid = pos[:, 1:].reshape(1, n, n, D).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic",
-                         align_corners=True, recompute_scale_factor=True)
-    pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], 1)
-    z = tok + pos
-    taps = []
-    for i in range(cfg.depth):
-        g = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
-        y = F.layer_norm(z, (D,), g("norm1.weight"), g("norm1.bias"), eps=1e-6)
-        qkv = F.linear(y, g("attn.qkv.weight"), g("attn.qkv.bias"))
-        qkv = qkv.reshape(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * (D // heads) ** -0.5, qkv[1], qkv[2]
-        att = (q @ k.transpose(-2, -1)).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, -1, D)
-        z = z + g("ls1.gamma") * F.linear(y, g("attn.proj.weight"), g("attn.proj.bias"))
-        y = F.layer_norm(z, (D,), g("norm2.weight"), g("norm2.bias"), eps=1e-6)
-        y = F.linear(F.gelu(F.linear(y, g("mlp.fc1.weight"), g("mlp.fc1.bias"))),
-                     g("mlp.fc2.weight"), g("mlp.fc2.bias"))
-        z = z + g("ls2.gamma") * y
-        if i in cfg.out_indices:
-            taps.append((z[:, 1:].reshape(B, h, w, D).permute(0, 3, 1, 2), z[:, 0]))
-    return taps
-
-
 def test_timm_backbone_computes_the_released_backbone():
     torch.manual_seed(0)
     model = HeightModel(micro_config()).eval()
@@ -116,7 +78,7 @@ def test_timm_backbone_computes_the_released_backbone():
         model.backbone.pos_embed.normal_(0, 1)
         x = torch.randn(2, 3, 256, 256)
         ours = model.backbone.forward_taps(x)
-        ref = reference_hrch_taps(model, x)
+        ref = released_taps(model.backbone.state_dict(), model.cfg.backbone, x)
     for (a, ca), (b, cb) in zip(ours, ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
@@ -309,55 +271,18 @@ def test_missing_default_model_says_so_plainly(tmp_path, monkeypatch):
         load_model("default")
 
 
-def reference_hrch_decoder(sd: dict, taps, channels: int = 32):
-    """Independent functional restatement of the released DPT head (docs/reference_model.md):
-    CLS readout 'project' → 1×1 conv → resize ×4/×2/×1/×½ → 3×3 conv (no bias) → fusion from
-    coarsest to finest (pre-activation residual units, bilinear ×2 align_corners=True, 1×1
-    projection) → 3×3 conv + ReLU → head (3×3, ×2, 3×3, ReLU, 1×1) → bin logits."""
-    def g(name):
-        return sd[f"decode_head.{name}"]
-
-    maps = []
-    for i, (x, cls) in enumerate(taps):
-        b, d, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        t = torch.cat([t, cls[:, None].expand_as(t)], -1)
-        t = F.gelu(F.linear(t, g(f"reassemble_blocks.readout_projects.{i}.0.weight"),
-                            g(f"reassemble_blocks.readout_projects.{i}.0.bias")))
-        y = t.transpose(1, 2).reshape(b, d, h, w)
-        y = F.conv2d(y, g(f"reassemble_blocks.projects.{i}.conv.weight"),
-                     g(f"reassemble_blocks.projects.{i}.conv.bias"))
-        if i == 0:
-            y = F.conv_transpose2d(y, g("reassemble_blocks.resize_layers.0.weight"),
-                                   g("reassemble_blocks.resize_layers.0.bias"), stride=4)
-        elif i == 1:
-            y = F.conv_transpose2d(y, g("reassemble_blocks.resize_layers.1.weight"),
-                                   g("reassemble_blocks.resize_layers.1.bias"), stride=2)
-        elif i == 3:
-            y = F.conv2d(y, g("reassemble_blocks.resize_layers.3.weight"),
-                         g("reassemble_blocks.resize_layers.3.bias"), stride=2, padding=1)
-        maps.append(F.conv2d(y, g(f"convs.{i}.conv.weight"), padding=1))
-
-    def rcu(x, prefix):
-        y = F.conv2d(F.relu(x), g(f"{prefix}.conv1.conv.weight"), padding=1)
-        y = F.conv2d(F.relu(y), g(f"{prefix}.conv2.conv.weight"), padding=1)
-        return x + y
-
-    out = None
-    for k in range(4):
-        skip = maps[3 - k]
-        x = skip if k == 0 else out + rcu(
-            F.interpolate(skip, size=out.shape[-2:], mode="bilinear", align_corners=False)
-            if skip.shape != out.shape else skip, f"fusion_blocks.{k}.res_conv_unit1")
-        x = rcu(x, f"fusion_blocks.{k}.res_conv_unit2")
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        out = F.conv2d(x, g(f"fusion_blocks.{k}.project.conv.weight"),
-                       g(f"fusion_blocks.{k}.project.conv.bias"))
-    out = F.relu(F.conv2d(out, g("project.conv.weight"), g("project.conv.bias"), padding=1))
-    out = F.conv2d(out, g("conv_depth.head.0.weight"), g("conv_depth.head.0.bias"), padding=1)
-    out = F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
-    out = F.relu(F.conv2d(out, g("conv_depth.head.2.weight"), g("conv_depth.head.2.bias"), padding=1))
-    return F.conv2d(out, g("conv_depth.head.4.weight"), g("conv_depth.head.4.bias"))
+def test_heights_are_the_released_models_heights():
+    """The whole forward, bins included, against the restatement the speed benchmark times as
+    the released code: same heights in fp32 (so the benchmark compares like with like)."""
+    torch.manual_seed(2)
+    model = HeightModel(micro_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    rgb = torch.randint(0, 255, (2, 3, 256, 256), dtype=torch.uint8)
+    ref = released_heights(model.state_dict(), model.cfg, rgb)
+    assert float(ref.std()) > 0.1  # heights that vary, not a constant both sides agree on
+    torch.testing.assert_close(model.predict_tensor(rgb), ref, atol=1e-3, rtol=1e-4)
 
 
 def test_decoder_computes_the_released_decoder():
@@ -369,7 +294,7 @@ def test_decoder_computes_the_released_decoder():
         D = model.cfg.backbone.embed_dim
         taps = [(torch.randn(2, D, 16, 16), torch.randn(2, D)) for _ in range(4)]
         ours = model.decode_head(taps)
-        ref = reference_hrch_decoder(model.state_dict(), taps)
+        ref = released_decoder(model.state_dict(), taps)
     assert ours.shape == (2, model.cfg.decoder.n_bins, 256, 256)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
