@@ -165,6 +165,10 @@ class Place:
 @functools.lru_cache(maxsize=1)
 def bundled_places() -> tuple[Place, ...]:
     """Every bundled state, US first. Read once per process (~0.1 s)."""
+    for path in (US_STATES_FILE, BRAZIL_STATES_FILE):
+        if not path.is_file():  # a broken install: say which file, not a GDAL traceback
+            raise CatalogError(f"the bundled state boundaries '{path}' are missing; reinstall "
+                               "canopy-height, or pass the AOI as a vector file or a bbox")
     us = gpd.read_file(US_STATES_FILE, layer="states")
     brazil = gpd.read_file(BRAZIL_STATES_FILE)
     places = [

@@ -143,3 +143,18 @@ def test_geometry_input_and_reprojection_helper():
         warnings.simplefilter("error")
         utm = aoi.geometry_in("EPSG:32617")
     assert utm.bounds[0] > 500000 and aoi.source == "geometry"
+
+
+def test_missing_bundled_boundaries_are_one_clear_error(tmp_path, monkeypatch):
+    """A broken install without the boundaries file: a CatalogError naming it (the CLI's one
+    line and status 2), not GDAL's traceback and status 1."""
+    from data_catalog import aoi
+    from data_catalog.errors import CatalogError
+
+    monkeypatch.setattr(aoi, "US_STATES_FILE", tmp_path / "us_states_10m.json")
+    aoi.bundled_places.cache_clear()
+    try:
+        with pytest.raises(CatalogError, match="bundled state boundaries .*us_states_10m.json"):
+            resolve_aoi("California")
+    finally:
+        aoi.bundled_places.cache_clear()
