@@ -28,7 +28,7 @@ test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests/
 
 bench: $(TEST_STAMP)
-	$(BIN)/python benchmarks/predict_throughput.py
+	$(BIN)/python benchmarks/engine_vs_reference.py --size 2048 --engine int8 --cli default bf16
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
