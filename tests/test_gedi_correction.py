@@ -421,3 +421,24 @@ def test_bad_options_are_input_errors():
     rgb = np.zeros((3, 64, 64), np.uint8)
     with pytest.raises(InputError, match="sun elevation"):
         factor_field(Affine(GSD, 0, 0, 0, -GSD, 0), (64, 64), rgb, CRS, model)
+
+
+def test_the_decoder_runs_as_canopy_predict_would_choose(scene_files, monkeypatch, tmp_path):
+    """Fitting runs the decoder with auto precision and batch size by default (#21), says what
+    auto chose, and a caller's model handed in is never quantised in place when auto picks
+    int8 (the model a user goes on to predict with would silently change)."""
+    from canopy.model import auto
+    from canopy.model.checkpoints import load_model
+    from canopy.train.gedi_samples import samples_from_scenes
+
+    monkeypatch.setenv("CANOPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(auto, "cpu_candidates", lambda: ("fp32", "int8"))
+    monkeypatch.setattr(auto, "probe_seconds_per_tile",
+                        lambda model, precision, batch_size=8: {"fp32": 1.0, "int8": 0.5}[precision])
+    decoder = load_model("micro")
+    scene = TrainingScene(str(scene_files["rgb"]), gpd.read_parquet(scene_files["gedi"]))
+    events = []
+    samples, _ = samples_from_scenes([scene], small_cfg(block_px=256, input_px=64),
+                                     decoder=decoder, precision="auto", progress=events.append)
+    assert samples and any("precision auto → int8" in (e.message or "") for e in events)
+    assert not decoder.is_int8

@@ -27,9 +27,9 @@ def train_gedi_correction_command(
     sun_elevation: Annotated[Optional[float], typer.Option(help="Sun elevation (degrees) of imagery without a CANOPY_SUN_ELEVATION tag; needed with --scalars sun.")] = None,
     interpolation: Annotated[str, typer.Option(help="Factor field between block centres: bilinear or bicubic.")] = "bilinear",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, batches and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="Decoder precision: fp32 or bf16.")] = "fp32",
-    batch_size: Annotated[int, typer.Option(min=1, help="Decoder tiles per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="Decoder precision: auto (as canopy predict chooses it), fp32, bf16 or int8 (CPU).")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Decoder tiles per forward pass (default: 8 on a CPU, 64 on a GPU).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Write into a non-empty run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
 ) -> None:
@@ -43,8 +43,8 @@ def train_gedi_correction_command(
 
     if catalog is not None and (imagery or gedi):
         raise InputError("give --catalog or --imagery with --gedi, not both")
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"--precision must be fp32 or bf16, got '{precision}'")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise InputError(f"--precision must be auto, fp32, bf16 or int8, got '{precision}'")
     check_run_dir(output, overwrite)  # before any reading or compute
     dev = resolve_device(device)
     cfg = CorrectionConfig(block_px=block_px, input_px=input_px, rh_metric=rh.lower(),

@@ -234,7 +234,7 @@ def check_run_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def train_gedi_correction(scenes: Sequence[TrainingScene], out_dir: str | os.PathLike,
                           cfg: CorrectionConfig, opts: FitOptions = FitOptions(), *, decoder=None,
-                          device="cpu", precision: str = "fp32", batch_size: int = 8,
+                          device="cpu", precision: str = "fp32", batch_size: int | None = None,
                           sun_elevation: float | None = None, overwrite: bool = False,
                           progress: ProgressCallback | None = None) -> FitReport:
     """``canopy train-gedi-correction``: blocks from ``scenes``, fit, save into ``out_dir``."""

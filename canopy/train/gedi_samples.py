@@ -229,18 +229,29 @@ def decoder_gsd(decoder, heights: str | None) -> tuple[float, str]:
 
 
 def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, *, decoder=None,
-                        device="cpu", precision: str = "fp32", batch_size: int = 8,
+                        device="cpu", precision: str = "fp32", batch_size: int | None = None,
                         sun_elevation: float | None = None,
                         progress: ProgressCallback | None = None
                         ) -> tuple[list[BlockSample], list[SceneShots]]:
-    """Read each scene on the correction's grid, predict (or read) heights, cut blocks."""
+    """Read each scene on the correction's grid, predict (or read) heights, cut blocks.
+    ``precision`` ``auto`` and ``batch_size`` None are resolved as ``canopy predict`` does."""
     from canopy.predict.blend import predict_array
 
     model = None
     if decoder is not None and any(s.heights is None for s in scenes):
+        from canopy.model.auto import batch_size_for, choose_precision
         from canopy.model.checkpoints import load_model
 
         model = decoder if hasattr(decoder, "predict_tensor") else load_model(decoder, device=device)
+        batch_size = batch_size_for(model.device, batch_size)
+        if precision == "auto":
+            choice = choose_precision(model, precision, batch_size=batch_size)
+            precision = choice.precision
+            report(progress, "scenes", 0, len(scenes), choice.reason)
+            if precision == "int8" and not model.is_int8 and model is decoder:
+                import copy
+
+                model = copy.deepcopy(model)  # int8 quantises in place: the caller's model stays
     samples, reports = [], []
     n_shots = 0
     for scene in scenes:
