@@ -55,6 +55,14 @@ class Choice:
     reason: str
 
 
+def own_model(model, precision: str):
+    """``model``, or a copy of it where running ``precision`` would change it: int8 quantises in
+    place, and a model handed in by a caller must stay as it was given."""
+    if precision == "int8" and not model.is_int8:
+        return copy.deepcopy(model)
+    return model
+
+
 def cache_dir() -> Path:
     """Where canopy keeps what it measured or converted once: ``$CANOPY_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/canopy-height``, else ``~/.cache/canopy-height``."""

@@ -293,17 +293,12 @@ def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size
         raise TypeError(f"rgb must be a uint8 array (0..255), got {getattr(rgb, 'dtype', type(rgb))}")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
-    from canopy.model.auto import batch_size_for
+    from canopy.model.auto import batch_size_for, choose_precision, own_model
 
     batch_size = batch_size_for(model.device, batch_size)
     if precision == "auto":
-        from canopy.model.auto import choose_precision
-
         precision = choose_precision(model, precision, batch_size=batch_size).precision
-        if precision == "int8" and not model.is_int8:
-            import copy
-
-            model = copy.deepcopy(model)  # int8 quantises in place: the caller's model stays
+        model = own_model(model, precision)
     height, spread = predict_array(model, np.moveaxis(rgb, 2, 0), precision=precision,
                                    batch_size=batch_size, with_std=with_std, stride=stride,
                                    lanes=lanes, progress=progress)

@@ -473,8 +473,6 @@ def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, 
                      f"{len(todo)} cell(s) of {cell_px}² px")
     done, empty = 0, no_imagery
     finished = skipped + no_imagery
-    if dashboard:
-        report(progress, "cells", finished, len(cells), message=f"Dask dashboard: {dashboard}")
     report(progress, "cells", finished, len(cells))
     failed: list[dict] = []
     cell_of: dict = {}  # key → (cell, future) of the tasks in flight

@@ -19,7 +19,6 @@ is predicted in one piece, as before.
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from rasterio.windows import Window
 from canopy.errors import OutputError
 from canopy.io import outputs
 from canopy.io.cog import check_free_space, check_output_path, cog_writer, estimated_cog_bytes
-from canopy.model.auto import batch_size_for, choose_precision
+from canopy.model.auto import batch_size_for, choose_precision, own_model
 from canopy.predict.blend import default_stride, edge_reach, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
@@ -68,9 +67,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     choice = choose_precision(model, opts.precision, batch_size=opts.batch_size)
     if opts.precision == "auto":
         report(progress, "tiles", 0, None, message=choice.reason)
-        if choice.precision == "int8" and not model.is_int8:
-            # int8 quantises in place; the caller's model must stay as it was given
-            model = copy.deepcopy(model)
+        model = own_model(model, choice.precision)
     opts = opts.replace(precision=choice.precision, device=model.device.type)
     model.prepare_for_inference(opts.precision)
     correction = None

@@ -239,7 +239,7 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
 
     model = None
     if decoder is not None and any(s.heights is None for s in scenes):
-        from canopy.model.auto import batch_size_for, choose_precision
+        from canopy.model.auto import batch_size_for, choose_precision, own_model
         from canopy.model.checkpoints import load_model
 
         model = decoder if hasattr(decoder, "predict_tensor") else load_model(decoder, device=device)
@@ -248,10 +248,8 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
             choice = choose_precision(model, precision, batch_size=batch_size)
             precision = choice.precision
             report(progress, "scenes", 0, len(scenes), choice.reason)
-            if precision == "int8" and not model.is_int8 and model is decoder:
-                import copy
-
-                model = copy.deepcopy(model)  # int8 quantises in place: the caller's model stays
+            if model is decoder:
+                model = own_model(model, precision)
     samples, reports = [], []
     n_shots = 0
     for scene in scenes:
