@@ -12,7 +12,7 @@ are read as floats where the field is a float (a hand-written ``"gsd": 1``), so 
 writes back the same JSON as one built in Python. A field called ``format_version`` marks a
 versioned file format: its default is the version this code writes, and a larger number in the
 file means a newer writer whose meaning this code cannot know, so it is refused rather than
-half-read.
+half-read; an older one is read and the result carries the current version.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ def from_dict(cls: type[T], d: Any, *, what: str, field: str = "") -> T:
     hints = typing.get_type_hints(cls)
     if FORMAT_FIELD in known:
         _check_format(known[FORMAT_FIELD], d.get(FORMAT_FIELD), what, _join(field, FORMAT_FIELD))
+    # an older format_version is read, then dropped: the config in memory is the current
+    # format (fields the file predates hold their defaults), and says so when written again
     kwargs = {name: _read(value, hints.get(name, Any), _join(field, name), name)
-              for name, value in d.items()}
+              for name, value in d.items() if name != FORMAT_FIELD}
     return cls(**kwargs)
 
 

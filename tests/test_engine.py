@@ -111,10 +111,28 @@ def test_tile_window_holds_exactly_the_overlapping_tiles():
 # ------------------------------------------------------------------------------- seam-free
 
 
-def test_two_cell_sizes_give_identical_arrays(tmp_path, client):
+@pytest.fixture(scope="module")
+def chmv2_folder(tmp_path_factory):
+    """A CHMv2 model in the Hugging Face layout (seeded random weights, micro size)."""
+    pytest.importorskip("transformers")
+    from tests.test_chmv2 import hf_chmv2
+
+    folder = tmp_path_factory.mktemp("chmv2")
+    hf_chmv2(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model,precision", [("micro", "fp32"), ("chmv2", "fp32"),
+                                             ("chmv2", "int8")])
+def test_two_cell_sizes_give_identical_arrays(tmp_path, client, model, precision, request):
+    """Seam-free: another cell size (other tiles in each cell, other batches) gives the
+    identical array, for v1-style models and for CHMv2 (RoPE backbone, mixlog head)."""
     src = shared(*OSBS)
-    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", *JOB, cell_px=64, client=client)
-    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", *JOB, cell_px=100, client=client)
+    if model == "chmv2":
+        model = str(request.getfixturevalue("chmv2_folder"))
+    job = (model, PredictOptions(batch_size=4, precision=precision))
+    a = predict_aoi(OSBS_AOI, src, tmp_path / "a", *job, cell_px=64, client=client)
+    b = predict_aoi(OSBS_AOI, src, tmp_path / "b", *job, cell_px=100, client=client)
     assert a.cells_done == 4 and b.cells_done == 2
     A, B = read_common(a.mosaic, b.mosaic)
     assert np.isfinite(A).sum() > 2000

@@ -6,6 +6,7 @@ One-raster prediction and every cell of a state run write their COGs through
 never by re-typed strings. The tags:
 
 * model: ``CANOPY_SOFTWARE``, ``CANOPY_MODEL``, ``CANOPY_MODEL_VERSION``, ``CANOPY_MODEL_SOURCE``,
+  ``CANOPY_MODEL_LICENCE`` (the weights' licence, which a map made with them may fall under),
   ``CANOPY_MODEL_TRAINED``, ``CANOPY_GSD``, ``CANOPY_PRECISION``, ``CANOPY_GEDI_CORRECTION``;
 * input: ``CANOPY_SOURCE_IMAGES`` (file names, ``;``-separated), ``CANOPY_IMAGERY_DATES``
   (``first/last`` acquisition, or ``unknown``), ``CANOPY_RESAMPLING`` (how imagery reached the
@@ -41,6 +42,7 @@ SOFTWARE = "CANOPY_SOFTWARE"
 MODEL = "CANOPY_MODEL"
 MODEL_VERSION = "CANOPY_MODEL_VERSION"
 MODEL_SOURCE = "CANOPY_MODEL_SOURCE"
+MODEL_LICENCE = "CANOPY_MODEL_LICENCE"
 MODEL_TRAINED = "CANOPY_MODEL_TRAINED"
 GSD = "CANOPY_GSD"
 PRECISION = "CANOPY_PRECISION"
@@ -58,9 +60,10 @@ TILE_COUNT_COL = "CANOPY_TILE_COUNT_COL"
 OVERVIEW_FACTOR = "CANOPY_OVERVIEW_FACTOR"
 
 #: every tag a prediction raster (one raster or a cell) carries
-PREDICTION_TAGS = (SOFTWARE, MODEL, MODEL_VERSION, MODEL_SOURCE, MODEL_TRAINED, GSD, PRECISION,
-                   GEDI_CORRECTION, SOURCE_IMAGES, IMAGERY_DATES, RESAMPLING, CELL, TILE_SIZE,
-                   TILE_STRIDE, TILE_ORIGIN_ROW, TILE_ORIGIN_COL, TILE_COUNT_ROW, TILE_COUNT_COL)
+PREDICTION_TAGS = (SOFTWARE, MODEL, MODEL_VERSION, MODEL_SOURCE, MODEL_LICENCE, MODEL_TRAINED,
+                   GSD, PRECISION, GEDI_CORRECTION, SOURCE_IMAGES, IMAGERY_DATES, RESAMPLING,
+                   CELL, TILE_SIZE, TILE_STRIDE, TILE_ORIGIN_ROW, TILE_ORIGIN_COL, TILE_COUNT_ROW,
+                   TILE_COUNT_COL)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ def prediction_tags(model_cfg, opts, *, lattice: TileLattice, sources: Sequence[
         MODEL: model_cfg.name,
         MODEL_VERSION: model_cfg.version,
         MODEL_SOURCE: model_cfg.source or "unknown",  # GDAL drops an empty tag: say so instead
+        MODEL_LICENCE: model_cfg.licence or "unknown",
         MODEL_TRAINED: str(model_cfg.trained).lower(),
         GSD: f"{model_cfg.gsd:g}",
         PRECISION: opts.precision,

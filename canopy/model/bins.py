@@ -1,28 +1,52 @@
 """From per-pixel bin logits to heights in metres, and the spread of the bin distribution.
 
-HRCH ("linear" AdaBins normalisation, not softmax): p_k = (relu(l_k) + 0.1) / Σ (relu(l) + 0.1),
-height = scale · Σ p_k b_k with b = linspace(0.001, 10, 256) and scale = 10. All-zero logits are
-a uniform distribution (≈ 50 m), so low heights need confident mass on the low bins.
+HRCH ("linear" AdaBins normalisation, not softmax): p_k = (relu(l_k) + ε) / Σ (relu(l) + ε) with
+ε = 0.1, height = scale · Σ p_k b_k with b = linspace(0.001, 10, 256) and scale = 10. All-zero
+logits are a uniform distribution (≈ 50 m), so low heights need confident mass on the low bins.
+
+CHMv2 ("chmv2_mixlog") is the same sum with other constants: ε = 1e-8 (its shift term,
+``clamp(-min(relu(l)), 0, 1e-4) + 1e-8``, is always 1e-8 since relu(l) ≥ 0), scale = 8, and
+bins spaced by :func:`bin_centres` ``spacing="mixlog"`` from 0.001 to 96/8 m. So one set of
+functions serves both, given ``eps`` and the centres.
 """
 
 from __future__ import annotations
 
 import torch
 
-BIN_EPS = 0.1
+BIN_EPS = 0.1  # HRCH v1's
+MIXLOG_EPS = 1e-8  # CHMv2's
+SPACINGS = ("linear", "log", "mixlog")
 
 
-def bin_centres(n_bins: int, min_depth: float, max_depth: float, device=None) -> torch.Tensor:
-    return torch.linspace(min_depth, max_depth, n_bins, device=device, dtype=torch.float32)
+def bin_centres(n_bins: int, min_depth: float, max_depth: float, device=None,
+                spacing: str = "linear") -> torch.Tensor:
+    """``n_bins`` centres from ``min_depth`` to ``max_depth`` (float32): evenly spaced
+    (``linear``), geometrically (``log``), or CHMv2's ``mixlog``, a per-bin blend of the two
+    whose weight on the log spacing falls linearly from 1 at the first bin to 0 at the last
+    (fine steps near the ground, even steps for tall trees)."""
+    linear = torch.linspace(min_depth, max_depth, n_bins, device=device, dtype=torch.float32)
+    if spacing == "linear":
+        return linear
+    lo = torch.log(torch.tensor(min_depth, dtype=torch.float32, device=device))
+    hi = torch.log(torch.tensor(max_depth, dtype=torch.float32, device=device))
+    log = torch.exp(torch.linspace(lo, hi, n_bins, device=device, dtype=torch.float32))
+    if spacing == "log":
+        return log
+    if spacing == "mixlog":
+        t = torch.linspace(1.0, 0.0, n_bins, device=device, dtype=torch.float32)
+        return t * log + (1.0 - t) * linear
+    raise ValueError(f"bin spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
-def bin_probabilities(logits: torch.Tensor) -> torch.Tensor:
+def bin_probabilities(logits: torch.Tensor, eps: float = BIN_EPS) -> torch.Tensor:
     """[B, K, H, W] logits → [B, K, H, W] probabilities (computed in float32)."""
-    w = torch.relu(logits.float()) + BIN_EPS
+    w = torch.relu(logits.float()) + eps
     return w / w.sum(dim=1, keepdim=True)
 
 
-def bin_moments(logits: torch.Tensor, centres: torch.Tensor, with_second: bool = False):
+def bin_moments(logits: torch.Tensor, centres: torch.Tensor, with_second: bool = False,
+                eps: float = BIN_EPS):
     """First (and second) moment of the bin distribution, [B, H, W] each, in bin units.
 
     Σ_k p_k b_k with p_k = (r_k + ε)/Σ(r + ε), r = relu(l), is (Σ r_k b_k + ε Σ b) / (Σ r + ε K):
@@ -31,12 +55,12 @@ def bin_moments(logits: torch.Tensor, centres: torch.Tensor, with_second: bool =
     """
     r = torch.relu(logits.float())
     k = centres.numel()
-    denom = r.sum(dim=1) + BIN_EPS * k
-    first = (torch.einsum("bkhw,k->bhw", r, centres) + BIN_EPS * centres.sum()) / denom
+    denom = r.sum(dim=1) + eps * k
+    first = (torch.einsum("bkhw,k->bhw", r, centres) + eps * centres.sum()) / denom
     if not with_second:
         return first, None
     c2 = centres * centres
-    second = (torch.einsum("bkhw,k->bhw", r, c2) + BIN_EPS * c2.sum()) / denom
+    second = (torch.einsum("bkhw,k->bhw", r, c2) + eps * c2.sum()) / denom
     return first, second
 
 
@@ -54,9 +78,9 @@ def height_spread(probs: torch.Tensor, centres: torch.Tensor, scale: float) -> t
 
 
 def heights_from_logits(logits: torch.Tensor, centres: torch.Tensor, scale: float,
-                        with_std: bool = False):
+                        with_std: bool = False, eps: float = BIN_EPS):
     """Metres (and spread in metres) straight from logits, via :func:`bin_moments`."""
-    first, second = bin_moments(logits, centres, with_second=with_std)
+    first, second = bin_moments(logits, centres, with_second=with_std, eps=eps)
     height = torch.relu(first * scale)
     if not with_std:
         return height
@@ -70,7 +94,8 @@ HIDDEN_CHUNK_PX = {"cpu": 1024, "cuda": 1 << 18}
 
 
 def heights_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        centres: torch.Tensor, scale: float, with_std: bool = False):
+                        centres: torch.Tensor, scale: float, with_std: bool = False,
+                        eps: float = BIN_EPS):
     """Metres (and spread) from the head's last hidden map, fusing its final 1×1 conv.
 
     Same values as ``heights_from_logits(conv1x1(hidden))``, computed chunk by chunk of pixels:
@@ -100,11 +125,11 @@ def heights_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                 torch.mv(r, col, out=sums[j, i:i + step])
             torch.sum(r, dim=1, out=sums[-1, i:i + step])
     sums = sums.reshape(-1, b, h, w)
-    denom = sums[-1] + BIN_EPS * k
-    first = (sums[0] + BIN_EPS * centres.sum()) / denom
+    denom = sums[-1] + eps * k
+    first = (sums[0] + eps * centres.sum()) / denom
     height = torch.relu(first * scale)
     if not with_std:
         return height
     c2 = centres * centres
-    second = (sums[1] + BIN_EPS * c2.sum()) / denom
+    second = (sums[1] + eps * c2.sum()) / denom
     return height, torch.sqrt(torch.clamp(second - first * first, min=0.0)) * scale

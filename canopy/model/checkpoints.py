@@ -10,6 +10,15 @@ Formats:
   dequantise those to float ``weight``/``bias`` so the model also runs on GPU and in bf16.
 * **native**: a folder with ``model.safetensors`` + ``config.json`` (+ ``MODEL_CARD.md``), or a
   single ``.safetensors`` whose metadata holds the config.
+* **CHMv2, Hugging Face layout** (``facebook/dinov3-vitl16-chmv2-dpt-head``): a folder with
+  ``config.json`` (``"model_type": "chmv2"``, the architecture) + ``model.safetensors``
+  (``backbone.*`` in ``DINOv3ViTModel`` names, ``head.*`` in ``CHMv2Head`` names) and perhaps
+  ``preprocessor_config.json`` (the input normalisation; the processor's defaults otherwise).
+* **CHMv2, DINOv3 repository layout**: a folder holding the SAT-493M backbone file
+  (``dinov3_vitl16_pretrain_sat493m-*.pth``, told apart by its ``storage_tokens``) and the
+  decoder file (``dinov3_vitl16_chmv2_dpt_head-*.pth``), whose keys are read as DINOv2's DPT
+  head names, the ones v1 uses (not checked against the real file, which is gated: a mismatch
+  is the strict load's one error listing the keys).
 
 The architecture is read from the tensors' shapes, never from the file name. The backbone part
 of every format goes through :mod:`ssl_backbone.checkpoints` (reader, wrapper prefixes, ViT
@@ -26,15 +35,20 @@ import os
 import re
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
 from canopy.errors import CheckpointError, NoDefaultModelError
-from canopy.model.config import HeightModelConfig, hrch_config, micro_config
+from canopy.model.config import (
+    CHMV2_MEAN, CHMV2_STD, DINOV3_LICENCE, HRCH_LICENCE, MAXAR_GSD, HeightModelConfig, chmv2_decoder,
+    chmv2_config, chmv2_micro_config, hrch_config, micro_config)
 from canopy.model.dpt import DPTConfig
 from canopy.model.height_model import HeightModel
 from ssl_backbone.checkpoints import (
-    load_state_dict_strict, read_state_dict, save_safetensors, strip_prefixes, unwrap_containers,
-    vit_config_from_state_dict)
+    filter_backbone_state_dict, load_state_dict_strict, read_state_dict, save_safetensors,
+    strip_prefixes, unwrap_containers, vit_config_from_state_dict)
+from ssl_backbone.vit import ViTConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODEL_DIR = WEIGHTS_DIR / "default"
@@ -42,8 +56,10 @@ DEFAULT_MODEL_DIR = WEIGHTS_DIR / "default"
 # Random-weight variants, for plumbing and speed tests only (config.trained is False).
 RANDOM_VARIANTS = {
     "micro": micro_config,
+    "chmv2_micro": chmv2_micro_config,
     "hrch_v1_large_random": lambda: _untrained(hrch_config("large")),
     "hrch_v1_huge_random": lambda: _untrained(hrch_config("huge")),
+    "chmv2_random": lambda: _untrained(chmv2_config()),
 }
 
 
@@ -113,7 +129,187 @@ def infer_config(sd: dict, source: str = "") -> HeightModelConfig:
     size = {1024: "large", 1280: "huge"}.get(embed_dim)
     name = f"hrch_v1_{size}" if size and depth in (24, 32) else f"vit{embed_dim}x{depth}_dpt"
     return HeightModelConfig(name=name, version="1", backbone=backbone, decoder=decoder,
-                             source=source)
+                             source=source,
+                             licence=HRCH_LICENCE if name.startswith("hrch_v1") else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# CHMv2: Hugging Face and DINOv3-repository layouts
+
+#: Hugging Face ``CHMv2Head`` names → ours (``decode_head.*``, the v1 names; see canopy.model.dpt)
+HF_HEAD_NAMES = (
+    (r"reassemble_stage\.layers\.(\d)\.projection\.", r"reassemble_blocks.projects.\1.conv."),
+    (r"reassemble_stage\.layers\.(\d)\.resize\.", r"reassemble_blocks.resize_layers.\1."),
+    (r"reassemble_stage\.readout_projects\.", "reassemble_blocks.readout_projects."),
+    (r"convs\.(\d)\.weight$", r"convs.\1.conv.weight"),
+    (r"fusion_layers\.(\d)\.projection\.", r"fusion_blocks.\1.project.conv."),
+    (r"fusion_layers\.(\d)\.residual_layer(\d)\.convolution(\d)\.",
+     r"fusion_blocks.\1.res_conv_unit\2.conv\3.conv."),
+    (r"conv_depth\.head\.", "conv_depth.head."),
+)
+
+
+def is_hf_chmv2(path: Path) -> bool:
+    """A folder whose config.json is a Hugging Face CHMv2 config."""
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.exists()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "chmv2"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _dinov3_repo_files(path: Path) -> tuple[Path, Path] | None:
+    """(backbone, decoder) .pth files of a folder in the DINOv3 repository's layout, or None."""
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pt"))
+    backbone = [p for p in files if "sat493m" in p.name or "pretrain" in p.name]
+    decoder = [p for p in files if "chmv2" in p.name or "dpt_head" in p.name]
+    if len(backbone) == 1 and len(decoder) == 1 and backbone != decoder:
+        return backbone[0], decoder[0]
+    return None
+
+
+def chmv2_config_from_hf(hf: dict, preprocessor: dict | None, source: str) -> HeightModelConfig:
+    """Our config for a Hugging Face ``CHMv2Config`` dict (and its image processor's)."""
+    def need(ok: bool, field: str, what: str):
+        if not ok:
+            raise CheckpointError(f"{source}: {field} = {what} is not supported")
+
+    bb = hf.get("backbone_config") or {}
+    get = bb.get
+    need(bb.get("model_type", "dinov3_vit") == "dinov3_vit", "backbone_config.model_type",
+         repr(bb.get("model_type")))
+    need(not get("use_gated_mlp", False), "backbone_config.use_gated_mlp", "true (SwiGLU)")
+    need(get("hidden_act", "gelu") == "gelu", "backbone_config.hidden_act", repr(get("hidden_act")))
+    need(get("apply_layernorm", True), "backbone_config.apply_layernorm", "false")
+    need(get("return_class_token", True), "backbone_config.return_class_token", "false")
+    need(hf.get("readout_type", "project") == "project", "readout_type",
+         repr(hf.get("readout_type")))
+    need([float(f) for f in hf.get("reassemble_factors", [4, 2, 1, 0.5])] == [4.0, 2.0, 1.0, 0.5],
+         "reassemble_factors", str(hf.get("reassemble_factors")))
+    bins = hf.get("bins_strategy", "chmv2_mixlog"), hf.get("norm_strategy", "chmv2_mixlog")
+    need(bins in {("chmv2_mixlog", "chmv2_mixlog"), ("linear", "linear"), ("log", "linear")},
+         "bins_strategy/norm_strategy", "/".join(bins))
+    width, depth = int(get("hidden_size", 1024)), int(get("num_hidden_layers", 24))
+    heads = int(get("num_attention_heads", 16))
+    taps = [int(i) for i in get("out_indices", [6, 12, 18, 24])]
+    need(len(taps) == 4 and all(1 <= i <= depth for i in taps), "backbone_config.out_indices",
+         str(taps))
+    patch = get("patch_size", 16)
+    need(isinstance(patch, int) and patch == int(hf.get("patch_size", patch)),
+         "backbone_config.patch_size", repr(patch))
+    backbone = ViTConfig(
+        embed_dim=width, depth=depth, num_heads=heads, patch_size=int(patch),
+        mlp_ratio=int(get("intermediate_size", 4 * width)) / width,
+        qkv_bias=bool(get("query_bias", True) or get("key_bias", False) or get("value_bias", True)),
+        layerscale_init=float(get("layerscale_value", 1.0)),
+        out_indices=tuple(i - 1 for i in taps),  # Hugging Face counts the embeddings as stage 0
+        family="dinov3", reg_tokens=int(get("num_register_tokens", 0)),
+        rope_theta=float(get("rope_theta", 100.0)), norm_eps=float(get("layer_norm_eps", 1e-5)),
+        tap_norm=True)
+    post = tuple(int(c) for c in hf.get("post_process_channels", [128, 256, 512, 1024]))
+    dec = dict(post_process_channels=post, channels=int(hf.get("fusion_hidden_size", 256)),
+               head_hidden=int(hf.get("head_hidden_size", 128)),
+               n_bins=int(hf.get("number_output_channels", 256)),
+               min_depth=float(hf.get("min_depth", 0.001)), max_depth=float(hf.get("max_depth", 96.0)))
+    decoder = chmv2_decoder(**dec)
+    if bins[0] != "chmv2_mixlog":  # HF's linear/log bins: the range in metres, no ×8
+        decoder = replace(decoder, max_depth=dec["max_depth"], output_scale=1.0,
+                          bin_spacing=bins[0], bin_eps=0.1)
+    mean, std = CHMV2_MEAN, CHMV2_STD
+    if preprocessor:
+        need(abs(float(preprocessor.get("rescale_factor", 1 / 255)) * 255 - 1) < 1e-6
+             and preprocessor.get("do_rescale", True), "preprocessor rescale",
+             "anything but 1/255")
+        mean = tuple(float(v) for v in preprocessor.get("image_mean", mean))
+        std = tuple(float(v) for v in preprocessor.get("image_std", std))
+        need(len(mean) == 3 and len(std) == 3, "preprocessor image_mean/image_std", "not RGB")
+    release = width == 1024 and depth == 24 and decoder.n_bins == 256
+    return HeightModelConfig(
+        name="chmv2" if release else f"chmv2_like_vit{width}x{depth}", version="2",
+        backbone=backbone, decoder=decoder, mean=mean, std=std, gsd=MAXAR_GSD,
+        source=source, licence=DINOV3_LICENCE)
+
+
+def chmv2_state_dict_from_hf(sd: dict, source: str) -> dict:
+    """A Hugging Face CHMv2 state dict in our names (backbone through the one backbone filter)."""
+    head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+    backbone = filter_backbone_state_dict(
+        {k: v for k, v in sd.items() if k.startswith("backbone.")}, source)
+    out = {f"backbone.{k}": v for k, v in backbone.items()}
+    for k, v in head.items():
+        for pattern, repl in HF_HEAD_NAMES:
+            if re.match(pattern, k):
+                k = re.sub(pattern, repl, k, count=1)
+                break
+        out[f"decode_head.{k}"] = v
+    other = sorted(k for k in sd if not k.startswith(("head.", "backbone.")))
+    out.update({k: sd[k] for k in other})  # left for the strict load to name
+    return out
+
+
+def load_hf_chmv2(path: Path, device="cpu", config_only: bool = False):
+    from safetensors.torch import load_file
+
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        pre_path = path / "preprocessor_config.json"
+        pre = json.loads(pre_path.read_text()) if pre_path.exists() else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read its config ({exc})") from None
+    weights = path / "model.safetensors"
+    cfg = chmv2_config_from_hf(hf, pre, f"{path.name} (Hugging Face CHMv2)")
+    if config_only:
+        return cfg
+    if not weights.exists():
+        raise CheckpointError(f"{path}: folder holds no model.safetensors")
+    try:
+        sd = load_file(str(weights))
+    except Exception as exc:
+        raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
+    ours = chmv2_state_dict_from_hf(sd, str(weights))
+    # only masked-image pretraining uses it; an inference-only export may leave it out
+    ours.setdefault("backbone.mask_token", torch.zeros(1, cfg.backbone.embed_dim))
+    return model_from_state_dict(cfg, ours, str(weights), device)
+
+
+def load_dinov3_repo_chmv2(path: Path, files: tuple[Path, Path], device="cpu",
+                           config_only: bool = False):
+    """CHMv2 from the DINOv3 repository's two files (backbone, decoder)."""
+    bb_path, dec_path = files
+    raw = read_state_dict(bb_path)
+    backbone = filter_backbone_state_dict(raw, str(bb_path))
+    periods = next((v for k, v in raw.items() if k.endswith("rope_embed.periods")), None)
+    vcfg = vit_config_from_state_dict(backbone, str(bb_path), rope_periods=periods)
+    if vcfg.family != "dinov3":
+        raise CheckpointError(f"{bb_path}: not a DINOv3 backbone (it has learned positions)")
+    dec = strip_prefixes(read_state_dict(dec_path), WRAPPER_PREFIXES_DECODER)
+    try:
+        post = tuple(int(dec[f"reassemble_blocks.projects.{i}.conv.weight"].shape[0])
+                     for i in range(4))
+        channels = int(dec["convs.0.conv.weight"].shape[0])
+        hidden = int(dec["conv_depth.head.2.weight"].shape[0])
+        n_bins = int(dec["conv_depth.head.4.weight"].shape[0])
+    except KeyError as exc:
+        raise CheckpointError(f"{dec_path}: not a DPT decoder in DINOv2's names (missing "
+                              f"{exc.args[0]})") from None
+    cfg = HeightModelConfig(
+        name="chmv2", version="2", backbone=vcfg,
+        decoder=chmv2_decoder(post, channels, hidden, n_bins), mean=CHMV2_MEAN, std=CHMV2_STD,
+        gsd=MAXAR_GSD, source=f"{bb_path.name} + {dec_path.name} (DINOv3 repository)",
+        licence=DINOV3_LICENCE)
+    if config_only:
+        return cfg
+    sd = {f"backbone.{k}": v for k, v in backbone.items()}
+    sd.setdefault("backbone.mask_token", torch.zeros(1, vcfg.embed_dim))
+    sd.update({f"decode_head.{k}": v for k, v in dec.items()})
+    return model_from_state_dict(cfg, sd, f"{bb_path} + {dec_path}", device)
+
+
+WRAPPER_PREFIXES_DECODER = ("decoder.", "decode_head.", "module.", "model.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +449,10 @@ def load_model(path_or_name, device="cpu") -> HeightModel:
     if not path.exists():
         names = ", ".join(sorted(RANDOM_VARIANTS))
         raise CheckpointError(f"checkpoint '{path}' not found (random-weight variants: {names})")
+    if is_hf_chmv2(path):
+        return load_hf_chmv2(path, device)
+    if (files := _dinov3_repo_files(path)) is not None:
+        return load_dinov3_repo_chmv2(path, files, device)
     if path.is_dir() or path.suffix == ".safetensors":
         return load_native(path, device)
     return load_hrch_checkpoint(path, device)
@@ -269,6 +469,10 @@ def load_config(path_or_name) -> HeightModelConfig:
     path = Path(path_or_name)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' not found")
+    if is_hf_chmv2(path):
+        return load_hf_chmv2(path, config_only=True)
+    if (files := _dinov3_repo_files(path)) is not None:
+        return load_dinov3_repo_chmv2(path, files, config_only=True)
     if path.is_dir() or path.suffix == ".safetensors":
         from safetensors import safe_open
 

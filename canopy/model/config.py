@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
+from canopy.model.bins import MIXLOG_EPS
 from canopy.model.dpt import DPTConfig
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
@@ -20,8 +21,18 @@ from ssl_backbone.vit import VARIANTS, ViTConfig
 # inference.py of the HRCH release (its notebook's 0.430 red mean is a slip: decimetres of change)
 HRCH_MEAN = (0.420, 0.411, 0.296)
 HRCH_STD = (0.213, 0.156, 0.143)
+# CHMv2: the Transformers image processor's defaults (and the CHMv2 notebook's CHMV2_MEAN) are
+# HRCH's values; the DINOv3 README's SAT-493M mean (0.430 red) is the backbone's pretraining one.
+CHMV2_MEAN, CHMV2_STD = HRCH_MEAN, HRCH_STD
+# Neither release states a GSD in code: both backbones were pretrained on Maxar imagery at 0.6 m
+# (SAT-493M: 493 M tiles at 0.6 m, DINOv3 paper) and v1's notebook asks for 0.6 m input.
+MAXAR_GSD = 0.6
 
-FORMAT_VERSION = 1
+HRCH_LICENCE = "Apache-2.0 (HighResCanopyHeight)"
+DINOV3_LICENCE = "DINOv3 License (https://ai.meta.com/resources/models-and-libraries/dinov3-license/)"
+
+# 2: backbone family/registers/RoPE, decoder bin spacing and CHMv2 head options, licence
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -32,10 +43,11 @@ class HeightModelConfig:
     decoder: DPTConfig = field(default_factory=DPTConfig)
     mean: tuple[float, float, float] = HRCH_MEAN
     std: tuple[float, float, float] = HRCH_STD
-    gsd: float = 0.6  # metres per pixel the model was trained at
+    gsd: float = MAXAR_GSD  # metres per pixel the model was trained at
     tile_size: int = 256
     trained: bool = True  # False for randomly initialised variants: outputs mean nothing
     source: str = ""  # where the weights came from
+    licence: str = ""  # the weights' licence, written into every map's tags
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -56,13 +68,37 @@ def hrch_config(size: str) -> HeightModelConfig:
         return HeightModelConfig(
             name="hrch_v1_large", version="1", backbone=replace(VARIANTS["vit_large"]),
             decoder=DPTConfig(post_process_channels=(128, 256, 512, 1024)),
+            licence=HRCH_LICENCE,
         )
     if size == "huge":
         return HeightModelConfig(
             name="hrch_v1_huge", version="1", backbone=replace(VARIANTS["vit_huge"]),
             decoder=DPTConfig(post_process_channels=(160, 320, 640, 1280)),
+            licence=HRCH_LICENCE,
         )
     raise ValueError(f"unknown HRCH size '{size}' (large or huge)")
+
+
+def chmv2_decoder(post_process_channels=(128, 256, 512, 1024), channels: int = 256,
+                  head_hidden: int = 128, n_bins: int = 256, min_depth: float = 0.001,
+                  max_depth: float = 96.0) -> DPTConfig:
+    """CHMv2's head in our terms. Its ``max_depth`` (96 m) is the top of the range in metres:
+    the mixlog bins run from ``min_depth`` to ``max_depth / 8`` and the expectation is
+    multiplied by 8 (canopy.model.bins)."""
+    return DPTConfig(post_process_channels=tuple(post_process_channels), channels=channels,
+                     head_hidden=head_hidden, n_bins=n_bins, min_depth=min_depth,
+                     max_depth=max_depth / 8.0, output_scale=8.0, bin_spacing="mixlog",
+                     bin_eps=MIXLOG_EPS, fusion_project=False, residual_bias=True)
+
+
+def chmv2_config() -> HeightModelConfig:
+    """CHMv2 (Meta/WRI 2026): DINOv3 SAT-493M ViT-L/16 tapped at blocks 5/11/17/23 (final norm
+    applied) + its DPT head with 256 mixlog bins up to 96 m."""
+    return HeightModelConfig(
+        name="chmv2", version="2", backbone=replace(VARIANTS["dinov3_vit_large"]),
+        decoder=chmv2_decoder(), mean=CHMV2_MEAN, std=CHMV2_STD, gsd=MAXAR_GSD,
+        licence=DINOV3_LICENCE,
+    )
 
 
 def micro_config() -> HeightModelConfig:
@@ -71,5 +107,15 @@ def micro_config() -> HeightModelConfig:
         name="micro", version="0", backbone=replace(VARIANTS["vit_micro"]),
         decoder=DPTConfig(post_process_channels=(16, 32, 64, 128), channels=32, head_hidden=16,
                           n_bins=64),
+        trained=False,
+    )
+
+
+def chmv2_micro_config() -> HeightModelConfig:
+    """CHMv2's architecture at micro size (dinov3 backbone, CHMv2 head), random weights."""
+    return HeightModelConfig(
+        name="chmv2_micro", version="0", backbone=replace(VARIANTS["dinov3_vit_micro"]),
+        decoder=chmv2_decoder(post_process_channels=(16, 32, 64, 128), channels=32,
+                              head_hidden=16, n_bins=64),
         trained=False,
     )

@@ -1,8 +1,15 @@
-"""DPT decoder (Ranftl et al. 2021) with the 256-bin height head of the HighResCanopyHeight release.
+"""DPT decoder (Ranftl et al. 2021) with the 256-bin height heads of HighResCanopyHeight v1 and CHMv2.
 
-Module names mirror the released checkpoints' ``decode_head.*`` keys (``reassemble_blocks``,
+Module names mirror the v1 checkpoints' ``decode_head.*`` keys (``reassemble_blocks``,
 ``convs``, ``fusion_blocks``, ``project``, ``conv_depth.head``) so v1 weights load strictly with
 no key renaming. Shapes and order follow docs/reference_model.md.
+
+CHMv2's head is the same network with three differences, each a :class:`DPTConfig` field rather
+than a second head class, so the two models share every module, the int8 path and the fused
+bins-to-metres step: no 3×3 ``project`` conv after the last fusion (``fusion_project``), biases
+in the fusion blocks' residual convs (``residual_bias``), a 128-channel last hidden layer
+(``head_hidden``); and its bins (``bin_spacing="mixlog"``, ``bin_eps``, ``output_scale=8``).
+Hugging Face's names for the same tensors are mapped in :mod:`canopy.model.checkpoints`.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from canopy.model.bins import BIN_EPS, SPACINGS
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
+from ssl_backbone.errors import ConfigError
 
 
 @dataclass
@@ -26,6 +35,18 @@ class DPTConfig:
     min_depth: float = 0.001  # bin centres: linspace(min_depth, max_depth, n_bins)
     max_depth: float = 10.0
     output_scale: float = 10.0  # HRCH multiplies the expected bin value by 10: metres in [0.01, 100]
+    bin_spacing: str = "linear"  # canopy.model.bins.SPACINGS; CHMv2: "mixlog"
+    bin_eps: float = BIN_EPS  # p_k ∝ relu(l_k) + bin_eps (HRCH 0.1, CHMv2 1e-8)
+    fusion_project: bool = True  # HRCH's 3×3 conv + ReLU after the last fusion block
+    residual_bias: bool = False  # biases in the fusion blocks' residual convs (CHMv2)
+
+    def __post_init__(self):
+        if self.bin_spacing not in SPACINGS:
+            raise ConfigError(f"decoder bin_spacing must be one of {', '.join(SPACINGS)}, got "
+                              f"{self.bin_spacing!r}", field="decoder.bin_spacing")
+        if not self.bin_eps > 0:
+            raise ConfigError(f"decoder bin_eps must be > 0, got {self.bin_eps}",
+                              field="decoder.bin_eps")
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
@@ -82,20 +103,20 @@ class ReassembleBlocks(nn.Module):
 
 
 class PreActResidualConvUnit(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, bias: bool = False):
         super().__init__()
-        self.conv1 = ConvUnit(ch, ch, 3, padding=1, bias=False, act="pre")
-        self.conv2 = ConvUnit(ch, ch, 3, padding=1, bias=False, act="pre")
+        self.conv1 = ConvUnit(ch, ch, 3, padding=1, bias=bias, act="pre")
+        self.conv2 = ConvUnit(ch, ch, 3, padding=1, bias=bias, act="pre")
 
     def forward(self, x):
         return x + self.conv2(self.conv1(x))
 
 
 class FeatureFusionBlock(nn.Module):
-    def __init__(self, ch: int, with_skip: bool = True):
+    def __init__(self, ch: int, with_skip: bool = True, bias: bool = False):
         super().__init__()
-        self.res_conv_unit1 = PreActResidualConvUnit(ch) if with_skip else None
-        self.res_conv_unit2 = PreActResidualConvUnit(ch)
+        self.res_conv_unit1 = PreActResidualConvUnit(ch, bias) if with_skip else None
+        self.res_conv_unit2 = PreActResidualConvUnit(ch, bias)
         self.project = ConvUnit(ch, ch, 1, bias=True)
 
     def forward(self, x, skip=None):
@@ -140,9 +161,11 @@ class DPTHead(nn.Module):
             [ConvUnit(c, cfg.channels, 3, padding=1, bias=False) for c in cfg.post_process_channels]
         )
         self.fusion_blocks = nn.ModuleList(
-            [FeatureFusionBlock(cfg.channels, with_skip=i > 0) for i in range(4)]
+            [FeatureFusionBlock(cfg.channels, with_skip=i > 0, bias=cfg.residual_bias)
+             for i in range(4)]
         )
-        self.project = ConvUnit(cfg.channels, cfg.channels, 3, padding=1, bias=True, act="post")
+        self.project = (ConvUnit(cfg.channels, cfg.channels, 3, padding=1, bias=True, act="post")
+                        if cfg.fusion_project else nn.Identity())
         self.conv_depth = HeadDepth(cfg.channels, cfg.head_hidden, cfg.n_bins)
 
     def forward(self, taps) -> torch.Tensor:

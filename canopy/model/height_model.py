@@ -1,4 +1,4 @@
-"""The height model: DINOv2-style ViT backbone (timm) + DPT decoder + 256-bin head → metres.
+"""The height model: ViT backbone (timm; DINOv2 or DINOv3 family) + DPT decoder + bin head → metres.
 
 A plain ``nn.Module``, as timm's models are: tensors in, tensors out. It knows nothing of rasters
 or tiling; cutting an image of any size into blended tiles is the predict package's job
@@ -17,7 +17,7 @@ from canopy.model.bins import bin_centres, heights_from_hidden, heights_from_log
 from canopy.model.config import HeightModelConfig
 from canopy.model.dpt import DPTHead
 from ssl_backbone.checkpoints import first_nonfinite
-from ssl_backbone.vit import DinoViT
+from ssl_backbone.vit import build_vit
 
 PRECISIONS = ("fp32", "bf16")  # autocast modes (training and inference)
 # Inference also offers int8: the backbone's Linear layers dynamically quantised to int8 and the
@@ -61,17 +61,19 @@ class HeightModel(nn.Module):
     def __init__(self, cfg: HeightModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = DinoViT(cfg.backbone)
+        self.backbone = build_vit(cfg.backbone)
         self.decode_head = DPTHead(cfg.backbone.embed_dim, cfg.decoder)
         self.reset_constants()
 
     def reset_constants(self, device=None) -> None:
-        """(Re)make the buffers that come from the config, not from weights files: bin centres
-        and the input normalisation. A model built on the meta device (checkpoints.py, to skip
+        """(Re)make the buffers that come from the config, not from weights files: bin centres,
+        the input normalisation and the backbone's rotary periods. A model built on the meta device (checkpoints.py, to skip
         random initialisation) gets them here once its weights are in place."""
         cfg, d = self.cfg, self.cfg.decoder
+        self.backbone.reset_buffers(device)  # RoPE periods (dinov3 family)
         self.register_buffer("bin_centres", bin_centres(d.n_bins, d.min_depth, d.max_depth,
-                                                        device=device), persistent=False)
+                                                        device=device, spacing=d.bin_spacing),
+                             persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean, device=device)
                              .view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.std, device=device)
@@ -93,7 +95,7 @@ class HeightModel(nn.Module):
     def heights(self, logits: torch.Tensor, with_std: bool = False):
         """Bin logits → metres [B,H,W] (and the distribution's spread in metres)."""
         return heights_from_logits(logits, self.bin_centres, self.cfg.decoder.output_scale,
-                                   with_std=with_std)
+                                   with_std=with_std, eps=self.cfg.decoder.bin_eps)
 
     def heights_from_taps(self, taps, hw, with_std: bool = False):
         """Backbone taps → metres [B,H,W] (and spread), as ``heights(forward(x))`` but without
@@ -105,7 +107,8 @@ class HeightModel(nn.Module):
                                   self.cfg.backbone.patch_size)
         last = self.decode_head.conv_depth.head[-1]
         return heights_from_hidden(hidden, last.weight, last.bias, self.bin_centres,
-                                   self.cfg.decoder.output_scale, with_std=with_std)
+                                   self.cfg.decoder.output_scale, with_std=with_std,
+                                   eps=self.cfg.decoder.bin_eps)
 
     @property
     def is_int8(self) -> bool:

@@ -152,7 +152,8 @@ class Bf16CoreAttention(nn.Module):
     Why: for a 256² tile (257 tokens, 64-wide heads) torch's fused CPU attention ran at ~63
     GFLOP/s on one core here (4.3 ms per ViT-L block, 12 % of an int8 tile), while the same
     products as bf16 ``bmm`` with a bf16 softmax took 2.6 ms. Only for the plain attention of
-    our ViTs (no q/k norm, no gate, no mask), which :func:`swap_attention` checks.
+    our ViTs (no q/k norm, no gate, no mask), which :func:`swap_attention` checks; rotary
+    positions (dinov3 family) are applied to q and k as timm's ``EvaAttention`` applies them.
     """
 
     def __init__(self, attn: nn.Module):
@@ -160,13 +161,25 @@ class Bf16CoreAttention(nn.Module):
         self.qkv, self.proj = attn.qkv, attn.proj
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.scale = attn.scale
+        # timm's Eva attention (dinov3 family): rotary positions on the tokens after the prefix
+        self.num_prefix_tokens = getattr(attn, "num_prefix_tokens", 0)
+        self.rotate_half = getattr(attn, "rotate_half", False)
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask=None,
+                is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("Bf16CoreAttention has no masks")
         b, n, _ = x.shape
         h, d = self.num_heads, self.head_dim
         qkv = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # rotate q and k in float32, as Eva does, then go to bf16
+            from timm.layers import apply_rot_embed_cat
+
+            p = self.num_prefix_tokens
+            q, k, v = qkv.unbind(0)
+            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=self.rotate_half)], 2)
+            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=self.rotate_half)], 2)
+            qkv = torch.stack([q, k, v])
         qkv = qkv.to(torch.bfloat16, memory_format=torch.contiguous_format).reshape(3, b * h, n, d)
         q, k, v = qkv[0].mul_(self.scale), qkv[1], qkv[2]
         probs = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
@@ -182,7 +195,8 @@ def swap_attention(backbone: nn.Module) -> int:
         attn = getattr(block, "attn", None)
         plain = attn is not None and all(
             isinstance(getattr(attn, name, nn.Identity()), nn.Identity)
-            for name in ("q_norm", "k_norm", "norm")) and getattr(attn, "gate", None) is None
+            for name in ("q_norm", "k_norm", "norm")) and getattr(attn, "gate", None) is None \
+            and getattr(attn, "q_bias", None) is None  # Eva's separate biases: not in qkv
         if plain and hasattr(attn, "head_dim") and attn.attn_drop.p == 0.0:
             block.attn = Bf16CoreAttention(attn)
             n += 1

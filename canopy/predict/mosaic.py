@@ -79,7 +79,7 @@ def _nodata_xml(nodata) -> str:
 
 # tags that describe the whole run; the others (sources, dates, cell, tile counts) are per cell
 RUN_TAGS = (outputs.SOFTWARE, outputs.MODEL, outputs.MODEL_VERSION, outputs.MODEL_SOURCE,
-            outputs.MODEL_TRAINED, outputs.GSD, outputs.PRECISION, outputs.GEDI_CORRECTION)
+            outputs.MODEL_LICENCE, outputs.MODEL_TRAINED, outputs.GSD, outputs.PRECISION, outputs.GEDI_CORRECTION)
 
 
 def mosaic_tags(out_dir: Path, records: list[dict], left: float, top: float) -> dict[str, str]:

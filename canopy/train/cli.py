@@ -44,7 +44,8 @@ def train_command(
     synthetic: Annotated[int, typer.Option(
         help="Add N procedural scenes (canopy synth: SYNTHETIC, exact labels) to the training set.")] = 0,
     backbone: Annotated[Optional[Path], typer.Option(
-        help="Backbone-only weights (.safetensors/.pth; DINOv2, timm or canopy 'backbone.*' naming).")] = None,
+        help="Backbone-only weights (.safetensors/.pth; DINOv2, DINOv3 (incl. SAT-493M), timm, "
+             "Hugging Face or canopy 'backbone.*' naming).")] = None,
     arch: Annotated[str, typer.Option(
         help="Backbone variant when no --backbone is given: vit_micro, vit_tiny, vit_small, vit_base, ...")] = "vit_small",
     init_model: Annotated[Optional[str], typer.Option(

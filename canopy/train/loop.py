@@ -221,9 +221,13 @@ def build_model(cfg: TrainConfig) -> tuple[HeightModel, bool]:
         arch = cfg.arch
     dcfg = decoder_for(vcfg.embed_dim, cfg.arch if not cfg.backbone_path else arch, cfg.n_bins,
                        cfg.max_height_m, cfg.decoder_channels)
+    from canopy.model.config import DINOV3_LICENCE
+
     hcfg = HeightModelConfig(
         name=cfg.model_name, version=cfg.model_version, backbone=vcfg, decoder=dcfg,
         gsd=cfg.gsd, tile_size=cfg.chip_size, trained=True,
+        # weights grown from DINOv3's stay under its licence
+        licence=DINOV3_LICENCE if cfg.backbone_path and vcfg.family == "dinov3" else "",
         source=f"canopy train ({'backbone ' + Path(cfg.backbone_path).name if cfg.backbone_path else arch + ' from scratch'})",
     )
     model = HeightModel(hcfg)
@@ -311,14 +315,17 @@ def leaky_decoder_relus(model: HeightModel, leak: float):
         return
     head = model.decode_head.conv_depth.head
     project = model.decode_head.project
+    has_project = hasattr(project, "conv")  # CHMv2's head has no post-fusion conv
     old_relu = head[3]
     head[3] = LeakyGradReLU(leak)
-    project.forward = lambda x: relu_leaky_grad(project.conv(x), leak)  # act='post' as a leaky-grad relu
+    if has_project:  # act='post' as a leaky-grad relu
+        project.forward = lambda x: relu_leaky_grad(project.conv(x), leak)
     try:
         yield
     finally:
         head[3] = old_relu
-        del project.forward
+        if has_project:
+            del project.forward
 
 
 class TrainForward(nn.Module):
@@ -338,10 +345,10 @@ class TrainForward(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
             tokens, grid = vit.prepare_tokens(x)
         with torch.no_grad() if first > 0 else contextlib.nullcontext():
-            tokens, prefix_taps = vit.run_blocks(tokens, 0, first, taps=taps_at)
+            tokens, prefix_taps = vit.run_blocks(tokens, 0, first, taps=taps_at, grid=grid)
         outs = []
         for _ in range(views):
-            _, tail_taps = vit.run_blocks(tokens, first, None, taps=taps_at)
+            _, tail_taps = vit.run_blocks(tokens, first, None, taps=taps_at, grid=grid)
             taps = {**prefix_taps, **tail_taps}
             logits = self.model.decode_head(vit.tokens_to_maps([taps[i] for i in taps_at], grid))
             outs.append(match_input_grid(logits, x.shape[-2:], vit.cfg.patch_size))
@@ -510,7 +517,8 @@ def compute_loss(fwd: nn.Module, model: HeightModel, batch: dict, cfg: TrainConf
     per_view, probs = [], []
     scale = model.cfg.decoder.output_scale
     for lg in logits:
-        heights = train_heights(lg, model.bin_centres, scale, cfg.relu_leak)
+        heights = train_heights(lg, model.bin_centres, scale, cfg.relu_leak,
+                                model.cfg.decoder.bin_eps)
         terms = dense_loss(heights, valid, targets, cfg.loss)
         if cfg.loss.gedi_weight > 0:
             g, n = gedi_loss(heights, valid, [s.to(device) for s in batch["shots"]], model.cfg.gsd,
@@ -522,7 +530,7 @@ def compute_loss(fwd: nn.Module, model: HeightModel, batch: dict, cfg: TrainConf
             terms["total"] = terms["total"] + cfg.loss.logit_reg * terms["logit_reg"]
         per_view.append(terms)
         if cfg.cosub:
-            probs.append(train_bin_probabilities(lg, cfg.relu_leak))
+            probs.append(train_bin_probabilities(lg, cfg.relu_leak, model.cfg.decoder.bin_eps))
     out = {k: sum(t[k] for t in per_view) / views for k in ("total", "silog", "l1")}
     for key in ("gedi", "logit_reg"):
         if key in per_view[0]:

@@ -323,8 +323,10 @@ class LeakyGradReLU(torch.nn.Module):
         return relu_leaky_grad(x, self.leak)
 
 
-def train_bin_probabilities(logits: torch.Tensor, leak: float = 0.05) -> torch.Tensor:
-    """The HRCH bin distribution ((relu(l) + 0.1)/Σ, float32) with a leaky surrogate gradient.
+def train_bin_probabilities(logits: torch.Tensor, leak: float = 0.05, eps: float | None = None
+                            ) -> torch.Tensor:
+    """The bin distribution ((relu(l) + ε)/Σ, float32; ε the model's, HRCH's 0.1 by default) with
+    a leaky surrogate gradient.
 
     Forward values equal :func:`canopy.model.bins.bin_probabilities` exactly, so every loss sees
     the heights inference will produce. Only the backward pass differs: with a plain relu, a bin
@@ -334,12 +336,13 @@ def train_bin_probabilities(logits: torch.Tensor, leak: float = 0.05) -> torch.T
     """
     from canopy.model.bins import BIN_EPS
 
-    w = (_ReluLeakyGrad.apply(logits.float(), leak) if leak > 0 else torch.relu(logits.float())) + BIN_EPS
+    eps = BIN_EPS if eps is None else eps
+    w = (_ReluLeakyGrad.apply(logits.float(), leak) if leak > 0 else torch.relu(logits.float())) + eps
     return w / w.sum(dim=1, keepdim=True)
 
 
 def train_heights(logits: torch.Tensor, centres: torch.Tensor, scale: float,
-                  leak: float = 0.05) -> torch.Tensor:
+                  leak: float = 0.05, eps: float | None = None) -> torch.Tensor:
     """Expected height [B,H,W] from bin logits, equal to ``HeightModel.heights`` in value.
 
     Σ_k p_k c_k with p = (relu(l) + 0.1)/Σ(relu(l) + 0.1), computed as
@@ -349,10 +352,11 @@ def train_heights(logits: torch.Tensor, centres: torch.Tensor, scale: float,
     """
     from canopy.model.bins import BIN_EPS
 
+    eps = BIN_EPS if eps is None else eps
     r = relu_leaky_grad(logits.float(), leak).movedim(1, -1)  # [B,H,W,K]
     k = centres.numel()
-    num = r @ centres + BIN_EPS * centres.sum()
-    den = r.sum(dim=-1) + BIN_EPS * k
+    num = r @ centres + eps * centres.sum()
+    den = r.sum(dim=-1) + eps * k
     return torch.relu(num / den * scale)
 
 
