@@ -409,3 +409,37 @@ def test_rgb_given_as_heights_is_refused_unless_a_band_is_named(tmp_path, capsys
     code, out, err = run_cli("evaluate", rgb, "--band", "1", "--reference", chm, "-o",
                              tmp_path / "c", *base, capsys=capsys)
     assert code == 0 and "is it a canopy height raster in metres?" in err, err
+
+
+def test_two_models_maps_in_one_report(tmp_path, capsys):
+    """`canopy evaluate A --compare B -r lidar`: both maps scored against the same real NEON
+    CHM in one report, each with its model and licence tags, on its own pixels and on the
+    pixels valid in both (B has a hole A does not)."""
+    from tests.test_predict import run_cli
+
+    with rasterio.open(SOAP) as src:
+        ref = src.read(1)
+        transform, crs = src.transform, src.crs
+    valid = ref != -9999.0
+    a = np.where(valid, ref + 1.0, np.nan).astype(np.float32)  # bias +1 m
+    b = np.where(valid, ref * 0.5, np.nan).astype(np.float32)
+    b[:200, :] = np.nan  # a strip without data in B only
+    pa = _write(tmp_path / "v1.tif", a, transform, crs=crs,
+                tags={"CANOPY_MODEL": "hrch_v1_large", "CANOPY_MODEL_LICENCE": "Apache-2.0"})
+    pb = _write(tmp_path / "v2.tif", b, transform, crs=crs,
+                tags={"CANOPY_MODEL": "chmv2", "CANOPY_MODEL_LICENCE": "DINOv3 License"})
+    code, out, err = run_cli("evaluate", pa, "--compare", pb, "-r", SOAP, "-o", tmp_path / "r",
+                             capsys=capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    rows = {r["model"]: r for r in result["comparison"]["maps"]}
+    assert rows["chmv2"]["model_licence"] == "DINOv3 License"
+    assert rows["hrch_v1_large"]["bias"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["hrch_v1_large"]["n"] == int(valid.sum())
+    common = int((valid & np.isfinite(b)).sum())
+    assert rows["hrch_v1_large"]["common_pixels"]["n"] == rows["chmv2"]["n"] == common
+    half = -0.5 * ref[valid & np.isfinite(b)].astype(np.float64)
+    assert rows["chmv2"]["bias"] == pytest.approx(half.mean(), rel=1e-3)
+    sub = tmp_path / "r" / rows["chmv2"]["report"]
+    assert json.loads((sub / "metrics.json").read_text())["prediction"]["path"] == str(pb)
+    assert "chmv2 (v2.tif): MAE" in out and "on common pixels" in out

@@ -31,6 +31,9 @@ def evaluate_command(
     reference_band: Annotated[Optional[int], typer.Option(
         help="The references' band of heights, when they have several (or one band of bytes, "
              "e.g. whole-metre maps).")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(
+        "--compare", help="Another map (e.g. another model's) to score against the same "
+                          "references in the same report; repeat for more.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
     """Score a canopy-height map against lidar CHMs (and GEDI): metrics.json and PNG figures."""
@@ -44,7 +47,7 @@ def evaluate_command(
     config = EvaluationConfig(gedi_rh_column=gedi_rh, gedi_percentile=gedi_percentile,
                               prediction_band=band, reference_band=reference_band)
     result = evaluate(prediction, refs, out, gedi=gedi, reference_crs=reference_crs,
-                      overwrite=overwrite, config=config)
+                      overwrite=overwrite, config=config, compare=list(compare or []))
     o = result["pooled"]["overall"]
 
     def f(v):
@@ -59,6 +62,13 @@ def evaluate_command(
     if result["gedi"]:
         g = result["gedi"]
         typer.echo(f"GEDI: {g['n']} shots, MAE {f(g['mae'])} m, bias {f(g['bias'])} m")
+    if "comparison" in result:
+        for row in result["comparison"]["maps"]:
+            c = row["common_pixels"]
+            common = (f"; on common pixels ({c['n']:,}): MAE {f(c['mae'])} m, bias {f(c['bias'])} m"
+                      if c else "")
+            typer.echo(f"{row['model']} ({Path(row['path']).name}): MAE {f(row['mae'])} m, "
+                       f"bias {f(row['bias'])} m, R² {f(row['r2'])}{common}")
     typer.echo(f"report: {out}/metrics.json")
 
 

@@ -585,14 +585,21 @@ def evaluate(prediction_path: str | os.PathLike, reference_paths: Sequence[str |
              out_dir: str | os.PathLike, gedi: str | os.PathLike | None = None, *,
              reference_crs: str | None = None, overwrite: bool = False,
              tile_lattice: TileLattice | None = None,
-             config: EvaluationConfig = EvaluationConfig()) -> dict:
+             config: EvaluationConfig = EvaluationConfig(),
+             compare: Sequence[str | os.PathLike] = ()) -> dict:
     """Score ``prediction_path`` against each reference CHM (and GEDI shots); write a report.
 
     Writes ``out_dir/metrics.json`` and PNG figures, building them in a temporary folder that
     is renamed into place at the end. Returns the metrics dictionary (JSON-ready).
+
+    ``compare``: more maps (another model's, say) scored against the same references in the
+    same report: each gets its full report in ``compare/NN_name/``, and ``comparison`` in the
+    top-level metrics lists every map's scores twice, on its own valid pixels and on the pixels
+    valid in every map and the reference (the fair comparison when one map has more nodata).
     """
     pred_path = str(prediction_path)
     refs = [str(r) for r in reference_paths]
+    others = [str(c) for c in compare]
     if not refs:
         raise OptionError("reference", "give at least one reference CHM ({reference})")
     ref_crs = parse_crs(reference_crs, "--reference-crs") if reference_crs else None
@@ -601,6 +608,9 @@ def evaluate(prediction_path: str | os.PathLike, reference_paths: Sequence[str |
     try:
         result = _evaluate_into(pred_path, refs, tmp, str(gedi) if gedi else None, ref_crs,
                                 tile_lattice, config)
+        if others:
+            result["comparison"] = _compare_maps(result, pred_path, others, refs, tmp, gedi,
+                                                 ref_crs, config)
         result = _json_ready(result)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
         _publish(tmp, out)
@@ -608,6 +618,59 @@ def evaluate(prediction_path: str | os.PathLike, reference_paths: Sequence[str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _compare_maps(main: dict, main_path: str, others: list[str], refs: list[str], folder: Path,
+                  gedi, ref_crs, config: EvaluationConfig) -> dict:
+    """Every map's scores against the same references (see :func:`evaluate`)."""
+    rows, reports = [], [(main_path, main, ".")]
+    for j, path in enumerate(others, start=1):
+        sub = Path("compare") / f"{j:02d}_{_safe_stem(path)}"
+        (folder / sub).mkdir(parents=True)
+        r = _json_ready(_evaluate_into(path, refs, folder / sub, str(gedi) if gedi else None,
+                                       ref_crs, None, config))
+        (folder / sub / "metrics.json").write_text(json.dumps(r, indent=2, allow_nan=False))
+        reports.append((path, r, str(sub)))
+    keys = ("n", "mae", "rmse", "bias", "r2", "block_r2")
+    for path, r, sub in reports:
+        with open_raster(path, "prediction") as src:
+            tags = src.tags()
+        o = r["pooled"]["overall"]
+        rows.append({"path": path, "model": tags.get(outputs.MODEL, "unknown"),
+                     "model_licence": tags.get(outputs.MODEL_LICENCE, "unknown"), "report": sub,
+                     **{k: o.get(k) for k in keys},
+                     "edge_error": r["edge_error"].get("edge_error")})
+    common, note = _common_pixel_scores([main_path, *others], refs, ref_crs, config)
+    for row, scores in zip(rows, common or [None] * len(rows)):
+        row["common_pixels"] = None if scores is None else {k: scores.get(k) for k in keys}
+    return {"maps": rows, "common_pixels_note": note}
+
+
+def _common_pixel_scores(paths: list[str], refs: list[str], ref_crs, config: EvaluationConfig):
+    """Each map's overall scores on the pixels valid in every map and the reference, or
+    (None, why) when the maps do not share an evaluation grid."""
+    edges = tuple(config.height_bin_edges)
+    pooled: list[EvaluationSums | None] = [None] * len(paths)
+    for ref_path in refs:
+        pairs = []
+        for path in paths:
+            with open_raster(path, "prediction") as src:
+                pairs.append(align_reference(src, path, ref_path, ref_crs, config))
+        grids = {json.dumps(p.grid.describe(), sort_keys=True, default=str) for p in pairs}
+        if len(grids) > 1:
+            return None, (f"the maps reach '{Path(ref_path).name}' on different grids (finer "
+                          "than the reference in one, coarser in another); scores on common "
+                          "pixels skipped")
+        ok = np.isfinite(pairs[0].ref)
+        for p in pairs:
+            ok &= np.isfinite(p.pred)
+        for i, p in enumerate(pairs):
+            sums = EvaluationSums.from_arrays(
+                np.where(ok, p.pred, np.nan), p.ref, None, edges=edges, block=config.block_size,
+                min_valid_share=config.block_min_valid_share,
+                threshold=config.tree_cover_threshold_m)
+            pooled[i] = sums if pooled[i] is None else pooled[i] + sums
+    return [s.metrics()["overall"] for s in pooled], "pixels valid in every map and the reference"
 
 
 def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | None, ref_crs,
