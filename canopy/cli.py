@@ -164,6 +164,7 @@ def _register_subcommands() -> None:
     from data_catalog.cli import app as catalog_app
 
     from canopy.evaluate.cli import register as register_evaluate
+    from canopy.pretrain_cli import register as register_pretrain
     from canopy.synth_cli import register as register_synth
     from canopy.train.cli import register as register_train
     from canopy.train.gedi_cli import register as register_gedi_correction
@@ -171,6 +172,7 @@ def _register_subcommands() -> None:
     app.add_typer(catalog_app, name="catalog",
                   help="Spatial index of imagery, lidar CHMs/point clouds and GEDI shots.")
     register_evaluate(app)
+    register_pretrain(app)
     register_synth(app)
     register_train(app)
     register_gedi_correction(app)
