@@ -270,3 +270,41 @@ def test_canopy_pretrain_bad_input_is_one_line_and_writes_nothing(tmp_path, caps
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_gram_anchoring_runs_against_a_refreshed_snapshot_of_the_teacher(tmp_path):
+    """DINOv3's Gram anchoring as an option: its loss is logged, and the Gram teacher is the
+    EMA teacher's backbone as of its last refresh (every 0.25 epoch = 2 steps here)."""
+    import csv
+
+    cfg = cfg_of(gram_weight=1.0, gram_refresh_epochs=0.25)
+    pretrain(cfg, Textures(), tmp_path / "r", max_steps=4, log_every=1)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "log.csv")))
+    assert all(math.isfinite(float(r["gram"])) for r in rows)
+    assert float(rows[0]["gram"]) == pytest.approx(0.0, abs=1e-6)  # snapshot = start weights
+    w = weights(tmp_path / "r" / "checkpoint.pt")
+    gram = {k[len("gram_teacher."):]: v for k, v in w.items() if k.startswith("gram_teacher.")}
+    teacher = {k[len("teacher.backbone."):]: v for k, v in w.items()
+               if k.startswith("teacher.backbone.")}
+    assert gram.keys() == teacher.keys() and all(torch.equal(gram[k], teacher[k]) for k in gram)
+
+
+def test_pretraining_runs_on_a_rope_backbone_from_scratch_and_continued(tmp_path):
+    """The dinov3 family (RoPE, registers) pretrains with the same method: from scratch, and
+    continued from a DINOv3 file (#20), whose teacher starts as the loaded backbone."""
+    from ssl_backbone.checkpoints import load_backbone, save_safetensors
+    from ssl_backbone.vit import build_vit
+
+    a = pretrain(cfg_of(arch="dinov3_vit_micro"), Textures(), tmp_path / "scratch", max_steps=2)
+    assert a.steps_done == 2 and all(math.isfinite(v) for v in a.last.values())
+    torch.manual_seed(1)
+    src = build_vit("dinov3_vit_micro")
+    sd = {k.replace("reg_token", "storage_tokens"): v for k, v in src.state_dict().items()}
+    save_safetensors(sd, tmp_path / "dinov3.safetensors")
+    b = pretrain(cfg_of(init=str(tmp_path / "dinov3.safetensors"), epochs=0.25), Textures(),
+                 tmp_path / "continued")
+    assert b.backbone_path is not None
+    vit, vcfg = load_backbone(b.backbone_path)
+    assert vcfg.family == "dinov3" and vcfg.reg_tokens == 4
+    w = weights(tmp_path / "continued" / "checkpoint.pt")
+    assert torch.equal(vit.reg_token, w["teacher.backbone.reg_token"])
