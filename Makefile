@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # everything the test suite exercises (training extras included)
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[test,train]"
+	$(BIN)/pip install -q -e ".[test,train,serve]"
 	touch $(TEST_STAMP)
 
 venv: $(TEST_STAMP)

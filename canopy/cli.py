@@ -185,6 +185,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=file or sys.stderr)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False,
+             help="Serve maps: tiles, WMTS, statistics, exports, jobs, web map (canopy serve --help).")
+def serve(ctx: typer.Context) -> None:
+    # the server lives in services/, which imports canopy; canopy must not import it back
+    # (tests/test_architecture.py), so the command hands over to its module's own entry point
+    import os
+
+    os.execv(sys.executable, [sys.executable, "-m", "services", *ctx.args])
+
+
 def main() -> None:
     import warnings
 

@@ -11,15 +11,18 @@ import os
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-# A viridis-like ramp, low (bare ground) to high (tall canopy).
-_RAMP = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]
+#: the one colour ramp of canopy height, low (bare ground) to high (tall canopy), viridis-like;
+#: the server's ``canopy`` colormap draws tiles with it
+RAMP = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")
+#: heights (m) at the ends of the ramp by default
+RAMP_RANGE = (0.0, 40.0)
 
 
 def qml_text(vmin: float = 0.0, vmax: float = 40.0, nodata=None, dtype: str = "float32",
              band: int = 1, label: str = "canopy height (m)") -> str:
     stops = []
-    n = len(_RAMP)
-    for i, colour in enumerate(_RAMP):
+    n = len(RAMP)
+    for i, colour in enumerate(RAMP):
         value = vmin + (vmax - vmin) * i / (n - 1)
         r, g, b = (int(colour[k:k + 2], 16) for k in (1, 3, 5))
         stops.append(
@@ -42,8 +45,8 @@ def qml_text(vmin: float = 0.0, vmax: float = 40.0, nodata=None, dtype: str = "f
         <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" minimumValue="{vmin:g}" maximumValue="{vmax:g}" labelPrecision="0">
           <colorramp type="gradient" name="[source]">
             <Option type="Map">
-              <Option name="color1" type="QString" value="{_RAMP[0]}"/>
-              <Option name="color2" type="QString" value="{_RAMP[-1]}"/>
+              <Option name="color1" type="QString" value="{RAMP[0]}"/>
+              <Option name="color2" type="QString" value="{RAMP[-1]}"/>
             </Option>
           </colorramp>
 {chr(10).join(stops)}

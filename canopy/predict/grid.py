@@ -18,6 +18,7 @@ Scheme (documented in the README):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,6 +29,8 @@ from pyproj import CRS, Transformer
 from shapely.geometry import box
 
 from data_catalog.raster import utm_zone, utm_zone_band, utm_zone_epsg
+
+_CELL_ID = re.compile(r"(\d+)_E(-?\d+)_N(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,14 @@ class Cell:
     @property
     def id(self) -> str:
         return f"{self.epsg}_E{self.ix:04d}_N{self.iy:04d}"
+
+    @classmethod
+    def from_id(cls, cell_id: str, cell_px: int, gsd: float) -> "Cell":
+        """The cell named ``cell_id`` (:attr:`id`) of a run with ``cell_px`` and ``gsd``."""
+        m = _CELL_ID.fullmatch(cell_id)
+        if m is None:
+            raise ValueError(f"not a cell id: {cell_id!r}")
+        return cls(int(m[1]), int(m[2]), int(m[3]), cell_px, gsd)
 
     @property
     def size_m(self) -> float:

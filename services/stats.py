@@ -1,0 +1,269 @@
+"""Zonal statistics and clipped exports of a layer inside polygons.
+
+Statistics (per feature): mean, median and 95th percentile of height, canopy cover (share of the
+area with data that is ≥ 2 m and ≥ 5 m), area by height class, the valid-pixel count and the area
+without data. Each pixel counts by the share of its square inside the polygon (exactextract's
+coverage fractions), in the pixel's own CRS; areas are then scaled to the polygon's area in an
+equal-area CRS (EPSG:6933, :func:`data_catalog.aoi.area_km2`), piece by piece, so a UTM layer's
+scale error (up to ±0.1 % at a zone's edge) and a Web Mercator layer's (cos⁻² latitude) do not
+reach the numbers. A run spanning UTM zones is split along the zone bands first (the rule its
+cells were made with, :func:`canopy.predict.grid.zone_parts`): each piece is measured on its own
+zone's cells only, whose pixels outside their zone are no data, so no area counts twice.
+
+Quantiles come from a histogram of 1 cm bins weighted by coverage (exact to 1 cm; uint8 layers
+hold whole metres anyway); means and areas are exact sums.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from rasterio.features import geometry_mask
+from rasterio.windows import Window, from_bounds
+
+from canopy.io import outputs
+from canopy.io.cog import write_cog
+from canopy.predict.grid import project_geometry, zone_parts
+from data_catalog.aoi import area_km2, reproject_geometry
+from services.config import Limits
+from services.errors import BadRequest, TooLarge
+from services.geojson import Feature
+from services.layers import Layer, open_dataset
+
+BIN = 0.01  # m, histogram resolution of the quantiles
+LOW, HIGH = -50.0, 200.0  # m, histogram range; heights outside land in its end bins
+CLASSES = ((0.0, 2.0), (2.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, math.inf))
+COVER_AT = (2.0, 5.0)
+
+
+def _class_name(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}m" if math.isfinite(hi) else f">={lo:g}m"
+
+
+@dataclass
+class _Acc:
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(int((HIGH - LOW) / BIN) + 1))
+    weight: float = 0.0  # Σ coverage of pixels with data
+    wsum: float = 0.0  # Σ coverage × height
+    pixels: int = 0  # pixels with data touching the polygon
+    area_valid: float = 0.0  # m², equal-area
+    below: float = 0.0  # Σ coverage of heights < LOW (clipped into the first bin)
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES)))
+
+    def add(self, values: np.ndarray, cover: np.ndarray, px_area_eq: float) -> None:
+        if values.size == 0:
+            return
+        idx = np.clip(np.rint((values - LOW) / BIN), 0, len(self.hist) - 1).astype(np.int64)
+        self.hist += np.bincount(idx, weights=cover, minlength=len(self.hist))
+        self.weight += float(cover.sum())
+        self.wsum += float(np.dot(values, cover))
+        self.pixels += int(values.size)
+        self.area_valid += float(cover.sum()) * px_area_eq
+        for i, (lo, hi) in enumerate(CLASSES):
+            # the first class takes negative heights too (model noise over bare ground)
+            sel = (values < hi) if i == 0 else ((values >= lo) & (values < hi))
+            self.classes[i] += float(cover[sel].sum()) * px_area_eq
+
+    def quantile(self, q: float) -> float:
+        c = np.cumsum(self.hist)
+        i = int(np.searchsorted(c, q * c[-1] - 1e-9 * c[-1]))
+        return round(LOW + i * BIN, 2)
+
+    def share_at_least(self, h: float) -> float:
+        i = int(np.ceil((h - LOW) / BIN - 1e-9))
+        return float(self.hist[i:].sum() / self.hist.sum())
+
+
+def _pieces(layer: Layer, geom_ll):
+    """(crs, geometry in crs, m² equal-area per m² of crs, parts) of a feature."""
+    if layer.kind == "run":
+        zones = {}
+        for p in layer.parts:
+            zones.setdefault(p.crs, p.epsg)
+        for epsg, piece in zone_parts(geom_ll):
+            crs = f"EPSG:{epsg}"
+            if crs not in zones:
+                continue
+            native = project_geometry(piece, epsg)
+            k = area_km2(piece) * 1e6 / native.area if native.area > 0 else 0.0
+            parts = [p for p in layer.parts_touching(piece) if p.crs == crs]
+            if parts:
+                yield crs, native, k, parts
+    else:
+        part = layer.parts[0]
+        dense = shapely.segmentize(geom_ll, 0.001)
+        native = reproject_geometry(dense, "EPSG:4326", part.crs)
+        k = area_km2(geom_ll) * 1e6 / native.area if native.area > 0 else 0.0
+        yield part.crs, native, k, [part]
+
+
+def _window(ds, bounds) -> Window | None:
+    left, bottom, right, top = bounds
+    b = ds.bounds
+    left, bottom, right, top = max(left, b.left), max(bottom, b.bottom), min(right, b.right), min(top, b.top)
+    if left >= right or bottom >= top:
+        return None
+    w = from_bounds(left, bottom, right, top, ds.transform)
+    w = w.round_offsets(op="floor").round_lengths(op="ceil")
+    c0, r0 = max(0, int(w.col_off)), max(0, int(w.row_off))
+    c1 = min(ds.width, int(w.col_off + w.width) + 1)
+    r1 = min(ds.height, int(w.row_off + w.height) + 1)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def _heights(ds, window: Window, band: int = 1) -> np.ndarray:
+    a = ds.read(band, window=window, masked=True)
+    return np.where(np.ma.getmaskarray(a), np.nan, np.ma.getdata(a)).astype(np.float32)
+
+
+def _extract(ds, window: Window, geom) -> tuple[np.ndarray, np.ndarray]:
+    """Heights with data touching ``geom`` and the share of each pixel's square inside it."""
+    from exactextract import exact_extract
+    from exactextract.raster import NumPyRasterSource
+
+    data = _heights(ds, window)
+    left, top = ds.transform * (window.col_off, window.row_off)
+    right, bottom = ds.transform * (window.col_off + window.width, window.row_off + window.height)
+    src = NumPyRasterSource(data, min(left, right), min(bottom, top), max(left, right),
+                            max(bottom, top), nodata=np.nan)
+    feature = {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(geom)}
+    res = exact_extract(src, [feature], ["values", "coverage"], output="pandas",
+                        max_cells_in_memory=max(30_000_000, data.size + 1))
+    values = np.asarray(res["values"][0], np.float64)
+    cover = np.asarray(res["coverage"][0], np.float64)
+    keep = np.isfinite(values)
+    return values[keep], cover[keep]
+
+
+def statistics(layer: Layer, features: list[Feature], limits: Limits) -> list[dict]:
+    total = sum(f.area_km2 for f in features)
+    if total > limits.max_statistics_km2:
+        raise TooLarge(f"the polygons cover {total:,.1f} km²; at most "
+                       f"{limits.max_statistics_km2:,.0f} km² per request", field="coordinates")
+    layer_box = shapely.box(*layer.bounds_ll)
+    if not any(f.geometry.intersects(layer_box) for f in features):
+        raise BadRequest(f"the polygon does not overlap layer '{layer.id}' (bounds "
+                         f"{[round(v, 6) for v in layer.bounds_ll]})", field="coordinates")
+    return [_feature_stats(layer, f) for f in features]
+
+
+def _feature_stats(layer: Layer, feature: Feature) -> dict:
+    acc = _Acc()
+    for crs, geom, k, parts in _pieces(layer, feature.geometry):
+        for part in parts:
+            ds = open_dataset(part.path)
+            window = _window(ds, geom.bounds)
+            if window is None:
+                continue
+            values, cover = _extract(ds, window, geom)
+            px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
+            acc.add(values, cover, px_area * k)
+    area = feature.area_km2 * 1e6
+    out = {"properties": feature.properties, "repaired": feature.repaired,
+           "area_m2": round(area, 3), "valid_pixels": acc.pixels,
+           "valid_area_m2": round(acc.area_valid, 3),
+           "nodata_area_m2": round(max(0.0, area - acc.area_valid), 3), "units": outputs.UNITS}
+    if acc.weight <= 0:
+        return {**out, "mean": None, "median": None, "p95": None, "cover_2m": None,
+                "cover_5m": None, "area_by_class_m2": None}
+    return {**out,
+            "mean": round(acc.wsum / acc.weight, 4),
+            "median": acc.quantile(0.5), "p95": acc.quantile(0.95),
+            "cover_2m": round(acc.share_at_least(COVER_AT[0]), 6),
+            "cover_5m": round(acc.share_at_least(COVER_AT[1]), 6),
+            "area_by_class_m2": {_class_name(lo, hi): round(a, 3)
+                                 for (lo, hi), a in zip(CLASSES, acc.classes)}}
+
+
+# ---------------------------------------------------------------------------------- export
+
+_KEEP_TAGS = tuple(t for t in outputs.PREDICTION_TAGS if not t.startswith("CANOPY_TILE_")
+                   and t != outputs.CELL)
+
+
+def export(layer: Layer, feature: Feature, limits: Limits, fmt: str) -> tuple[Path, str]:
+    """The layer's pixels touching the polygon (others no data) as a COG in the layer's CRS (a
+    run: the zone holding the polygon), in a temporary folder; returns (file, media type).
+    ``fmt`` ``tif`` gives the COG, ``zip`` the COG with its QGIS style (.qml)."""
+    pieces = list(_pieces(layer, feature.geometry))
+    if not pieces:
+        raise BadRequest(f"the polygon does not overlap layer '{layer.id}'", field="coordinates")
+    if len(pieces) > 1:
+        raise BadRequest("the polygon spans UTM zones "
+                         f"{', '.join(c for c, *_ in pieces)} of this run; export one zone's part "
+                         "at a time", field="coordinates")
+    crs, geom, _, parts = pieces[0]
+    first = open_dataset(parts[0].path)
+    res_x, res_y = first.transform.a, -first.transform.e
+    # the output grid: the parts' own pixel lattice (runs share one per zone), over the part of
+    # the polygon's bounds that holds pixels
+    have = shapely.union_all([shapely.box(*p.bounds) for p in parts])
+    if not geom.intersects(have) or not shapely.box(*layer.bounds_ll).intersects(feature.geometry):
+        raise BadRequest(f"the polygon does not overlap layer '{layer.id}'", field="coordinates")
+    left, bottom, right, top = shapely.box(*geom.bounds).intersection(have).bounds
+    x0 = first.transform.c + math.floor((left - first.transform.c) / res_x + 1e-9) * res_x
+    y1 = first.transform.f - math.floor((first.transform.f - top) / res_y + 1e-9) * res_y
+    width = max(1, math.ceil((right - x0) / res_x - 1e-9))
+    height = max(1, math.ceil((y1 - bottom) / res_y - 1e-9))
+    if width * height > limits.max_export_pixels:
+        raise TooLarge(f"the export would be {width} × {height} px; at most "
+                       f"{limits.max_export_pixels:,} px", field="coordinates")
+    transform = rasterio.Affine(res_x, 0, x0, 0, -res_y, y1)
+    count, dtype, nodata = first.count, first.dtypes[0], first.nodata
+    fill = np.nan if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)) else nodata
+    data = np.full((count, height, width), fill, dtype=dtype)
+    any_read = False
+    for part in parts:
+        ds = open_dataset(part.path)
+        # integer offset of this part's grid in the output grid (same lattice)
+        dc = round((ds.transform.c - x0) / res_x)
+        dr = round((y1 - ds.transform.f) / res_y)
+        r0, c0 = max(0, dr), max(0, dc)
+        r1, c1 = min(height, dr + ds.height), min(width, dc + ds.width)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        block = ds.read(window=Window(c0 - dc, r0 - dr, c1 - c0, r1 - r0))
+        dst = data[:, r0:r1, c0:c1]
+        if len(parts) > 1:  # cells do not overlap, but keep whatever holds data
+            empty = np.isnan(dst) if np.isnan(fill) else dst == fill
+            dst[empty] = block[empty]
+        else:
+            dst[...] = block
+        any_read = True
+    if not any_read:
+        raise BadRequest(f"the polygon does not overlap layer '{layer.id}'", field="coordinates")
+    outside = geometry_mask([geom], out_shape=(height, width), transform=transform,
+                            all_touched=True)
+    data[:, outside] = fill
+    tags = {k: v for k, v in first.tags().items() if k in _KEEP_TAGS}
+    folder = Path(tempfile.mkdtemp(prefix="canopy-export-"))
+    name = f"{layer.id}_export"
+    tif = write_cog(folder / f"{name}.tif", data, crs=crs, transform=transform, nodata=nodata,
+                    descriptions=[d or outputs.HEIGHT_BAND for d in first.descriptions],
+                    units=outputs.UNITS, tags=tags, qml=True)
+    if fmt == "tif":
+        return tif, "image/tiff"
+    zpath = folder / f"{name}.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:
+        z.write(tif, tif.name)
+        qml = tif.with_suffix(".qml")
+        if qml.exists():
+            z.write(qml, qml.name)
+    return zpath, "application/zip"
+
+
+def remove_export(path: Path) -> None:
+    folder = path.parent
+    for p in folder.iterdir():
+        os.unlink(p)
+    os.rmdir(folder)
