@@ -36,7 +36,7 @@ def _geometry(obj, where: str):
         raise BadRequest(f"{where}: expected a Polygon or MultiPolygon geometry, got {kind!r}",
                          field=where)
     coords = obj.get("coordinates")
-    if not isinstance(coords, list) or not coords:
+    if not isinstance(coords, (list, tuple)) or not coords:
         raise BadRequest(f"{where}: coordinates are missing or empty", field=where)
     try:
         geom = shape(obj)

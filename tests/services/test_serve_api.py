@@ -4,6 +4,7 @@ keys, limits and CORS do what the configuration says; the OpenAPI schema holds (
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import schemathesis
@@ -45,13 +46,16 @@ def test_layers_are_reached_by_id_only(http, live_server, layers_dir, tmp_path):
     assert r.status_code == 200 and "passwd" not in r.text
     # a VRT disguised as a .tif (GDAL's file-disclosure route) and a link out of the folder
     (layers_dir / "sneaky.tif").write_text(
-        '<VRTDataset rasterXSize="10" rasterYSize="10"><VRTRasterBand dataType="Byte" band="1">'
+        '<VRTDataset rasterXSize="10" rasterYSize="10"><SRS>EPSG:32617</SRS>'
+        '<GeoTransform>400000, 0.5, 0, 3280000, 0, -0.5</GeoTransform>'
+        '<VRTRasterBand dataType="Byte" band="1"><Description>canopy_height</Description>'
         '<SimpleSource><SourceFilename>/etc/passwd</SourceFilename></SimpleSource>'
         '</VRTRasterBand></VRTDataset>')
     outside = tmp_path / "outside.tif"
     outside.write_bytes((layers_dir / "osbs.tif").read_bytes())
     (layers_dir / "linked.tif").symlink_to(outside)
     try:
+        time.sleep(1.2)  # the server rescans its folder at most once a second
         ids = {l["id"] for l in http.get("/layers").json()["layers"]}
         assert "sneaky" not in ids and "linked" not in ids and "osbs" in ids
         _err(http.get("/layers/sneaky/tiles/1/0/0.png"), 404)
