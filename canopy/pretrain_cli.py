@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import typer
 
-from canopy.errors import OptionError
+from canopy.errors import ConfigError, OptionError
 
 PRETRAIN_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2", ".jpg", ".jpeg", ".png"}
 
@@ -126,9 +126,12 @@ def run_command(
     imagery: Annotated[Optional[Path], typer.Option(
         help="Folder of rasters (GeoTIFF/COG/VRT/JPEG/PNG), one file, or a catalog GeoParquet.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder.")] = None,
-    method: Annotated[str, typer.Option(help="Pretraining method.")] = "dinov2",
+    method: Annotated[str, typer.Option(help="Pretraining method: dinov2, ijepa, msn or pmsn.")] = "dinov2",
     config: Annotated[Optional[Path], typer.Option(
-        help="YAML or JSON of DINOv2Config fields (unknown keys are refused); flags override.")] = None,
+        help="YAML or JSON of the method's config fields (ssl_backbone.dinov2.DINOv2Config, "
+             "ijepa.IJEPAConfig, msn.MSNConfig; unknown keys are refused); flags override.")] = None,
+    prior_power: Annotated[Optional[float], typer.Option(
+        help="pmsn: exponent of the power-law prior over prototypes (default 0.25).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Backbone variant from scratch, e.g. vit_small.")] = None,
     init: Annotated[Optional[Path], typer.Option(
         help="Continue from this backbone (HRCH v1 .pth, DINOv2/DINOv3 weights, an export).")] = None,
@@ -147,24 +150,29 @@ def run_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, order and crops.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
-    """Pretrain a ViT backbone with DINOv2 on overhead imagery (one CPU, a GPU, or torchrun);
-    `canopy pretrain export RUN -o FILE` writes its backbone."""
+    """Pretrain a ViT backbone on overhead imagery with DINOv2, I-JEPA, MSN or PMSN (one CPU, a
+    GPU, or torchrun); `canopy pretrain export RUN -o FILE` writes its backbone."""
     if ctx.invoked_subcommand is not None:
         return
     from canopy.model.auto import training_precision
     from canopy.model.device import resolve_device
-    from ssl_backbone.dinov2 import DINOv2Config
+    from ssl_backbone.methods import config_for, method_named
     from ssl_backbone.pretrain import pretrain
 
     if imagery is None or out is None:
         raise OptionError("imagery", "{imagery} and --out are required to pretrain")
-    if method != "dinov2":
-        raise OptionError("method", f"{{method}} {method!r} is not available (dinov2)")
+    try:
+        terms = method_named(method).log_terms
+    except ConfigError:
+        raise OptionError("method", f"{{method}} {method!r} is not one of dinov2, ijepa, msn, "
+                                    "pmsn") from None
+    if prior_power is not None and method != "pmsn":
+        raise OptionError("prior_power", "{prior_power} is a setting of --method pmsn")
     fields = _read_config(config) if config else {}
     overrides = {"arch": arch, "init": str(init) if init else None, "epochs": epochs,
-                 "batch_size": batch_size, "seed": seed}
+                 "batch_size": batch_size, "seed": seed, "prior_power": prior_power}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = DINOv2Config.from_dict(fields)
+    cfg = config_for(method, fields)
     dev = resolve_device(device)
     prec = training_precision(dev, precision)
     if threads:
@@ -176,9 +184,9 @@ def run_command(
     def show(row: dict) -> None:
         if not quiet:
             bad = f"  COLLAPSE? {row['collapsed']}" if row["collapsed"] else ""
+            parts = ", ".join(f"{t} {row[t]:.3f}" for t in terms if t in row)
             typer.echo(f"step {row['step']} (epoch {row['epoch']:.2f}): loss {row['total']:.3f} "
-                       f"(dino {row['dino']:.3f}, ibot {row['ibot']:.3f}, koleo "
-                       f"{row['koleo']:.3f}); RankMe {row['rankme']:.1f}{bad}", err=True)
+                       f"({parts}); RankMe {row['rankme']:.1f}{bad}", err=True)
 
     result = pretrain(cfg, source, out, device=str(dev), precision=prec, resume=resume,
                       max_steps=max_steps, num_workers=workers, progress=show)

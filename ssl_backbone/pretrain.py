@@ -28,17 +28,15 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from ssl_backbone.augment import CropConfig, multi_crop
-from ssl_backbone.dinov2 import (
-    DINOv2, DINOv2Config, Schedules, param_groups, set_step_values)
+from ssl_backbone.dinov2 import set_step_values
 from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
-from ssl_backbone.masking import batch_masks
+from ssl_backbone.methods import Method, method_of
 from ssl_backbone.monitors import collapse_report
 from ssl_backbone.runtime import (
     DistInfo, barrier, init_distributed, load_checkpoint, restore_training_state, save_checkpoint,
     seed_all, training_state)
 
-CHECKPOINT_FORMAT = "ssl-dinov2"
+CHECKPOINT_FORMAT = "ssl-dinov2"  # the name predates the other methods; config.json says which
 CHECKPOINT_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -118,10 +116,10 @@ def _gen(*parts: int) -> torch.Generator:
 
 
 class _Views(torch.utils.data.Dataset):
-    """Item (epoch, index) → that window's multi-crop views (a pure function of both)."""
+    """Item (epoch, index) → that window's views for the method (a pure function of both)."""
 
-    def __init__(self, source: WindowSource, crops: CropConfig, seed: int):
-        self.source, self.crops, self.seed = source, crops, seed
+    def __init__(self, source: WindowSource, method: Method, cfg, seed: int):
+        self.source, self.method, self.cfg, self.seed = source, method, cfg, seed
 
     def __len__(self):
         return len(self.source)
@@ -131,24 +129,19 @@ class _Views(torch.utils.data.Dataset):
             return key
         epoch, index = key
         gen = _gen(self.seed, epoch, index)
-        return multi_crop(self.source.window(index, gen), self.crops, gen)
+        return self.method.views(self.cfg, self.source.window(index, gen), gen)
 
 
 @dataclass
 class _Collate:
-    cfg: DINOv2Config
+    method: Method
+    cfg: object
     patch: int
 
     def __call__(self, items):
         (_, epoch, step), items = items[0], items[1:]
-        b = len(items)
-        globals_ = torch.stack([it[0][g] for g in range(2) for it in items])
-        locals_ = (torch.stack([it[1][j] for j in range(self.cfg.crops.n_local) for it in items])
-                   if self.cfg.crops.n_local else None)
-        n = self.cfg.crops.global_size // self.patch
-        masks = batch_masks(2 * b, n, n, _gen(self.cfg.seed, epoch, step, 7),
-                            self.cfg.mask_probability, self.cfg.mask_ratio)
-        return globals_, locals_, masks
+        # the batch's draws (masks, kept patches) from its step: the same on resume
+        return self.method.collate(self.cfg, self.patch, items, _gen(self.cfg.seed, epoch, step, 7))
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -172,7 +165,7 @@ class _StepSampler(torch.utils.data.Sampler):
                                           for i in self.perm[first:first + self.batch]]
 
 
-def build_backbone(cfg: DINOv2Config):
+def build_backbone(cfg):
     """The student backbone: a variant from scratch, or continued from ``cfg.init``."""
     from ssl_backbone.checkpoints import load_backbone
     from ssl_backbone.vit import VARIANTS, build_vit
@@ -204,15 +197,18 @@ class PretrainResult:
         return list(self.monitors.get("collapsed", []))
 
 
-def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike, *,
+def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
              device: str = "cpu", precision: str = "fp32", resume: bool = False,
              max_steps: int | None = None, num_workers: int = 0, log_every: int = 10,
              checkpoint_every: int = 100, progress: Callable[[dict], None] | None = None
              ) -> PretrainResult:
-    """Run (or resume) DINOv2 pretraining; writes ``checkpoint.pt`` (everything, heads
+    """Run (or resume) pretraining with the method of ``cfg`` (a DINOv2, I-JEPA or MSN
+    config: :mod:`ssl_backbone.methods`); writes ``checkpoint.pt`` (everything, heads
     included), ``log.csv``, ``config.json`` and, at the end, ``backbone.safetensors`` (the
-    teacher's backbone, what DINOv2 releases) and ``summary.json``. ``max_steps`` stops early
-    (the schedules still span ``cfg.epochs``), so a run can be done in several sittings."""
+    teacher's/target encoder's backbone, what the methods release) and ``summary.json``.
+    ``max_steps`` stops early (the schedules still span ``cfg.epochs``), so a run can be done
+    in several sittings."""
+    method = method_of(cfg)
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}", field="precision")
     out = Path(out_dir)
@@ -223,9 +219,9 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
     if ckpt_path.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass resume to continue it, or choose "
                           "another folder", field="out_dir")
-    if source.window_px < cfg.crops.global_size:
+    if source.window_px < method.input_px(cfg):
         raise DataError(f"windows of {source.window_px} px are smaller than the "
-                        f"{cfg.crops.global_size}-px global crop")
+                        f"{method.input_px(cfg)}-px crop {method.name} takes")
     glob_batch = cfg.batch_size * info.world_size
     steps_per_epoch = len(source) // glob_batch
     if steps_per_epoch < 1:
@@ -233,15 +229,16 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
                         f"batch of {glob_batch}")
     seed_all(cfg.seed)  # every rank builds the same initial weights
     backbone = build_backbone(cfg)
-    model = DINOv2(cfg, backbone).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), betas=(0.9, 0.999))
-    sched = Schedules.of(cfg, steps_per_epoch, glob_batch)
-    total = sched.lr.total_steps
+    model = method.build(cfg, backbone).to(device)
+    optimizer = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999))
+    sched = method.schedules(cfg, steps_per_epoch, glob_batch)
+    total = method.run_steps(cfg, steps_per_epoch)
     stateful = {"model": model, "optimizer": optimizer}
     step = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
-        if state.get("backbone") != backbone.cfg.to_dict() or state.get("config") != cfg.to_dict():
+        if (state.get("backbone") != backbone.cfg.to_dict() or state.get("config") != cfg.to_dict()
+                or state.get("method", "dinov2") != method.name):
             raise CheckpointError(f"{ckpt_path}: written by a run with another architecture or "
                                   "settings; resume with the same settings or start a new folder")
         step = restore_training_state(state, stateful, str(ckpt_path))
@@ -250,12 +247,12 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(
-            {"method": "dinov2", "config": cfg.to_dict(), "backbone": backbone.cfg.to_dict(),
+            {"method": method.name, "config": cfg.to_dict(), "backbone": backbone.cfg.to_dict(),
              "steps_per_epoch": steps_per_epoch, "total_steps": total,
              "world_size": info.world_size}, indent=2) + "\n")
     stop = total if max_steps is None else min(total, step + max_steps)
-    views = _Views(source, cfg.crops, cfg.seed)
-    collate = _Collate(cfg, backbone.cfg.patch_size)
+    views = _Views(source, method, cfg, cfg.seed)
+    collate = _Collate(method, cfg, backbone.cfg.patch_size)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                               enabled=precision == "bf16")
     last: dict = {}
@@ -273,13 +270,12 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
         loader = torch.utils.data.DataLoader(views, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=num_workers,
                                              generator=_gen(cfg.seed, epoch, first, 11))
-        for globals_, locals_, masks in loader:
+        for batch in loader:
             set_step_values(optimizer, sched, step)
             optimizer.zero_grad(set_to_none=True)
-            g = globals_.to(device, non_blocking=True)
-            loc = None if locals_ is None else locals_.to(device, non_blocking=True)
+            batch = tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
             with autocast:
-                terms = model.losses(g, loc, masks.to(device), sched.teacher_temp(step))
+                terms = method.losses(model, batch, sched, step)
             loss = terms["total"]
             if not bool(torch.isfinite(loss.detach())):
                 raise TrainingStopped(f"the loss became {float(loss)} at step {step + 1}; lower "
@@ -290,16 +286,19 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
             optimizer.step()
             model.update_teacher(sched.momentum(step))
             step += 1
-            if cfg.gram_weight > 0 and step % max(1, round(cfg.gram_refresh_epochs
+            if getattr(cfg, "gram_weight", 0) > 0 and step % max(1, round(cfg.gram_refresh_epochs
                                                            * steps_per_epoch)) == 0:
                 model.refresh_gram_teacher()
-            last = {k: float(v.detach()) for k, v in terms.items() if v.ndim == 0}
+            last = {k: float(v.detach()) for k, v in terms.items()
+                    if isinstance(v, torch.Tensor) and v.ndim == 0}
             if step % log_every == 0 or step == stop:
+                probs = terms.get("teacher_probs")
                 monitors = collapse_report(terms["teacher_embeddings"].float(),
-                                           terms["teacher_probs"].float())
+                                           None if probs is None else probs.float())
+                temp = ({"teacher_temp": sched.teacher_temp(step - 1)}
+                        if hasattr(sched, "teacher_temp") else {})
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **last,
-                       "lr": sched.lr(step - 1), "teacher_temp": sched.teacher_temp(step - 1),
-                       "momentum": sched.momentum(step - 1),
+                       "lr": sched.lr(step - 1), **temp, "momentum": sched.momentum(step - 1),
                        **{f"grad_norm_{k}": v for k, v in norms.items()},
                        **{k: v for k, v in monitors.items() if k != "collapsed"},
                        "collapsed": ";".join(monitors["collapsed"]),
@@ -312,7 +311,8 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
                     _append_log(out / "log.csv", log_rows)
                     log_rows = []
                     save_checkpoint(ckpt_path, training_state(
-                        step, stateful, config=cfg.to_dict(), backbone=backbone.cfg.to_dict()),
+                        step, stateful, config=cfg.to_dict(), backbone=backbone.cfg.to_dict(),
+                        method=method.name),
                         format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
                 barrier(info)
     path = None
@@ -327,7 +327,7 @@ def pretrain(cfg: DINOv2Config, source: WindowSource, out_dir: str | os.PathLike
     return PretrainResult(step, total, steps_per_epoch, last, monitors, path)
 
 
-def _average_gradients(model: DINOv2, info: DistInfo) -> None:
+def _average_gradients(model, info: DistInfo) -> None:
     if info.world_size <= 1:
         return
     for p in model.student.parameters():
@@ -362,7 +362,8 @@ def export_backbone(run: str | os.PathLike, out_path: str | os.PathLike,
     state = load_checkpoint(ckpt, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     prefix = f"{which}.backbone."
     sd = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    meta = {"format": "canopy-backbone", "method": "dinov2", "which": which,
-            "step": str(state["step"]), "backbone": json.dumps(state["backbone"]),
-            "crops": json.dumps(state["config"]["crops"])}
+    meta = {"format": "canopy-backbone", "method": state.get("method", "dinov2"), "which": which,
+            "step": str(state["step"]), "backbone": json.dumps(state["backbone"])}
+    if "crops" in state["config"]:
+        meta["crops"] = json.dumps(state["config"]["crops"])
     return save_safetensors(sd, out_path, metadata=meta)

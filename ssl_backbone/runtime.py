@@ -133,6 +133,20 @@ class WarmupCosine:
         return self.final + (self.base - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class LinearRamp:
+    """A value per step rising (or falling) linearly from ``base`` at step 0 to ``final`` at
+    step ``total_steps`` (I-JEPA's and MSN's EMA momentum); later steps stay at ``final``."""
+
+    total_steps: int
+    base: float
+    final: float
+
+    def __call__(self, step: int) -> float:
+        t = min(1.0, max(0, step) / max(1, self.total_steps))
+        return self.base + (self.final - self.base) * t
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 

@@ -244,7 +244,7 @@ def test_canopy_pretrain_on_real_overhead_imagery(tmp_path, capsys):
     (["--config", "{ratio_yaml}"], "mask_ratio must be 0"),
     (["--init", "{junk}"], "--init"),
     (["--imagery", "{empty}"], "holds no readable 8-bit RGB image"),
-    (["--window", "16"], "smaller than the 48-px global crop"),
+    (["--window", "16"], "smaller than the 48-px crop"),
 ])
 def test_canopy_pretrain_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     from tests.test_predict import run_cli
