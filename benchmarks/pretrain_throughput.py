@@ -1,8 +1,11 @@
-"""DINOv2 pretraining throughput: images per second of a whole training step (data, multi-crop,
-masks, student and teacher forward, backward, clipping, AdamW, EMA), default multi-crop
-(2 × 224 px global, 8 × 96 px local crops), official head sizes, through ``pretrain()`` itself.
+"""Pretraining throughput per method: images per second of a whole training step (data, views,
+masks, student and teacher forward, backward, clipping, AdamW, EMA) through ``pretrain()``
+itself, each method with its official defaults (DINOv2: 2 × 224 px global and 8 × 96 px local
+crops; I-JEPA: one 224 px crop, 4 target blocks, a context of ≈ 28 % of the patches; MSN/PMSN:
+one target, one anchor with 15 % of its patches dropped, 10 focal 96 px anchors), in one run.
 
     python benchmarks/pretrain_throughput.py --arch vit_small --batch 16 --steps 6 --precision fp32 bf16
+    python benchmarks/pretrain_throughput.py --methods dinov2 ijepa msn --precision fp32
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class RealWindows:
 
 
 def main() -> None:
-    from ssl_backbone.dinov2 import DINOv2Config
+    from ssl_backbone.methods import config_for
     from ssl_backbone.pretrain import pretrain
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -52,12 +55,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--methods", nargs="+", default=["dinov2"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
-    for precision in args.precision:
-        cfg = DINOv2Config(arch=args.arch, batch_size=args.batch)
+    for method, precision in [(m, p) for m in args.methods for p in args.precision]:
+        cfg = config_for(method, {"arch": args.arch, "batch_size": args.batch})
         times: list[float] = []
         last = [time.perf_counter()]
 
@@ -71,8 +75,9 @@ def main() -> None:
                      max_steps=args.warmup + args.steps, log_every=1, checkpoint_every=10 ** 9,
                      progress=tick)
         timed = times[args.warmup:]
-        rows[precision] = round(args.batch * len(timed) / sum(timed), 2)
-        print(precision, rows[precision], "images/s", flush=True)
+        key = precision if args.methods == ["dinov2"] else f"{method} {precision}"
+        rows[key] = round(args.batch * len(timed) / sum(timed), 2)
+        print(key, rows[key], "images/s", flush=True)
     result = {"command": "python benchmarks/pretrain_throughput.py " + " ".join(sys.argv[1:]),
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "threads": args.threads,

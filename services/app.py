@@ -10,6 +10,7 @@ errors; anything else is a 500 whose body says only "internal error" (the trace 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from enum import Enum
 from pathlib import Path
@@ -78,6 +79,8 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     config = config or ServiceConfig()
+    # before this process's first GDAL read; an operator's own setting wins
+    os.environ.setdefault("GDAL_CACHEMAX", str(config.gdal_cache_mb))
     registry = LayerRegistry(config.layers_dir)
     cache = tiles_mod.TileCache(config.tile_cache_mb * 1024 * 1024)
     metrics = CollectorRegistry()
@@ -330,6 +333,12 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
 
     runner = JobRunner(config, store, on_done=layer_for_run)
     app.state.runner = runner
+
+    @app.on_event("startup")
+    async def _threads():
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads
 
     @app.on_event("startup")
     def _start_jobs():

@@ -47,6 +47,13 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     #: rendered tiles kept in memory per worker process (bounded LRU)
     tile_cache_mb: int = 256
+    #: GDAL's block cache per worker process (GDAL's own default is 5 % of the machine's memory
+    #: per process, which N workers multiply)
+    gdal_cache_mb: int = 64
+    #: threads per worker process that serve requests (reads, rendering, statistics): each
+    #: keeps its own open datasets, so more threads mean more memory and more GIL contention
+    #: for CPU-bound tiles (anyio's default is 40)
+    threads: int = 8
     #: job inputs: imagery name → folder/raster/catalog, model name → checkpoint or model name
     imagery: dict = field(default_factory=dict)
     models: dict = field(default_factory=lambda: {"default": "default"})

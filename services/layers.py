@@ -138,13 +138,6 @@ def open_dataset(path: Path):
     return ds
 
 
-def forget_datasets() -> None:
-    """Close this thread's open datasets (a layer's files were replaced)."""
-    cache = getattr(_local, "datasets", None)
-    while cache:
-        cache.popitem()[1].close()
-
-
 # ------------------------------------------------------------------------------------ scanning
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,14 @@ class _Acc:
         edges = [0] + [int(round((lo - LOW) / BIN)) for lo, _ in CLASSES[1:]] + [len(hist)]
         for i in range(len(CLASSES)):
             self.classes[i] += float(hist[edges[i]:edges[i + 1]].sum()) * px_area_eq
+
+    def merge(self, other: "_Acc") -> None:
+        self.hist += other.hist
+        self.classes += other.classes
+        self.weight += other.weight
+        self.wsum += other.wsum
+        self.pixels += other.pixels
+        self.area_valid += other.area_valid
 
     def quantile(self, q: float) -> float:
         c = np.cumsum(self.hist)
@@ -195,16 +204,37 @@ def statistics(layer: Layer, features: list[Feature], limits: Limits) -> list[di
     return [_feature_stats(layer, f) for f in features]
 
 
-def _feature_stats(layer: Layer, feature: Feature) -> dict:
+_POOL: list = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that measure cells, one per core, for the life of the process: cells are
+    measured in parallel (reading, rasterizing and the array work release the GIL), and always
+    by the same threads, whose open datasets (:func:`services.layers.open_dataset`) keep GDAL's
+    cached blocks; a new thread per request would decompress every block again."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                        thread_name_prefix="canopy-stats"))
+    return _POOL[0]
+
+
+def _part_stats(part, geom, k) -> "_Acc":
     acc = _Acc()
-    for crs, geom, k, parts in _pieces(layer, feature.geometry):
-        for part in parts:
-            ds = open_dataset(part.path)
-            window = _window(ds, geom.bounds)
-            if window is None:
-                continue
-            px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
-            _measure(acc, ds, window, geom, px_area * k)
+    ds = open_dataset(part.path)
+    window = _window(ds, geom.bounds)
+    if window is not None:
+        px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
+        _measure(acc, ds, window, geom, px_area * k)
+    return acc
+
+
+def _feature_stats(layer: Layer, feature: Feature) -> dict:
+    jobs = [(part, geom, k) for _, geom, k, parts in _pieces(layer, feature.geometry)
+            for part in parts]
+    results = list(_pool().map(lambda j: _part_stats(*j), jobs))
+    acc = _Acc()
+    for r in results:
+        acc.merge(r)
     area = feature.area_km2 * 1e6
     out = {"properties": feature.properties, "repaired": feature.repaired,
            "area_m2": round(area, 3), "valid_pixels": acc.pixels,
