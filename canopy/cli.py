@@ -24,7 +24,7 @@ def predict(
     input: Optional[Path] = typer.Argument(None, help="RGB raster readable by GDAL (GeoTIFF, COG, VRT)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output COG path (.tif), or a folder with --aoi."),
     aoi: Optional[str] = typer.Option(None, "--aoi", help="Area of interest: a vector file, WKT, 'minx,miny,maxx,maxy' (lon/lat) or a place name ('California', 'São Paulo'). Switches to the tiled state-scale engine."),
-    imagery: Optional[Path] = typer.Option(None, "--imagery", help="With --aoi: a folder of rasters, a VRT/raster, or a catalog .parquet."),
+    imagery: Optional[str] = typer.Option(None, "--imagery", help="With --aoi: a folder of rasters, a VRT/raster, a catalog .parquet, a STAC JSON (ItemCollection/Catalog/Collection), or a STAC API search 'stac+https://host/api?collections=naip&datetime=2020/2022' (COGs read over HTTP, never downloaded)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="With --aoi: address of a running dask scheduler (default: a local cluster)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --aoi: worker processes of the local cluster (default 1)."),
     cell_size: int = typer.Option(4096, "--cell-size", min=64, help="With --aoi: output cell size in pixels."),

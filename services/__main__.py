@@ -70,10 +70,11 @@ def build_config(args):
         raise SystemExit(f"error: jobs_dir '{cfg.jobs_dir}' must be inside the layers folder, "
                          "or finished jobs could not be served")
     for name, path in cfg.imagery.items():
-        if not Path(path).exists():
+        if not str(path).startswith("stac+") and not Path(path).exists():
             raise SystemExit(f"error: imagery '{name}': '{path}' does not exist")
-    return cfg.with_changes(layers_dir=str(root), jobs_dir=str(jobs),
-                            imagery={k: str(Path(v).resolve()) for k, v in cfg.imagery.items()})
+    return cfg.with_changes(layers_dir=str(root), jobs_dir=str(jobs), imagery={
+        k: v if str(v).startswith("stac+") else str(Path(v).resolve())
+        for k, v in cfg.imagery.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -207,7 +207,11 @@ _FOOTPRINTS: dict = {}
 def _check_imagery(path: str, geom, name: str) -> None:
     """422 now, not a failed job later: the AOI must meet the imagery."""
     from canopy.predict.sources import index_imagery
+    from data_catalog.stac_remote import is_stac_search
 
+    if is_stac_search(path):  # a search answers for this AOI only: no cache
+        scenes, _ = index_imagery(path, skip_bad=True, aoi=geom)
+        return
     key = (path, os.stat(path).st_mtime if os.path.exists(path) else None)
     if key not in _FOOTPRINTS:
         scenes, _ = index_imagery(path, skip_bad=True)

@@ -175,6 +175,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     st = path.stat()
     return {**record, "status": "done", "path": rel, "bytes": st.st_size,
             "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path), "sources": used,
+            "items": [s.item for s in scenes if s.path in used and s.item],
             "datetime_start": min(dates) if dates else None,
             "datetime_end": max(dates) if dates else None,
             "seconds": round(time.time() - t0, 3)}
@@ -211,6 +212,9 @@ def _aoi_sha(geom) -> str:
 def _imagery_sha(scenes: list[Scene]) -> str:
     h = hashlib.sha256()
     for s in sorted(scenes, key=lambda s: s.path):
+        if s.version is not None or "://" in s.path:  # remote: the item and its HTTP version
+            h.update(f"{s.path}|{s.item}|{s.version}".encode())
+            continue
         st = os.stat(s.path)
         h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
@@ -334,7 +338,7 @@ def predict_aoi(
     opts = opts.replace(gedi_correction=_absolute_if_path(opts.gedi_correction))
     opts.check_for(load_config(checkpoint).tile_size)
     area = resolve_aoi(aoi)
-    scenes, bad_scenes = index_imagery(imagery, skip_bad=skip_bad_scenes)
+    scenes, bad_scenes = index_imagery(imagery, skip_bad=skip_bad_scenes, aoi=area.geometry)
     scenes = [s for s in scenes if not Path(s.path).is_relative_to(out_dir)]
     for bad in bad_scenes:
         report(progress, "cells", 0, None, message=f"skipped {bad['error']}")

@@ -297,6 +297,8 @@ def write_stac(out_dir: Path, records: list[dict], run: dict, area) -> Path:
             "canopy:model_sha256": run["model_sha256"],
             "canopy:cell": r["id"], "canopy:software": run["software"],
             "canopy:source_scenes": [Path(s).name for s in r.get("sources", [])],
+            # remote imagery: the STAC items each cell was made from (provenance per cell)
+            **({"canopy:source_items": r["items"]} if r.get("items") else {}),
         }
         created = _parse_date(run.get("created")) or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
         props["created"] = created.isoformat()  # when the map was made (STAC common metadata)

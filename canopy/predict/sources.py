@@ -23,8 +23,11 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
-from canopy.errors import OptionError
+from canopy.errors import InputError, OptionError
 from data_catalog.errors import CatalogError
+from data_catalog.stac_remote import (
+    RemoteItem, is_remote, is_stac_file, is_stac_search, items_from_file, remote_item,
+    remote_version, search, signed, use_remote_defaults)
 from data_catalog.raster import (
     LatticeReader, check_complete, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
     resolve_crs, rgb_bands)
@@ -42,10 +45,24 @@ class Scene:
     datetime: str | None
     count: int
     dtype: str
+    item: str | None = None  # STAC item id (remote imagery)
+    version: str | None = None  # ETag/Last-Modified at planning (remote imagery)
 
     @property
     def footprint(self):
         return shapely.from_wkb(self.footprint_wkb)
+
+
+def _open(path: str):
+    """A scene's dataset; a remote one through the signing hook, whose signed URL (it may hold
+    a token) never reaches an error message."""
+    if not is_remote(path):
+        return open_raster(path, "imagery")
+    url = signed(path)
+    try:
+        return open_raster(url, "imagery")
+    except CatalogError as exc:
+        raise type(exc)(str(exc).replace(url, path)) from None
 
 
 def acquisition_text(tags: dict, path: str) -> str | None:
@@ -64,8 +81,10 @@ def acquisition_text(tags: dict, path: str) -> str | None:
     return start if start == end else f"{start}/{end}"
 
 
-def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
-    with open_raster(path, "imagery") as ds:
+def _scene_from_raster(path: str, datetime: str | None = None, *, item: str | None = None,
+                       version: str | None = None) -> Scene:
+    remote = is_remote(path)
+    with _open(path) as ds:
         resolve_crs(path, ds.crs, None, option=None)  # state-scale runs take no --crs
         check_complete(ds, path)
         check_rgb_dtype(ds, rgb_bands(ds, path), path)
@@ -73,25 +92,74 @@ def _scene_from_raster(path: str, datetime: str | None = None) -> Scene:
         if datetime is None:
             datetime = acquisition_text(ds.tags(), path)
         return Scene(
-            path=str(Path(path).resolve()), crs_wkt=ds.crs.to_wkt(), bounds=tuple(ds.bounds),
-            footprint_wkb=shapely.to_wkb(box(west, south, east, north)),
+            path=path if remote else str(Path(path).resolve()), crs_wkt=ds.crs.to_wkt(),
+            bounds=tuple(ds.bounds), footprint_wkb=shapely.to_wkb(box(west, south, east, north)),
             res=finest_pixel_m(ds), datetime=datetime, count=ds.count,
-            dtype=ds.dtypes[0],
+            dtype=ds.dtypes[0], item=item, version=version,
         )
 
 
-def index_imagery(spec: str | Path, *, skip_bad: bool = False
+def _scene_from_item(it: RemoteItem) -> Scene:
+    """A scene of a STAC item: planned from the item's projection metadata when it is complete
+    and says uint8 RGB(N) (no request but one HEAD for the version), else from the file's
+    header read over HTTP."""
+    version = remote_version(it.href) if is_remote(it.href) else None
+    if not is_remote(it.href):
+        return _scene_from_raster(it.href, it.datetime, item=it.item_id)
+    if it.crs and it.bounds and it.res and it.count and it.count >= 3 and it.dtype == "uint8":
+        west, south, east, north = transform_bounds(it.crs, "EPSG:4326", *it.bounds, densify_pts=21)
+        return Scene(path=it.href, crs_wkt=CRS.from_user_input(it.crs).to_wkt(), bounds=it.bounds,
+                     footprint_wkb=shapely.to_wkb(box(west, south, east, north)), res=it.res,
+                     datetime=it.datetime, count=it.count, dtype="uint8", item=it.item_id,
+                     version=version)
+    return _scene_from_raster(it.href, it.datetime, item=it.item_id, version=version)
+
+
+class SceneChangedError(InputError):
+    """A remote scene is not the file that was planned with (replaced or gone)."""
+
+
+def check_unchanged(scene: Scene) -> None:
+    """Before reading a remote scene: it is still the version planning saw."""
+    if scene.version is None or not is_remote(scene.path):
+        return
+    now = remote_version(scene.path)
+    if now != scene.version:
+        raise SceneChangedError(f"imagery {scene.path} (item {scene.item}) changed since the run "
+                                f"was planned ({scene.version} → {now}); run again to plan with "
+                                "the new version")
+
+
+def index_imagery(spec: str | Path, *, skip_bad: bool = False, aoi=None
                   ) -> tuple[list[Scene], list[dict]]:
-    """Scenes from a folder, one raster/VRT, or a catalog GeoParquet (its 'imagery' rows), and
-    the files left out.
+    """Scenes from a folder, one raster/VRT, a catalog GeoParquet (its 'imagery' rows), a STAC
+    API search (``stac+https://…``, over ``aoi``'s bounds) or a STAC JSON file (ItemCollection,
+    Catalog, Collection, Item; :mod:`data_catalog.stac_remote`), and the files left out.
 
     Every scene's header is checked here, before any model runs: readable, a CRS, uint8 RGB, not
     cut short (:func:`data_catalog.raster.check_complete`). A bad one is an error naming the file,
     or with ``skip_bad`` is left out and listed (``{"path", "error"}``).
     """
+    if is_stac_search(spec):
+        if aoi is None:
+            raise OptionError("imagery", "{imagery}: a STAC search needs an area of interest")
+        use_remote_defaults()
+        try:
+            items, key = search(str(spec), aoi.bounds)
+            remote = [remote_item(i, key, str(spec)) for i in items]
+        except CatalogError as exc:
+            raise OptionError("imagery", f"{{imagery}}: {exc}") from None
+        return _scenes(((r.href, r) for r in remote), spec, skip_bad)
     path = Path(spec)
     if not path.exists():
         raise OptionError("imagery", f"'{spec}' does not exist")
+    if is_stac_file(path):
+        use_remote_defaults()
+        try:
+            remote = [remote_item(i, None, str(path)) for i in items_from_file(path)]
+        except CatalogError as exc:
+            raise OptionError("imagery", f"{{imagery}}: {exc}") from None
+        return _scenes(((r.href, r) for r in remote), spec, skip_bad)
     if path.is_dir():
         entries = [(str(p), None) for p in sorted(path.rglob("*"))
                    if p.suffix.lower() in RASTER_SUFFIXES and not p.name.startswith(".")]
@@ -103,15 +171,21 @@ def index_imagery(spec: str | Path, *, skip_bad: bool = False
                    for row in frame.itertuples()]
     else:
         entries = [(str(path), None)]
+    return _scenes(entries, spec, skip_bad)
+
+
+def _scenes(entries, spec, skip_bad: bool) -> tuple[list[Scene], list[dict]]:
     scenes, skipped = [], []
     for file, when in entries:
         try:
-            scenes.append(_scene_from_raster(file, when))
+            scenes.append(_scene_from_item(when) if isinstance(when, RemoteItem)
+                          else _scene_from_raster(file, when))
         except CatalogError as exc:
             if not skip_bad:
                 raise OptionError("imagery", f"{{imagery}}: {exc} (fix or remove it, or pass "
                                              "{skip_bad_scenes} to go on without it)") from None
-            skipped.append({"path": str(Path(file).resolve()), "error": str(exc)})
+            skipped.append({"path": file if is_remote(file) else str(Path(file).resolve()),
+                            "error": str(exc)})
     if not scenes:
         raise OptionError("imagery", f"'{spec}' holds no {'usable ' if skipped else ''}rasters")
     return scenes, skipped
@@ -132,7 +206,7 @@ def _date_key(dt: str | None) -> float:
 def scene_resampling(scene: Scene, crs, gsd: float) -> str:
     """How :func:`read_mosaic` brings ``scene`` onto the zone lattice at ``gsd`` (cells and read
     blocks all sit on that lattice, so one answer holds for every window)."""
-    with open_raster(scene.path, "imagery") as ds:
+    with _open(scene.path) as ds:
         return resampling_onto(ds, crs, Affine(gsd, 0, 0, 0, -gsd, 0), (1, 1)).name
 
 
@@ -150,11 +224,14 @@ def read_mosaic(scenes: list[Scene], crs: CRS | str, transform: Affine, shape: t
     valid = np.zeros((h, w), bool)
     used = []
     pieces = lattice_pieces(transform, shape, gsd)
+    if any(is_remote(s.path) for s in scenes):
+        use_remote_defaults()
     for scene in scene_order(scenes):
         if valid.all():
             break
         took = False
-        with open_raster(scene.path, "imagery") as ds:
+        check_unchanged(scene)
+        with _open(scene.path) as ds:
             reader = LatticeReader(ds, crs, gsd)
             for (br, bc), (rs, cs), (brs, bcs) in pieces:
                 if valid[rs, cs].all():

@@ -1,0 +1,120 @@
+"""A STAC API and a range-capable file server on 127.0.0.1, for tests without the internet.
+
+Run by tests/test_stac_remote.py as ``uvicorn tests.stac_fixture_server:app``. Environment:
+``STAC_FIXTURE_DIR`` (COGs and ``items.json``: a list of STAC Items whose asset hrefs name
+``{base}/files/<file>``, ``{base}`` filled in with the server's own address) and
+``STAC_FIXTURE_BASE``. Fault injection at run time: ``POST /admin/faults`` with
+``{"rate": 0.3, "seed": 1}`` answers that share of file requests with 503 (seeded);
+``GET /admin/stats`` counts requests, 503s and the bytes of file bodies sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from shapely.geometry import box, shape
+
+DATA = Path(os.environ.get("STAC_FIXTURE_DIR", "."))
+BASE = os.environ.get("STAC_FIXTURE_BASE", "http://127.0.0.1")
+app = FastAPI()
+_state = {"rate": 0.0, "rng": random.Random(0), "requests": 0, "faults": 0, "bytes": 0,
+          "ranges": 0}
+_lock = threading.Lock()
+
+
+def _items() -> list[dict]:
+    text = (DATA / "items.json").read_text().replace("{base}", BASE)
+    return json.loads(text)
+
+
+@app.get("/")
+def landing():
+    return {"type": "Catalog", "id": "fixture", "stac_version": "1.0.0",
+            "description": "test STAC API",
+            "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                           "https://api.stacspec.org/v1.0.0/item-search"],
+            "links": [{"rel": "self", "href": BASE + "/", "type": "application/json"},
+                      {"rel": "root", "href": BASE + "/", "type": "application/json"},
+                      {"rel": "search", "href": BASE + "/search", "type": "application/geo+json",
+                       "method": "GET"},
+                      {"rel": "search", "href": BASE + "/search", "type": "application/geo+json",
+                       "method": "POST"}]}
+
+
+@app.get("/conformance")
+def conformance():
+    return {"conformsTo": landing()["conformsTo"]}
+
+
+def _search(bbox=None, collections=None, ids=None, **_):
+    out = []
+    for item in _items():
+        if collections and item.get("collection") not in collections:
+            continue
+        if ids and item["id"] not in ids:
+            continue
+        if bbox and not shape(item["geometry"]).intersects(box(*[float(v) for v in bbox])):
+            continue
+        out.append(item)
+    return JSONResponse({"type": "FeatureCollection", "features": out, "links": [],
+                         "numberReturned": len(out)}, media_type="application/geo+json")
+
+
+@app.get("/search")
+def search_get(request: Request):
+    q = request.query_params
+    return _search(bbox=q["bbox"].split(",") if "bbox" in q else None,
+                   collections=q["collections"].split(",") if "collections" in q else None,
+                   ids=q["ids"].split(",") if "ids" in q else None)
+
+
+@app.post("/search")
+async def search_post(request: Request):
+    return _search(**(await request.json()))
+
+
+@app.post("/admin/faults")
+async def faults(request: Request):
+    body = await request.json()
+    with _lock:
+        _state["rate"] = float(body.get("rate", 0))
+        _state["rng"] = random.Random(int(body.get("seed", 0)))
+    return {"rate": _state["rate"]}
+
+
+@app.get("/admin/stats")
+def stats():
+    return {k: v for k, v in _state.items() if k != "rng"}
+
+
+@app.api_route("/files/{name}", methods=["GET", "HEAD"])
+def files(name: str, request: Request):
+    path = DATA / Path(name).name
+    with _lock:
+        _state["requests"] += 1
+        fault = _state["rng"].random() < _state["rate"]
+        if fault:
+            _state["faults"] += 1
+    if fault:
+        return Response(status_code=503)
+    if not path.is_file():
+        return Response(status_code=404)
+    resp = FileResponse(path)
+    if request.method == "GET":
+        rng = request.headers.get("range")
+        with _lock:
+            if rng:
+                _state["ranges"] += 1
+                start, _, end = rng.split("=")[1].split(",")[0].partition("-")
+                size = path.stat().st_size
+                end = int(end) if end else size - 1
+                _state["bytes"] += min(end, size - 1) - int(start or 0) + 1
+            else:
+                _state["bytes"] += path.stat().st_size
+    return resp

@@ -1,0 +1,192 @@
+"""`canopy predict --aoi` with imagery from a STAC API or a STAC file, read over HTTP range
+requests from a server on 127.0.0.1 (tests/stac_fixture_server.py): the same cells as a run over
+the same COGs on local disk, through injected 503s, never reading whole files; a scene changed
+after planning is named; bad searches are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from canopy.predict.engine import predict_aoi
+from canopy.predict.options import PredictOptions
+from tests.conftest import ROOT, shared
+from tests.services.conftest import free_port
+
+OSBS = ("rgb_chm_pairs", "neon_osbs_029", "OSBS_029.tif")
+OSBS_AOI = "-81.9900,29.6924,-81.9897,29.69265"
+JOB = ("micro", PredictOptions(batch_size=4, precision="fp32"))
+
+
+def _cogs(folder: Path) -> list[Path]:
+    """Two overlapping COGs cut from the real NEON OSBS_029 RGB (west and east parts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    with rasterio.open(shared(*OSBS)) as src:
+        for name, c0, c1 in (("osbs_west.tif", 0, 230), ("osbs_east.tif", 170, 400)):
+            win = Window(c0, 0, c1 - c0, src.height)
+            profile = {**src.profile, "width": c1 - c0, "height": src.height,
+                       "transform": src.window_transform(win), "driver": "GTiff"}
+            tmp = folder / f".{name}"
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(src.read(window=win))
+            rasterio.shutil.copy(tmp, folder / name, driver="COG", blocksize=128,
+                                 compress="deflate")
+            tmp.unlink()
+            out.append(folder / name)
+    return out
+
+
+def _item(path: Path) -> dict:
+    with rasterio.open(path) as ds:
+        west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)
+        t = ds.transform
+        return {
+            "type": "Feature", "stac_version": "1.0.0", "id": path.stem, "collection": "osbs",
+            "stac_extensions": ["https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+                                "https://stac-extensions.github.io/raster/v1.1.0/schema.json"],
+            "geometry": {"type": "Polygon", "coordinates": [[[west, south], [east, south],
+                                                             [east, north], [west, north],
+                                                             [west, south]]]},
+            "bbox": [west, south, east, north],
+            "properties": {"datetime": "2018-09-01T00:00:00Z", "proj:code": f"EPSG:{ds.crs.to_epsg()}",
+                           "proj:bbox": list(ds.bounds), "proj:shape": [ds.height, ds.width],
+                           "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f]},
+            "assets": {"image": {"href": f"{{base}}/files/{path.name}",
+                                 "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                                 "roles": ["data"],
+                                 "raster:bands": [{"data_type": "uint8"}] * 3}},
+            "links": []}
+
+
+@pytest.fixture(scope="module")
+def stac_server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("stac")
+    cogs = _cogs(data)
+    (data / "items.json").write_text(json.dumps([_item(p) for p in cogs]))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "STAC_FIXTURE_DIR": str(data), "STAC_FIXTURE_BASE": base}
+    log = open(data / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.stac_fixture_server:app",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield base, data, cogs
+    proc.terminate()
+    proc.wait(10)
+
+
+def _faults(base, rate, seed=0):
+    httpx.post(base + "/admin/faults", json={"rate": rate, "seed": seed}).raise_for_status()
+
+
+def _cells(folder: Path) -> dict:
+    out = {}
+    for p in sorted((folder / "cells").glob("*.tif")):
+        with rasterio.open(p) as ds:
+            out[p.name] = ds.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(stac_server, tmp_path_factory):
+    _, data, cogs = stac_server
+    folder = tmp_path_factory.mktemp("local-imagery")
+    for c in cogs:
+        (folder / c.name).write_bytes(c.read_bytes())
+    out = tmp_path_factory.mktemp("local-run") / "run"
+    predict_aoi(OSBS_AOI, folder, out, *JOB, cell_px=64, workers=1)
+    return _cells(out)
+
+
+def test_a_stac_search_gives_the_cells_of_the_same_scenes_on_local_disk(stac_server, local_run, tmp_path):
+    base, data, cogs = stac_server
+    _faults(base, 0.0)
+    before = httpx.get(base + "/admin/stats").json()
+    s = predict_aoi(OSBS_AOI, f"stac+{base}/?collections=osbs", tmp_path / "run", *JOB,
+                    cell_px=64, workers=1)
+    assert s.cells_done == 4
+    remote = _cells(tmp_path / "run")
+    assert remote.keys() == local_run.keys()
+    for name in remote:
+        np.testing.assert_array_equal(remote[name], local_run[name])  # seam-free, same pixels
+    after = httpx.get(base + "/admin/stats").json()
+    total = sum(c.stat().st_size for c in cogs)
+    fetched = after["bytes"] - before["bytes"]
+    assert after["ranges"] > before["ranges"]  # range requests, not whole files
+    assert 0 < fetched < 2.5 * total  # GDAL's caches are per process: each worker reads its own
+    # provenance: each cell names the STAC items it was made from
+    items = json.loads((tmp_path / "run" / "manifest.jsonl").read_text().splitlines()[-1])["items"]
+    assert set(items) <= {"osbs_west", "osbs_east"} and items
+    # no signed URL or token is written: hrefs stay as the catalogue gave them
+    assert "token" not in (tmp_path / "run" / "manifest.jsonl").read_text()
+
+
+def test_a_saved_item_collection_and_injected_503s(stac_server, local_run, tmp_path):
+    base, data, _ = stac_server
+    items = httpx.get(base + "/search", params={"collections": "osbs"}).json()
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    _faults(base, 0.3, seed=3)
+    try:
+        s = predict_aoi(OSBS_AOI, tmp_path / "items.json", tmp_path / "run", *JOB, cell_px=64,
+                        workers=1)
+    finally:
+        stats = httpx.get(base + "/admin/stats").json()
+        _faults(base, 0.0)
+    assert s.cells_done == 4 and stats["faults"] > 5  # retried through the 503s
+    for name, arr in _cells(tmp_path / "run").items():
+        np.testing.assert_array_equal(arr, local_run[name])
+
+
+def test_a_scene_changed_after_planning_is_named(stac_server, tmp_path):
+    from canopy.predict.sources import SceneChangedError, index_imagery, read_mosaic
+    from data_catalog.aoi import resolve_aoi
+
+    base, data, cogs = stac_server
+    scenes, _ = index_imagery(f"stac+{base}/?collections=osbs", aoi=resolve_aoi(OSBS_AOI).geometry)
+    assert {s.item for s in scenes} == {"osbs_west", "osbs_east"} and all(s.version for s in scenes)
+    east = data / "osbs_east.tif"
+    stamp = east.stat().st_mtime
+    os.utime(east, (stamp + 100, stamp + 100))  # the file is replaced on the server
+    try:
+        s = [x for x in scenes if x.item == "osbs_east"][0]
+        with pytest.raises(SceneChangedError, match="osbs_east.*changed since the run was planned"):
+            with rasterio.open(cogs[0]) as ds:
+                read_mosaic([s], ds.crs, ds.transform, (8, 8), 0.6)
+    finally:
+        os.utime(east, (stamp, stamp))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("stac+http://127.0.0.1:9/?collections=osbs", "did not answer"),
+    ("stac+{base}/?collections=nothing", "no items over the area of interest"),
+    ("stac+{base}/?collections=osbs&asset=nope", "has no asset 'nope'"),
+    ("stac+{base}/?colections=osbs", "not supported"),
+])
+def test_bad_stac_input_is_one_line(stac_server, tmp_path, spec, words):
+    base, _, _ = stac_server
+    r = subprocess.run([sys.executable, "-m", "canopy.cli", "predict", "--aoi", OSBS_AOI,
+                        "--imagery", spec.format(base=base), "-o", str(tmp_path / "run"),
+                        "-c", "micro"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    assert not (tmp_path / "run" / "cells").exists()
