@@ -243,17 +243,21 @@ def export_stac_command(
 
 @app.command("import-stac")
 def import_stac_command(
-    stac_json: Path = typer.Argument(..., help="STAC Catalog, Collection, ItemCollection or Item JSON."),
+    stac_json: str = typer.Argument(..., help="STAC Catalog, Collection, ItemCollection or Item JSON, "
+                                               "or a STAC API search 'stac+https://host/api?collections=naip&bbox=W,S,E,N'."),
     catalog: Path = CATALOG_OPTION,
 ) -> None:
-    """Add the imagery of a STAC JSON (relative asset hrefs resolve against the JSON's folder)."""
+    """Add the imagery of a STAC JSON (relative asset hrefs resolve against the JSON's folder) or
+    of a STAC API search (remote assets are catalogued from the items' metadata)."""
     from data_catalog.catalog import Catalog
     from data_catalog.stac import import_stac
+    from data_catalog.stac_remote import import_search, is_stac_search
 
     with _user_errors():
         cat = Catalog.open(catalog)
         before = set(cat.frame["asset_id"])
-        written = import_stac(stac_json, cat)
+        written = (import_search(stac_json, cat) if is_stac_search(stac_json)
+                   else import_stac(Path(stac_json), cat))
         cat.save()
     added = sum(record.asset_id not in before for record in written)
     typer.echo(f"added {added}, updated {len(written) - added}; {cat.path} holds {len(cat)} assets")

@@ -181,7 +181,8 @@ def _media_type(path: str) -> str | None:
 
 
 def import_stac(stac_path: str | Path, catalog: Catalog) -> list[AssetRecord]:
-    """Add the imagery Items of a STAC JSON to ``catalog``; returns the rows added or updated.
+    """Add the imagery Items of a STAC JSON to ``catalog``; returns the rows added or updated
+    (a STAC API search: :func:`data_catalog.stac_remote.import_search`).
 
     Relative asset hrefs are resolved against the JSON that holds the Item. Items without a
     raster asset are skipped with a warning. Rows exported by this package keep their kind
@@ -216,7 +217,7 @@ def read_stac_items(stac_path: Path) -> list[pystac.Item]:
     raise CatalogError(f"{stac_path}: not a STAC Catalog, Collection, ItemCollection or Item (type={kind!r})")
 
 
-def record_for_item(item: pystac.Item, stac_path: Path) -> AssetRecord | None:
+def record_for_item(item: pystac.Item, stac_path: Path, source: str | None = None) -> AssetRecord | None:
     asset = _pick_raster_asset(item)
     if asset is None:
         warnings.warn(f"{stac_path}: item {item.id!r} has no raster asset; skipped", stacklevel=3)
@@ -230,12 +231,12 @@ def record_for_item(item: pystac.Item, stac_path: Path) -> AssetRecord | None:
     if not is_url(location) and Path(location).is_file():
         describe = describe_chm if kind == "chm" else describe_imagery
         description = describe(location, stac_crs)  # the STAC CRS fills in for files without one
-        extra = {"stac_item": item.id, "stac_source": str(stac_path)}
+        extra = {"stac_item": item.id, "stac_source": source or str(stac_path)}
         record = raster_record(kind, location, description, extra=extra)
     else:
         if not is_url(location):
             warnings.warn(f"{location}: not found; row made from STAC metadata of item {item.id!r}", stacklevel=3)
-        record = _record_from_metadata(kind, location, item, fields, stac_crs, stac_path)
+        record = _record_from_metadata(kind, location, item, fields, stac_crs, stac_path, source)
     if start is not None:  # a date stated in STAC beats one guessed from TIFF tags
         record.datetime, record.start_datetime, record.end_datetime = iso_utc(start), iso_utc(start), iso_utc(end)
     return record
@@ -253,7 +254,8 @@ def _extension_fields(item: pystac.Item, asset: pystac.Asset) -> dict[str, Any]:
 
 
 def _record_from_metadata(
-    kind: str, location: str, item: pystac.Item, fields: dict[str, Any], crs: str | None, stac_path: Path
+    kind: str, location: str, item: pystac.Item, fields: dict[str, Any], crs: str | None, stac_path: Path,
+    source: str | None = None,
 ) -> AssetRecord:
     if item.geometry is None:
         raise CatalogError(f"{stac_path}: item {item.id!r} has no geometry and its file is not local")
@@ -267,7 +269,7 @@ def _record_from_metadata(
     res_y = abs(float(transform[4])) if transform else gsd
     first_band = bands[0] if bands else {}
     nodata = first_band.get("nodata")
-    extra: dict[str, Any] = {"stac_item": item.id, "stac_source": str(stac_path), "gsd_m": gsd}
+    extra: dict[str, Any] = {"stac_item": item.id, "stac_source": source or str(stac_path), "gsd_m": gsd}
     if transform:
         extra["transform"] = [float(v) for v in transform[:6]]
     return AssetRecord(

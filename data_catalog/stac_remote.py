@@ -34,7 +34,7 @@ REMOTE_GDAL_OPTIONS = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
-    "GDAL_HTTP_VERSION": "2",
+    "GDAL_HTTP_VERSION": "2TLS",  # HTTP/2 over TLS (ALPN); plain http stays 1.1 (no h2c upgrades)
     "GDAL_HTTP_MAX_RETRY": "6",
     "GDAL_HTTP_RETRY_DELAY": "0.5",  # GDAL doubles it per try and adds jitter (GDAL ≥ 3.7)
     "GDAL_HTTP_TIMEOUT": "60",
@@ -128,21 +128,32 @@ def parse_search(spec: str) -> tuple[str, dict, str | None]:
             out[key] = int(value) if key in ("limit", "max_items") else value
         elif key == "query":
             out[key] = json.loads(value)
+        elif key == "bbox":
+            try:
+                out[key] = [float(v) for v in value.split(",")]
+            except ValueError:
+                raise CatalogError(f"bbox must be minx,miny,maxx,maxy in degrees, got '{value}'") from None
         else:
             raise CatalogError(f"STAC search parameter '{key}' is not supported (collections, "
-                               "ids, datetime, query, limit, max_items, asset)")
+                               "ids, datetime, query, bbox, limit, max_items, asset)")
     return root, out, asset
 
 
-def search(spec: str, bbox: tuple[float, float, float, float]) -> tuple[list, str | None]:
-    """Items of a STAC API search over ``bbox`` (lon/lat), and the asset key asked for."""
+def search(spec: str, bbox: tuple[float, float, float, float] | None = None
+           ) -> tuple[list, str | None]:
+    """Items of a STAC API search over ``bbox`` (lon/lat; an area of interest's bounds win over
+    a ``bbox`` in the spec), and the asset key asked for."""
     from pystac_client import Client
     from pystac_client.exceptions import APIError
 
     root, params, asset = parse_search(spec)
+    if bbox is not None:
+        params["bbox"] = list(bbox)
+    if "bbox" not in params and "ids" not in params:
+        raise CatalogError(f"a search of {root} needs bbox=minx,miny,maxx,maxy (or ids=…)")
     try:
         client = Client.open(root)
-        items = list(client.search(bbox=list(bbox), **params).items())
+        items = list(client.search(**params).items())
     except APIError as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if any(w in text for w in ("Max retries", "Connection", "timed out", "Name or service")):
@@ -155,6 +166,18 @@ def search(spec: str, bbox: tuple[float, float, float, float]) -> tuple[list, st
         raise CatalogError(f"STAC API {root}: no items over the area of interest for "
                            f"{params or 'this search'}")
     return items, asset
+
+
+def import_search(spec: str, catalog) -> list:
+    """Add the imagery Items of a STAC API search (``stac+https://…?bbox=…``) to ``catalog``;
+    remote assets are described from the items' metadata."""
+    from data_catalog.stac import record_for_item
+
+    items, _ = search(spec)
+    records = [r for item in items if (r := record_for_item(item, Path.cwd(), source=spec)) is not None]
+    if not records:
+        raise CatalogError(f"{spec}: no Items with a raster asset")
+    return catalog.add_records(records)
 
 
 def items_from_file(path: Path) -> list:

@@ -190,3 +190,24 @@ def test_bad_stac_input_is_one_line(stac_server, tmp_path, spec, words):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
     assert not (tmp_path / "run" / "cells").exists()
+
+
+def test_catalog_import_stac_from_a_search(stac_server, tmp_path):
+    base, _, cogs = stac_server
+    w, s, e, n = (float(v) for v in OSBS_AOI.split(","))
+    spec = f"stac+{base}/?collections=osbs&bbox={w},{s},{e},{n}"
+    r = subprocess.run([sys.executable, "-m", "canopy.cli", "catalog", "import-stac", spec,
+                        "--catalog", str(tmp_path / "cat.parquet")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from data_catalog.catalog import Catalog
+
+    rows = Catalog.open(tmp_path / "cat.parquet").query(kinds=["imagery"])
+    assert sorted(rows["path"]) == sorted(f"{base}/files/{c.name}" for c in cogs)
+    with rasterio.open(cogs[0]) as ds:  # planned from the items' projection metadata
+        row = rows[rows["path"].str.endswith(cogs[0].name)].iloc[0]
+        assert row["res_x"] == pytest.approx(ds.res[0]) and row["width"] == ds.width
+    bad = subprocess.run([sys.executable, "-m", "canopy.cli", "catalog", "import-stac",
+                          f"stac+{base}/?collections=osbs", "--catalog", str(tmp_path / "c2.parquet")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "needs bbox" in bad.stderr
