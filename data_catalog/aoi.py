@@ -270,11 +270,13 @@ def _aoi_from_geometries(geoms, name: str, source: str, crs=None) -> AOI:
     return AOI(name=name, geometry=geometry, repaired=repaired, source=source)
 
 
-def resolve_aoi(spec, *, layer: str | int | None = None, crs=None) -> AOI:
+def resolve_aoi(spec, *, layer: str | int | None = None, crs=None, files: bool = True) -> AOI:
     """Turn a file path, bbox string, WKT/GeoJSON string, place name or geometry into an AOI.
 
     ``layer`` picks the layer of a multi-layer file; ``crs`` supplies the CRS of a file that has
-    none (or overrides a wrong one). See the module docstring for the rules.
+    none (or overrides a wrong one). ``files=False`` (a server resolving what a client typed)
+    never touches the filesystem: a text that could be a path is refused. See the module
+    docstring for the rules.
     """
     if isinstance(spec, AOI):
         return spec
@@ -285,8 +287,12 @@ def resolve_aoi(spec, *, layer: str | int | None = None, crs=None) -> AOI:
     if not isinstance(spec, str) or not spec.strip():
         raise CatalogError(f"AOI {spec!r}: expected a file path, bbox, WKT or place name")
     text = spec.strip()
+    if not files and (any(c in text for c in "/\\~") or text.startswith(".")
+                      or Path(text).suffix.lower() in VECTOR_SUFFIXES):
+        raise CatalogError(f"AOI '{text[:60]}': files cannot be named here; give GeoJSON, a bbox, "
+                           "WKT or a place name")
     path = Path(text).expanduser()
-    if path.is_file():
+    if files and path.is_file():
         geoms, file_crs = _read_vector_file(path, layer, crs)
         return _aoi_from_geometries(geoms, path.stem, f"file:{path}", crs=file_crs)
     if path.suffix.lower() in VECTOR_SUFFIXES:  # no place name ends in .gpkg: a mistyped path

@@ -146,9 +146,15 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
                 return _error(413, f"the body is {int(length):,} bytes; at most "
                                    f"{config.limits.max_body_bytes:,}", "body")
         elif request.method in ("POST", "PUT", "PATCH"):
-            body = await request.body()  # chunked: read it once, bounded
-            if len(body) > config.limits.max_body_bytes:
-                return _error(413, f"the body is over {config.limits.max_body_bytes:,} bytes", "body")
+            # chunked: counted as it arrives, and refused at the limit, not after reading it all
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.limits.max_body_bytes:
+                    return _error(413, f"the body is over {config.limits.max_body_bytes:,} bytes",
+                                  "body")
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # what the endpoint reads (Starlette's body cache)
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - never a trace to a client
@@ -355,7 +361,7 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
                         '"precision": "auto", "cell_size": 4096, "name": "..."}')]) -> dict:
         require_key(request, write=True)
         req, job_id = prepare(config, body, store)
-        return store.insert(req, jobs_root / job_id, job_id)
+        return store.insert(req, jobs_root / job_id, job_id, config.limits.max_concurrent_jobs)
 
     @app.get("/jobs", tags=["jobs"])
     def list_jobs(request: Request) -> dict:

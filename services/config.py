@@ -30,7 +30,7 @@ class Limits:
     max_body_bytes: int = 2_000_000
     max_vertices: int = 20_000
     max_features: int = 100
-    max_statistics_km2: float = 2_000.0  # per request; ≈ 5.6 Gpx at 0.6 m
+    max_statistics_km2: float = 200.0  # per request; ≈ 0.56 Gpx at 0.6 m, some seconds
     max_export_pixels: int = 64_000_000  # 8000 × 8000
     max_concurrent_jobs: int = 2
     max_job_km2: float = 500_000.0

@@ -33,6 +33,7 @@ log = logging.getLogger("canopy.services.jobs")
 
 DB_NAME = "jobs.sqlite"
 ACTIVE = ("queued", "running")
+MAX_ATTEMPTS = 3
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 _SCHEMA = """
@@ -62,12 +63,28 @@ class JobStore:
         db.row_factory = sqlite3.Row
         return db
 
-    def insert(self, request: dict, out_dir: Path, job_id: str) -> dict:
+    def insert(self, request: dict, out_dir: Path, job_id: str, max_active: int) -> dict:
+        """Queue a job unless ``max_active`` are queued or running (counted and inserted in one
+        immediate transaction: concurrent requests, in any worker process, cannot both pass)."""
         now = time.time()
-        with self._db() as db:
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            active = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+                                ).fetchone()[0]
+            if active >= max_active:
+                db.execute("ROLLBACK")
+                raise TooMany(f"{max_active} jobs are queued or running; try again when one has "
+                              "finished")
             db.execute("INSERT INTO jobs (id, state, created, updated, request, out_dir) "
                        "VALUES (?, 'queued', ?, ?, ?, ?)",
                        (job_id, now, now, json.dumps(request), str(out_dir)))
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
         return self.get(job_id)
 
     def get(self, job_id: str) -> dict | None:
@@ -94,6 +111,12 @@ class JobStore:
             # a dead owner's job that was being cancelled is cancelled now
             db.execute("UPDATE jobs SET state='cancelled', updated=? WHERE state='running' AND "
                        "cancel=1 AND heartbeat < ?", (now, now - stale_s))
+            # a job that took its server down this many times is not tried again
+            db.execute("UPDATE jobs SET state='failed', updated=?, error=? WHERE state='running' "
+                       "AND heartbeat < ? AND attempts >= ?",
+                       (now, f"stopped {MAX_ATTEMPTS} times without finishing (the server or its "
+                             "workers died each time); see the server log", now - stale_s,
+                        MAX_ATTEMPTS))
             row = db.execute(
                 "SELECT id FROM jobs WHERE state='queued' OR (state='running' AND heartbeat < ?) "
                 "ORDER BY created LIMIT 1", (now - stale_s,)).fetchone()
@@ -115,14 +138,19 @@ class JobStore:
             return dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def beat(self, job_id: str, owner: str, progress: dict | None = None) -> bool:
-        """Heartbeat (and progress); returns whether a cancel was asked."""
+        """Heartbeat (and progress); returns whether the job should stop: a cancel was asked, or
+        another process has taken the job over (this owner's heartbeat was missed)."""
         now = time.time()
         with self._db() as db:
             if progress is None:
-                db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND owner=?", (now, job_id, owner))
+                cur = db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND owner=? AND "
+                                 "state='running'", (now, job_id, owner))
             else:
-                db.execute("UPDATE jobs SET heartbeat=?, updated=?, progress=? WHERE id=? AND owner=?",
-                           (now, now, json.dumps(progress), job_id, owner))
+                cur = db.execute("UPDATE jobs SET heartbeat=?, updated=?, progress=? WHERE id=? "
+                                 "AND owner=? AND state='running'",
+                                 (now, now, json.dumps(progress), job_id, owner))
+            if cur.rowcount == 0:
+                return True
             row = db.execute("SELECT cancel FROM jobs WHERE id=?", (job_id,)).fetchone()
         return bool(row and row["cancel"])
 
@@ -179,7 +207,8 @@ def prepare(config: ServiceConfig, body: dict, store: JobStore) -> tuple[dict, s
         raise BadRequest("cell_size must be an integer from 64 to 16384 px", field="cell_size")
     aoi = body.get("aoi")
     if isinstance(aoi, str):
-        area = resolve_aoi(aoi)  # a place name or WKT/bbox; CatalogError (4xx) when unknown
+        # a place name, WKT or bbox; never a path (files=False): clients do not name files
+        area = resolve_aoi(aoi, files=False)
         geom, area_km2 = area.geometry, area.area_km2()
     elif isinstance(aoi, dict):
         feats = parse_polygons(aoi, config.limits)
@@ -191,9 +220,6 @@ def prepare(config: ServiceConfig, body: dict, store: JobStore) -> tuple[dict, s
         raise TooLarge(f"the AOI covers {area_km2:,.0f} km²; at most "
                        f"{config.limits.max_job_km2:,.0f} km² per job", field="aoi")
     _check_imagery(config.imagery[imagery], geom, imagery)
-    if store.active() >= config.limits.max_concurrent_jobs:
-        raise TooMany(f"{config.limits.max_concurrent_jobs} jobs are queued or running; try again "
-                      "when one has finished", field=None)
     job_id = uuid.uuid4().hex[:16]
     request = {"aoi": aoi if isinstance(aoi, str) else "geojson", "aoi_wkt": geom.wkt,
                "area_km2": round(area_km2, 6), "imagery": imagery, "model": model,
@@ -265,7 +291,10 @@ class JobRunner:
 
         def beat():
             while not stop_beat.wait(interval):
-                self.store.beat(job_id, self.owner)
+                try:
+                    self.store.beat(job_id, self.owner)
+                except sqlite3.Error:  # a busy or briefly unreadable database: try next time
+                    log.warning("job %s: heartbeat not written", job_id, exc_info=True)
 
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()

@@ -16,8 +16,10 @@ server reads the cells they point to directly and never opens a VRT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -34,6 +36,7 @@ from shapely.geometry import box
 from canopy.io import outputs
 from canopy.predict.grid import Cell
 from canopy.predict.manifest import MANIFEST_FILE, RUN_FILE
+from services.errors import NotFound
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
@@ -125,12 +128,21 @@ def open_dataset(path: Path):
     cache = getattr(_local, "datasets", None)
     if cache is None:
         cache = _local.datasets = OrderedDict()
-    key = str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"a file of this layer is gone ({Path(path).name}); it was removed or "
+                       "is being replaced") from None
+    # a file replaced in place (os.replace: a new inode) is a new dataset, not the old handle
+    key = (str(path), st.st_ino, st.st_mtime_ns)
     ds = cache.get(key)
     if ds is not None:
         cache.move_to_end(key)
         return ds
-    ds = rasterio.open(key, driver="GTiff")
+    try:
+        ds = rasterio.open(str(path), driver="GTiff")
+    except rasterio.errors.RasterioIOError:
+        raise NotFound(f"a file of this layer cannot be read ({Path(path).name})") from None
     cache[key] = ds
     while len(cache) > _MAX_OPEN:
         _, old = cache.popitem(last=False)
@@ -249,11 +261,8 @@ class LayerRegistry:
     def get(self, layer_id: str) -> Layer | None:
         if not _ID_RE.fullmatch(layer_id):
             return None
-        layer = self._layers.get(layer_id)
-        if layer is None:
-            self.rescan()
-            layer = self._layers.get(layer_id)
-        return layer
+        self.rescan()  # at most once a second: a replaced file gets a new stamp (tile cache key)
+        return self._layers.get(layer_id)
 
     def rescan(self, force: bool = False) -> None:
         with self._lock:
@@ -262,11 +271,11 @@ class LayerRegistry:
             self._scanned = time.monotonic()
             old = {l.root: l for l in self._layers.values()}
             found: dict[str, Layer] = {}
-            for rel, kind in self._candidates():
+            candidates = list(self._candidates())
+            ids = self._ids(candidates, old)
+            for rel, kind in candidates:
                 path = self.root / rel
-                layer_id = _slug(rel)
-                while layer_id in found:
-                    layer_id += "_"
+                layer_id = ids[rel]
                 try:
                     stamp = (path / "summary.json" if kind == "run" else path).stat().st_mtime
                     prev = old.get(path)
@@ -280,6 +289,30 @@ class LayerRegistry:
                 if layer is not None:
                     found[layer_id] = layer
             self._layers = found
+
+    def _ids(self, candidates, old: dict) -> dict:
+        """Layer ids that do not depend on scan order and never move: a layer keeps the id it
+        had; a new one takes its slug, or, where the slug is taken or shared (``a b.tif`` and
+        ``a-b.tif``), the slug plus a hash of its relative path."""
+        ids: dict = {}
+        taken: set = set()
+        for rel, _ in candidates:
+            prev = old.get(self.root / rel)
+            if prev is not None:
+                ids[rel] = prev.id
+                taken.add(prev.id)
+        slugs: dict = {}
+        for rel, _ in candidates:
+            if rel not in ids:
+                slugs.setdefault(_slug(rel), []).append(rel)
+        for slug, rels in slugs.items():
+            for rel in rels:
+                if len(rels) == 1 and slug not in taken:
+                    ids[rel] = slug
+                else:
+                    ids[rel] = f"{slug[:110]}-{hashlib.sha1(rel.as_posix().encode()).hexdigest()[:8]}"
+                taken.add(ids[rel])
+        return ids
 
     def _candidates(self):
         """(relative path, kind) of every run folder and loose COG under the root; files inside

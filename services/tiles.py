@@ -157,15 +157,15 @@ def check_tile(z: int, x: int, y: int) -> None:
                          field="x" if not 0 <= x < n else "y")
 
 
-def tile_sources(layer: Layer, z: int, x: int, y: int) -> list[Part]:
-    """The COGs a tile is read from (empty: the tile is outside the layer)."""
+def tile_sources(layer: Layer, z: int, x: int, y: int, scale: int = 1) -> list[Part]:
+    """The COGs a tile of ``256·scale`` px is read from (empty: the tile is outside the layer)."""
     west, south, east, north = WEB_MERCATOR.bounds(x, y, z)
     tile_ll = box(west, south, east, north)
     if not tile_ll.intersects(box(*layer.bounds_ll)):
         return []
     if layer.overview is not None:
         lat = math.radians(max(-85.0, min(85.0, (south + north) / 2)))
-        ground = WEB_MERCATOR.matrix(z).cellSize * math.cos(lat)  # metres per tile pixel
+        ground = WEB_MERCATOR.matrix(z).cellSize * math.cos(lat) / scale  # metres per tile pixel
         if ground >= layer.overview_res / 2:
             return [layer.overview]
         parts = layer.parts_touching(tile_ll)
@@ -178,7 +178,7 @@ def read_tile(layer: Layer, z: int, x: int, y: int, size: int) -> np.ndarray | N
     from rio_tiler.errors import TileOutsideBounds
 
     out = None
-    for part in tile_sources(layer, z, x, y):
+    for part in tile_sources(layer, z, x, y, max(1, size // 256)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # NoOverviewWarning on small cells

@@ -13,8 +13,8 @@ Deliberate differences from the official code (each tested or stated in docs/pre
 * masks: a block may touch the last patch row and column (the official ``randint`` upper bound
   excludes them, ijepa #40/#59); masks of a batch are cut to equal length by keeping a seeded
   random subset of each, not the first indices in raster order (which drops bottom-right
-  patches, ijepa #60); a context that keeps too few patches is redrawn, then the targets are
-  allowed to overlap it (the official code drops constraints with a warning);
+  patches, ijepa #60); a context that keeps too few patches is redrawn up to 40 times, then
+  the settings are refused as impossible (the official code drops constraints with a warning);
 * the encoder is our backbone: its own positions (learned, or rotary for DINOv3) and its CLS
   token, which attends to the context; the predictor has the fixed 2-D sin-cos positions;
 * the crop is followed by one of the 8 dihedral transforms (overhead imagery has no "up").

@@ -152,8 +152,16 @@ def msn_loss(anchor_z: torch.Tensor, target_z: torch.Tensor, prototypes: torch.T
         views = anchor_z.shape[0] // target_z.shape[0]
         target = target.repeat(views, 1)
     ce = torch.mean(torch.sum(-target * torch.log(probs.clamp_min(1e-30)), dim=1))
-    n = torch.tensor(float(probs.shape[0]), device=probs.device)
-    mean_probs = all_sum(probs.sum(dim=0)) / all_sum(n) if world_size() > 1 else probs.mean(dim=0)
+    if world_size() > 1:
+        # differentiable all-reduce: its backward sums every rank's gradient of the shared p̄,
+        # which the trainer's gradient averaging turns back into the one-process gradient
+        # (c10d's all_reduce has no backward: the term would get 1/W of its gradient)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
+        n = all_sum(torch.tensor(float(probs.shape[0]), device=probs.device))
+        mean_probs = all_reduce_with_grad(probs.sum(dim=0)) / n
+    else:
+        mean_probs = probs.mean(dim=0)
     reg = prior_regulariser(mean_probs, prior)
     return {"msn": ce, "memax": reg, "total": ce + memax_weight * reg,
             "teacher_probs": target[: target_z.shape[0]].detach()}
@@ -201,6 +209,10 @@ class MSN(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
+        if mode:  # as the official target encoder: its head's BatchNorm on the batch's statistics
+            for m in self.teacher["head"].modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.train()
         return self
 
     @staticmethod
@@ -217,10 +229,11 @@ class MSN(nn.Module):
         with torch.no_grad():
             t_cls = self._cls(self.teacher["backbone"], target)
             t_z = self.teacher["head"](t_cls)
-        z = [self.student["head"](self._cls(self.student["backbone"], anchor, keep))]
+        cls = [self._cls(self.student["backbone"], anchor, keep)]
         if focal is not None and focal.shape[0]:
-            z.append(self.student["head"](self._cls(self.student["backbone"], focal)))
-        terms = msn_loss(torch.cat(z), t_z, self.student["prototypes"]["weight"],
+            cls.append(self._cls(self.student["backbone"], focal))
+        z = self.student["head"](torch.cat(cls))  # one head call: BatchNorm over every anchor
+        terms = msn_loss(z, t_z, self.student["prototypes"]["weight"],
                          temperature=cfg.temperature, sharpen_t=cfg.sharpen,
                          use_sinkhorn=cfg.sinkhorn, memax_weight=cfg.memax_weight,
                          prior=self.prior if self.prior.numel() else None)
@@ -239,8 +252,9 @@ class MSN(nn.Module):
 
     def clip_gradients(self, max_norm: float) -> dict[str, float]:
         norms = {}
-        params = [p for p in self.student["backbone"].parameters() if p.grad is not None]
-        if params:  # official: the encoder is clipped, head and prototypes are not
+        params = [p for name in ("backbone", "head") for p in self.student[name].parameters()
+                  if p.grad is not None]
+        if params:  # official: the encoder with its projection head, together; not the prototypes
             norms["backbone"] = float(torch.nn.utils.clip_grad_norm_(
                 params, max_norm if max_norm > 0 else float("inf")))
         return norms

@@ -137,11 +137,15 @@ class _Collate:
     method: Method
     cfg: object
     patch: int
+    rank: int = 0
 
     def __call__(self, items):
         (_, epoch, step), items = items[0], items[1:]
-        # the batch's draws (masks, kept patches) from its step: the same on resume
-        return self.method.collate(self.cfg, self.patch, items, _gen(self.cfg.seed, epoch, step, 7))
+        # the batch's draws (masks, kept patches) from its step and rank: the same on resume,
+        # different on each process (one rank 0 draw everywhere would repeat its masks W times)
+        gen = (_gen(self.cfg.seed, epoch, step, 7) if self.rank == 0
+               else _gen(self.cfg.seed, epoch, step, 7, self.rank))
+        return self.method.collate(self.cfg, self.patch, items, gen)
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -252,7 +256,7 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
              "world_size": info.world_size}, indent=2) + "\n")
     stop = total if max_steps is None else min(total, step + max_steps)
     views = _Views(source, method, cfg, cfg.seed)
-    collate = _Collate(method, cfg, backbone.cfg.patch_size)
+    collate = _Collate(method, cfg, backbone.cfg.patch_size, info.rank)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                               enabled=precision == "bf16")
     last: dict = {}

@@ -188,3 +188,91 @@ def test_no_trace_on_an_internal_error(layers_dir, monkeypatch):
                         raise_server_exceptions=False)
     r = client.get("/layers/osbs/tiles/18/71368/108412.png")
     assert r.status_code == 500 and r.json() == {"error": "internal error", "field": None}
+
+
+def test_a_chunked_body_is_refused_at_the_limit(http):
+    def body():
+        yield b'{"type": "Polygon", "coordinates": [['
+        for _ in range(400_000):
+            yield b"[0.0, 0.0],"
+        yield b"[0, 0]]]}"
+
+    r = http.post("/layers/osbs/statistics", content=body(),
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body" in r.json()["error"]
+
+
+def _cog(path, value, size=64):
+    import numpy as np
+    from affine import Affine
+
+    from canopy.io.cog import write_cog
+
+    return write_cog(path, np.full((size, size), value, np.float32), crs="EPSG:32617",
+                     transform=Affine(0.5, 0, 400000, 0, -0.5, 3280000), nodata=None,
+                     overwrite=True)
+
+
+def test_layer_ids_never_move_and_replaced_or_removed_files_are_served_right(tmp_path):
+    """A new file whose name slugs like an old one's gets another id; a file replaced in place
+    is read anew (not an old handle); a removed one is a 404, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from services.app import create_app
+    from services.config import ServiceConfig
+
+    _cog(tmp_path / "a-b.tif", 1.0)
+    # one request thread: the thread that opened the old file serves the next request too
+    with TestClient(create_app(ServiceConfig(layers_dir=str(tmp_path), threads=1),
+                               run_jobs=False)) as c:
+        _check_ids_and_files(c, tmp_path)
+
+
+def _check_ids_and_files(c, tmp_path):
+    info = c.get("/layers/a-b").json()
+    lon, lat = (info["bounds"][0] + info["bounds"][2]) / 2, (info["bounds"][1] + info["bounds"][3]) / 2
+    assert c.get("/layers/a-b/point", params={"lon": lon, "lat": lat}).json()["height"] == 1.0
+    _cog(tmp_path / "a b.tif", 5.0)
+    time.sleep(1.1)
+    ids = {l["id"]: l["name"] for l in c.get("/layers").json()["layers"]}
+    assert ids["a-b"] == "a-b.tif" and len(ids) == 2  # the old id still names the old file
+    _cog(tmp_path / "a-b.tif", 2.0)  # replaced atomically (a new inode)
+    time.sleep(1.1)
+    assert c.get("/layers/a-b/point", params={"lon": lon, "lat": lat}).json()["height"] == 2.0
+    (tmp_path / "a-b.tif").unlink()
+    r = c.get("/layers/a-b/point", params={"lon": lon, "lat": lat})
+    assert r.status_code == 404 and "Traceback" not in r.text
+
+
+def test_statistics_read_only_the_blocks_a_polygon_touches(tmp_path, monkeypatch):
+    """Two small parcels at opposite corners of a 6000² map: blocks of at most 2048² px are
+    read, and only those the parcels touch (not the 36 Mpx between them)."""
+    import numpy as np
+    from affine import Affine
+    from pyproj import Transformer
+
+    from canopy.io.cog import write_cog
+    from services import stats
+    from services.config import Limits
+    from services.geojson import parse_polygons
+    from services.layers import LayerRegistry
+
+    t = Affine(0.6, 0, 400000, 0, -0.6, 3290000)
+    write_cog(tmp_path / "big.tif", np.full((6000, 6000), 7.0, np.float32), crs="EPSG:32617",
+              transform=t, nodata=None)
+    layer = LayerRegistry(tmp_path).get("big")
+    to_ll = Transformer.from_crs(32617, 4326, always_xy=True)
+
+    def square(x, y, s=30.0):
+        pts = [to_ll.transform(*p) for p in ((x, y), (x + s, y), (x + s, y + s), (x, y + s), (x, y))]
+        return [pts]
+
+    body = {"type": "MultiPolygon", "coordinates": [square(400010, 3286410),
+                                                    square(403550, 3289950)]}
+    reads = []
+    real = stats._heights
+    monkeypatch.setattr(stats, "_heights", lambda ds, w, band=1: reads.append(w) or real(ds, w, band))
+    feat = stats.statistics(layer, parse_polygons(body, Limits()), Limits())[0]
+    assert feat["mean"] == pytest.approx(7.0) and feat["area_m2"] == pytest.approx(1800, rel=0.01)
+    assert all(w.width <= 2048 and w.height <= 2048 for w in reads)
+    assert sum(w.width * w.height for w in reads) <= 2 * 2048 * 2048

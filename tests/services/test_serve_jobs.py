@@ -96,6 +96,9 @@ def test_job_requests_are_checked_before_they_are_queued(job_server_args):
             assert r.status_code == 422 and r.json()["field"] == "imagery"
             r = post(model="../../weights.pth")
             assert r.status_code == 422 and r.json()["field"] == "model"
+            for path in ("/etc/passwd", "~/.bashrc", "../secret.geojson", "aoi.gpkg"):
+                r = post(aoi=path)  # a client never makes the server open a file
+                assert r.status_code == 422 and "files cannot be named" in r.json()["error"], path
             r = post(aoi="Atlantis")
             assert r.status_code == 422 and "Atlantis" in r.json()["error"]
             r = post(aoi="California")

@@ -195,8 +195,10 @@ def _memax_rank(rank: int, port: int, anchors, targets, protos, out: str) -> Non
         # this rank's half of the images, every view of them
         views = anchors.shape[0] // targets.shape[0]
         mine = torch.cat([anchors[v * 2 * b + rank * b: v * 2 * b + (rank + 1) * b] for v in range(views)])
+        protos = protos.clone().requires_grad_(True)
         terms = msn_loss(mine, targets[rank * b:(rank + 1) * b], protos, use_sinkhorn=False)
-        torch.save({"memax": float(terms["memax"])}, f"{out}.{rank}")
+        terms["memax"].backward()
+        torch.save({"memax": float(terms["memax"]), "grad": protos.grad}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -210,9 +212,16 @@ def test_mean_entropy_term_uses_the_global_batch_under_two_processes(tmp_path):
     protos = torch.randn(k, d, generator=g)
     out = str(tmp_path / "memax")
     mp.spawn(_memax_rank, args=(_free_port(), anchors, targets, protos, out), nprocs=2)
-    whole = float(msn_loss(anchors, targets, protos, use_sinkhorn=False)["memax"])
-    for r in range(2):
-        assert torch.load(f"{out}.{r}")["memax"] == pytest.approx(whole, abs=1e-6)
+    p1 = protos.clone().requires_grad_(True)
+    one = msn_loss(anchors, targets, p1, use_sinkhorn=False)["memax"]
+    one.backward()
+    whole = float(one)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for r in ranks:
+        assert r["memax"] == pytest.approx(whole, abs=1e-6)
+    # the trainer averages gradients over ranks: that must be the one-process gradient
+    # (c10d's all_reduce has no backward, which would leave the term half its gradient here)
+    torch.testing.assert_close((ranks[0]["grad"] + ranks[1]["grad"]) / 2, p1.grad, atol=1e-6, rtol=1e-4)
     # a rank-local mean (lightly's) would differ: the halves are not alike
     half = float(msn_loss(anchors.view(views, b, d)[:, : b // 2].reshape(-1, d),
                           targets[: b // 2], protos, use_sinkhorn=False)["memax"])
