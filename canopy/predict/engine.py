@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ DEFAULT_CELL_PX = 4096
 
 _MODELS: dict = {}
 _CHOICES: dict = {}
+_LOAD_LOCK = threading.RLock()
 _CORRECTIONS: dict = {}
 
 
@@ -79,8 +81,17 @@ def worker_device(device: str) -> str:
 
 def worker_model(checkpoint: str, opts: PredictOptions):
     """The model for this worker process, loaded on first use and kept, in the precision
-    ``opts`` asks for (``auto`` resolved here, on the worker's own hardware)."""
+    ``opts`` asks for (``auto`` resolved here, on the worker's own hardware).
+
+    One thread loads it, the others wait (a lock): two threads building a seeded random-weight
+    model at once interleave the global RNG and get different weights (found with dask's
+    threaded scheduler, ``canopy.xarray``)."""
     key = (checkpoint, opts.device, opts.precision)
+    with _LOAD_LOCK:
+        return _worker_model(checkpoint, opts, key)
+
+
+def _worker_model(checkpoint: str, opts: PredictOptions, key):
     if key not in _MODELS:
         from canopy.model.auto import batch_size_for, choose_precision
         from canopy.model.checkpoints import load_model
