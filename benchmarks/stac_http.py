@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,17 +76,10 @@ def main() -> None:
     (data / "items.json").write_text(json.dumps(items))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.stac_fixture_server:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"], cwd=ROOT,
-        env={**os.environ, "STAC_FIXTURE_DIR": str(data), "STAC_FIXTURE_BASE": base})
+    from tests.stac_fixture_server import start
+
+    server = start(data, port)
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(base + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         job = ("micro", PredictOptions(precision="fp32", batch_size=8))
         spec = ",".join(f"{v:.7f}" for v in aoi)
         local = work / "local"

@@ -34,7 +34,6 @@ from torch import nn
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.errors import ConfigError
-from ssl_backbone.runtime import LinearRamp, WarmupCosine
 
 FORMAT_VERSION = 1
 
@@ -294,21 +293,3 @@ class IJEPA(nn.Module):
                 norms[name] = float(torch.nn.utils.clip_grad_norm_(
                     params, max_norm if max_norm > 0 else float("inf")))
         return norms
-
-
-@dataclass(frozen=True)
-class IJEPASchedules:
-    lr: WarmupCosine
-    wd: WarmupCosine
-    momentum: LinearRamp
-    freeze_last_layer_steps: int = 0
-
-    @classmethod
-    def of(cls, cfg: IJEPAConfig, steps_per_epoch: int, global_batch: int) -> "IJEPASchedules":
-        total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-        scale = math.sqrt(global_batch / 1024)
-        return cls(
-            lr=WarmupCosine(total, int(round(cfg.warmup_epochs * steps_per_epoch)),
-                            cfg.base_lr * scale, cfg.min_lr, start=cfg.start_lr * scale),
-            wd=WarmupCosine(total, 0, cfg.weight_decay, cfg.weight_decay_end),
-            momentum=LinearRamp(total, cfg.momentum_teacher, cfg.momentum_teacher_end))

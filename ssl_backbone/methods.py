@@ -85,7 +85,8 @@ def _dinov2() -> Method:
 
 
 def _ijepa() -> Method:
-    from ssl_backbone.ijepa import IJEPA, IJEPAConfig, IJEPASchedules, multiblock_masks
+    from ssl_backbone.ijepa import IJEPA, IJEPAConfig, multiblock_masks
+    from ssl_backbone.runtime import EmaSchedules
 
     def views(cfg, img, gen):
         crop = dihedral(random_resized_crop(img, cfg.image_size, cfg.crop_scale, gen), gen)
@@ -100,7 +101,7 @@ def _ijepa() -> Method:
         name="ijepa", config=IJEPAConfig, input_px=lambda cfg: cfg.image_size, views=views,
         collate=collate, build=IJEPA,
         losses=lambda model, batch, sched, step: model.losses(*batch),
-        schedules=IJEPASchedules.of, run_steps=_steps, param_groups=simple_param_groups,
+        schedules=EmaSchedules.of, run_steps=_steps, param_groups=simple_param_groups,
         log_terms=("jepa",))
 
 
@@ -108,7 +109,8 @@ def _ijepa() -> Method:
 
 
 def _msn(name: str) -> Method:
-    from ssl_backbone.msn import MSN, MSNConfig, MSNSchedules, patch_keep
+    from ssl_backbone.msn import MSN, MSNConfig, patch_keep
+    from ssl_backbone.runtime import EmaSchedules
 
     def collate(cfg, patch, items, gen):
         b = len(items)
@@ -123,7 +125,8 @@ def _msn(name: str) -> Method:
         name=name, config=MSNConfig, input_px=lambda cfg: cfg.crops.global_size,
         views=lambda cfg, img, gen: multi_crop(img, cfg.crops, gen), collate=collate,
         build=MSN, losses=lambda model, batch, sched, step: model.losses(*batch),
-        schedules=MSNSchedules.of, run_steps=_steps,
+        schedules=lambda cfg, spe, gb: EmaSchedules.of(cfg, spe, gb, cfg.schedule_scale),
+        run_steps=_steps,
         param_groups=lambda model: simple_param_groups(model, lambda n: n.startswith("prototypes")),
         log_terms=("msn", "memax"))
 

@@ -35,7 +35,6 @@ from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.errors import ConfigError
 from ssl_backbone.losses import all_sum, sinkhorn_knopp, world_size
-from ssl_backbone.runtime import LinearRamp, WarmupCosine
 
 FORMAT_VERSION = 1
 
@@ -265,21 +264,3 @@ def patch_keep(batch: int, n: int, drop: float, gen: torch.Generator) -> torch.T
     k = n - int(n * drop)
     keep = torch.randperm(n, generator=gen)[:k].sort().values
     return keep[None].expand(batch, -1).contiguous()
-
-
-@dataclass(frozen=True)
-class MSNSchedules:
-    lr: WarmupCosine
-    wd: WarmupCosine
-    momentum: LinearRamp
-    freeze_last_layer_steps: int = 0
-
-    @classmethod
-    def of(cls, cfg: MSNConfig, steps_per_epoch: int, global_batch: int) -> "MSNSchedules":
-        total = max(1, int(round(cfg.epochs * steps_per_epoch * cfg.schedule_scale)))
-        scale = math.sqrt(global_batch / 1024)
-        return cls(
-            lr=WarmupCosine(total, int(round(cfg.warmup_epochs * steps_per_epoch)),
-                            cfg.base_lr * scale, cfg.min_lr, start=cfg.start_lr * scale),
-            wd=WarmupCosine(total, 0, cfg.weight_decay, cfg.weight_decay_end),
-            momentum=LinearRamp(total, cfg.momentum_teacher, cfg.momentum_teacher_end))

@@ -147,6 +147,31 @@ class LinearRamp:
         return self.base + (self.final - self.base) * t
 
 
+@dataclass(frozen=True)
+class EmaSchedules:
+    """The per-step values of I-JEPA and MSN (spec §3.3, §4.1): lr warm-up from ``start_lr``
+    then cosine to ``min_lr``, weight decay cosine, EMA momentum linear; over ``span`` steps
+    (MSN's schedules span 1.25× the run)."""
+
+    lr: WarmupCosine
+    wd: WarmupCosine
+    momentum: LinearRamp
+    freeze_last_layer_steps: int = 0
+
+    @classmethod
+    def of(cls, cfg, steps_per_epoch: int, global_batch: int, span_scale: float = 1.0
+           ) -> "EmaSchedules":
+        """From a config with ``epochs``, ``warmup_epochs``, ``base_lr`` (× √(global batch /
+        1024)), ``start_lr``, ``min_lr``, ``weight_decay(_end)``, ``momentum_teacher(_end)``."""
+        span = max(1, int(round(cfg.epochs * steps_per_epoch * span_scale)))
+        scale = math.sqrt(global_batch / 1024)
+        return cls(
+            lr=WarmupCosine(span, int(round(cfg.warmup_epochs * steps_per_epoch)),
+                            cfg.base_lr * scale, cfg.min_lr, start=cfg.start_lr * scale),
+            wd=WarmupCosine(span, 0, cfg.weight_decay, cfg.weight_decay_end),
+            momentum=LinearRamp(span, cfg.momentum_teacher, cfg.momentum_teacher_end))
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 

@@ -20,6 +20,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from shapely.geometry import box, shape
 
+def start(data: Path, port: int, log=None):
+    """This server as a uvicorn process on 127.0.0.1:``port`` serving ``data``, once it answers;
+    returns the process (terminate it when done)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.stac_fixture_server:app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"], cwd=root, stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+        env={**os.environ, "STAC_FIXTURE_DIR": str(data), "STAC_FIXTURE_BASE": base})
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("the STAC fixture server did not start")
+
+
 DATA = Path(os.environ.get("STAC_FIXTURE_DIR", "."))
 BASE = os.environ.get("STAC_FIXTURE_BASE", "http://127.0.0.1")
 app = FastAPI()

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -76,19 +75,11 @@ def stac_server(tmp_path_factory):
     data = tmp_path_factory.mktemp("stac")
     cogs = _cogs(data)
     (data / "items.json").write_text(json.dumps([_item(p) for p in cogs]))
+    from tests.stac_fixture_server import start
+
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "STAC_FIXTURE_DIR": str(data), "STAC_FIXTURE_BASE": base}
-    log = open(data / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.stac_fixture_server:app",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    proc = start(data, port, log=open(data / "server.log", "w"))
     yield base, data, cogs
     proc.terminate()
     proc.wait(10)
