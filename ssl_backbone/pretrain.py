@@ -33,8 +33,8 @@ from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
 from ssl_backbone.methods import Method, method_of
 from ssl_backbone.monitors import collapse_report
 from ssl_backbone.runtime import (
-    DistInfo, barrier, init_distributed, load_checkpoint, restore_training_state, save_checkpoint,
-    seed_all, training_state)
+    DistInfo, barrier, capture_rng_state, init_distributed, load_checkpoint, restore_rng_state,
+    restore_training_state, save_checkpoint, seed_all, training_state)
 
 CHECKPOINT_FORMAT = "ssl-dinov2"  # the name predates the other methods; config.json says which
 CHECKPOINT_VERSION = 1
@@ -246,6 +246,9 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
             raise CheckpointError(f"{ckpt_path}: written by a run with another architecture or "
                                   "settings; resume with the same settings or start a new folder")
         step = restore_training_state(state, stateful, str(ckpt_path))
+        ranks = state.get("rng_ranks")
+        if info.world_size > 1 and ranks and len(ranks) == info.world_size:
+            restore_rng_state(ranks[info.rank])  # each rank its own streams, not rank 0's
     else:
         seed_all(cfg.seed + 1000 * info.rank)  # drop-path streams differ between ranks
     if info.is_main:
@@ -281,7 +284,12 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
             with autocast:
                 terms = method.losses(model, batch, sched, step)
             loss = terms["total"]
-            if not bool(torch.isfinite(loss.detach())):
+            bad = not bool(torch.isfinite(loss.detach()))
+            if info.world_size > 1:  # every rank stops, or the others wait in the all-reduce
+                flag = torch.tensor([float(bad)], device=loss.device)
+                dist.all_reduce(flag)
+                bad = bool(flag.item() > 0)
+            if bad:
                 raise TrainingStopped(f"the loss became {float(loss)} at step {step + 1}; lower "
                                       "base_lr or raise warmup_epochs")
             loss.backward()
@@ -311,12 +319,13 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
                 if progress is not None and info.is_main:
                     progress(row)
             if step % checkpoint_every == 0 or step == stop:
+                ranks = _gather_rng(info)
                 if info.is_main:
                     _append_log(out / "log.csv", log_rows)
                     log_rows = []
                     save_checkpoint(ckpt_path, training_state(
                         step, stateful, config=cfg.to_dict(), backbone=backbone.cfg.to_dict(),
-                        method=method.name),
+                        method=method.name, rng_ranks=ranks),
                         format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
                 barrier(info)
     path = None
@@ -329,6 +338,15 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
             {"steps_done": step, "total_steps": total, "last": last, "monitors": monitors},
             indent=2, default=str) + "\n")
     return PretrainResult(step, total, steps_per_epoch, last, monitors, path)
+
+
+def _gather_rng(info: DistInfo) -> list | None:
+    """Every rank's RNG streams (drop path draws differ per rank), for rank 0's checkpoint."""
+    if info.world_size <= 1:
+        return None
+    out = [None] * info.world_size
+    dist.all_gather_object(out, capture_rng_state())
+    return out
 
 
 def _average_gradients(model, info: DistInfo) -> None:

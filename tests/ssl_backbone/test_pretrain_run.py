@@ -165,12 +165,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out: str, cfg_dict: dict) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, cfg_dict: dict, steps: int = 2,
+               resume: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        pretrain(DINOv2Config.from_dict(cfg_dict), Textures(), out, max_steps=2)
+        pretrain(DINOv2Config.from_dict(cfg_dict), Textures(), out, max_steps=steps, resume=resume)
     finally:
         import torch.distributed as dist
 
@@ -308,3 +309,17 @@ def test_pretraining_runs_on_a_rope_backbone_from_scratch_and_continued(tmp_path
     assert vcfg.family == "dinov3" and vcfg.reg_tokens == 4
     w = weights(tmp_path / "continued" / "checkpoint.pt")
     assert torch.equal(vit.reg_token, w["teacher.backbone.reg_token"])
+
+
+def test_two_processes_resume_exactly_with_drop_path(tmp_path):
+    """Under two processes a run stopped and resumed equals the uninterrupted one: each rank
+    gets its own RNG streams back (drop path draws differ per rank), not rank 0's."""
+    import torch.multiprocessing as mp
+
+    cfg = cfg_of(batch_size=4, drop_path_rate=0.2, koleo_weight=0.0, epochs=2).to_dict()
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "a"), cfg, 3), nprocs=2)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "b"), cfg, 1), nprocs=2)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "b"), cfg, 2, True), nprocs=2)
+    wa, wb = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
