@@ -54,6 +54,45 @@ def use_remote_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def forget_remote(url: str) -> None:
+    """Drop what GDAL's ``/vsicurl/`` layer cached about ``url`` (its size, its fetched ranges).
+
+    Needed after a failed read: GDAL keeps a transfer cut short (a connection dropped mid-body)
+    in its process-wide cache, and every later open of the URL fails with "Cannot read TIFF
+    header" (measured with tests/stac_fixture_server.py). rasterio does not expose GDAL's
+    ``VSICurlPartialClearCache``, so it is called through ctypes on the GDAL library rasterio
+    loaded; where that library cannot be found this does nothing (the cell then fails and the
+    next run redoes it)."""
+    fn = _partial_clear_cache()
+    if fn is not None:
+        fn(("/vsicurl/" + signed(url)).encode())
+
+
+_CLEAR: list = []
+
+
+def _partial_clear_cache():
+    if not _CLEAR:
+        import ctypes
+        import ctypes.util
+        import glob
+
+        import rasterio
+
+        fn = None
+        libs = glob.glob(str(Path(rasterio.__file__).parents[1] / "rasterio.libs" / "libgdal*"))
+        libs += [p for p in [ctypes.util.find_library("gdal")] if p]
+        for path in libs:
+            try:
+                fn = ctypes.CDLL(path).VSICurlPartialClearCache
+                fn.argtypes, fn.restype = [ctypes.c_char_p], None
+                break
+            except (OSError, AttributeError):
+                continue
+        _CLEAR.append(fn)
+    return _CLEAR[0]
+
+
 def is_stac_search(spec) -> bool:
     return str(spec).startswith(PREFIX + "http")
 

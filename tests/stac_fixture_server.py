@@ -4,8 +4,9 @@ Run by tests/test_stac_remote.py as ``uvicorn tests.stac_fixture_server:app``. E
 ``STAC_FIXTURE_DIR`` (COGs and ``items.json``: a list of STAC Items whose asset hrefs name
 ``{base}/files/<file>``, ``{base}`` filled in with the server's own address) and
 ``STAC_FIXTURE_BASE``. Fault injection at run time: ``POST /admin/faults`` with
-``{"rate": 0.3, "seed": 1}`` answers that share of file requests with 503 (seeded);
-``GET /admin/stats`` counts requests, 503s and the bytes of file bodies sent.
+``{"rate": 0.3, "drop": 0.1, "slow": 0.1, "seed": 1}`` answers those shares of file requests
+with a 503, a body cut off after a few bytes (the connection dropped mid-transfer) and a 2 s
+stall (seeded); ``GET /admin/stats`` counts requests, faults and the bytes of file bodies sent.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def start(data: Path, port: int, log=None):
 DATA = Path(os.environ.get("STAC_FIXTURE_DIR", "."))
 BASE = os.environ.get("STAC_FIXTURE_BASE", "http://127.0.0.1")
 app = FastAPI()
-_state = {"rate": 0.0, "rng": random.Random(0), "requests": 0, "faults": 0, "bytes": 0,
-          "ranges": 0}
+_state = {"rate": 0.0, "drop": 0.0, "slow": 0.0, "rng": random.Random(0), "requests": 0,
+          "faults": 0, "drops": 0, "stalls": 0, "bytes": 0, "ranges": 0}
 _lock = threading.Lock()
 
 
@@ -109,9 +110,10 @@ async def search_post(request: Request):
 async def faults(request: Request):
     body = await request.json()
     with _lock:
-        _state["rate"] = float(body.get("rate", 0))
+        for key in ("rate", "drop", "slow"):
+            _state[key] = float(body.get(key, 0))
         _state["rng"] = random.Random(int(body.get("seed", 0)))
-    return {"rate": _state["rate"]}
+    return {k: _state[k] for k in ("rate", "drop", "slow")}
 
 
 @app.get("/admin/stats")
@@ -121,14 +123,43 @@ def stats():
 
 @app.api_route("/files/{name}", methods=["GET", "HEAD"])
 def files(name: str, request: Request):
+    import time
+
+    from fastapi.responses import StreamingResponse
+
     path = DATA / Path(name).name
     with _lock:
         _state["requests"] += 1
-        fault = _state["rng"].random() < _state["rate"]
-        if fault:
-            _state["faults"] += 1
+        u = _state["rng"].random()
+        fault = u < _state["rate"]
+        drop = not fault and u < _state["rate"] + _state["drop"] and request.method == "GET"
+        slow = not fault and not drop and u < _state["rate"] + _state["drop"] + _state["slow"]
+        _state["faults"] += fault
+        _state["drops"] += drop
+        _state["stalls"] += slow
     if fault:
         return Response(status_code=503)
+    if slow:
+        time.sleep(2.0)
+    if drop and path.is_file():
+        # the right status and headers for what was asked, then the body stops short
+        size = path.stat().st_size
+        start, end, status = 0, size - 1, 200
+        rng = request.headers.get("range")
+        if rng:
+            first, _, last = rng.split("=")[1].split(",")[0].partition("-")
+            start, end, status = int(first or 0), min(int(last or size - 1), size - 1), 206
+        headers = {"content-length": str(end - start + 1), "accept-ranges": "bytes"}
+        if status == 206:
+            headers["content-range"] = f"bytes {start}-{end}/{size}"
+
+        def cut():
+            with open(path, "rb") as f:
+                f.seek(start)
+                yield f.read(min(7, end - start + 1))
+            raise ConnectionAbortedError("fault injection: the connection is dropped mid-body")
+
+        return StreamingResponse(cut(), status_code=status, headers=headers)
     if not path.is_file():
         return Response(status_code=404)
     resp = FileResponse(path)

@@ -131,18 +131,22 @@ def test_a_stac_search_gives_the_cells_of_the_same_scenes_on_local_disk(stac_ser
     assert "token" not in (tmp_path / "run" / "manifest.jsonl").read_text()
 
 
-def test_a_saved_item_collection_and_injected_503s(stac_server, local_run, tmp_path):
+def test_a_saved_item_collection_and_injected_faults(stac_server, local_run, tmp_path):
+    """Through 503s (GDAL's retries), connections dropped mid-body (ours: a fresh handle after a
+    back-off) and stalls: the run completes with the same pixels."""
     base, data, _ = stac_server
     items = httpx.get(base + "/search", params={"collections": "osbs"}).json()
     (tmp_path / "items.json").write_text(json.dumps(items))
-    _faults(base, 0.3, seed=3)
+    httpx.post(base + "/admin/faults", json={"rate": 0.25, "drop": 0.1, "slow": 0.05,
+                                             "seed": 3}).raise_for_status()
     try:
         s = predict_aoi(OSBS_AOI, tmp_path / "items.json", tmp_path / "run", *JOB, cell_px=64,
                         workers=1)
-    finally:
         stats = httpx.get(base + "/admin/stats").json()
+    finally:
         _faults(base, 0.0)
-    assert s.cells_done == 4 and stats["faults"] > 5  # retried through the 503s
+    assert s.cells_done == 4
+    assert stats["faults"] >= 2 and stats["drops"] >= 1
     for name, arr in _cells(tmp_path / "run").items():
         np.testing.assert_array_equal(arr, local_run[name])
 

@@ -30,8 +30,8 @@ from shapely.geometry import box
 from canopy.errors import InputError, OptionError
 from data_catalog.errors import CatalogError
 from data_catalog.stac_remote import (
-    RemoteItem, is_remote, is_stac_file, is_stac_search, items_from_file, remote_item,
-    remote_version, search, signed, use_remote_defaults)
+    RemoteItem, forget_remote, is_remote, is_stac_file, is_stac_search, items_from_file,
+    remote_item, remote_version, search, signed, use_remote_defaults)
 from data_catalog.raster import (
     LatticeReader, check_complete, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
     resolve_crs, rgb_bands)
@@ -263,7 +263,7 @@ def read_mosaic(scenes: list[Scene], crs: CRS | str, transform: Affine, shape: t
             for (br, bc), (rs, cs), (brs, bcs) in pieces:
                 if valid[rs, cs].all():
                     continue
-                data, ok = reader.block(br, bc)
+                data, ok, reader = _read_block(reader, scene, crs, gsd, br, bc)
                 take = ok[brs, bcs] & ~valid[rs, cs]
                 if take.any():
                     sub = rgb[:, rs, cs]
@@ -274,6 +274,34 @@ def read_mosaic(scenes: list[Scene], crs: CRS | str, transform: Affine, shape: t
         if took:
             used.append(scene.path)
     return rgb, valid, used
+
+
+REMOTE_READ_TRIES = 4
+
+
+def _read_block(reader, scene: Scene, crs, gsd: float, br: int, bc: int):
+    """(data, ok, reader) of one lattice block. A remote read that fails — GDAL retries HTTP
+    errors itself, not a connection dropped mid-body — is tried again on a fresh handle after a
+    back-off, up to :data:`REMOTE_READ_TRIES` times; then the error names the scene (the cell
+    fails and the next run redoes it)."""
+    import random
+    import time
+
+    for attempt in range(REMOTE_READ_TRIES):
+        try:
+            data, ok = reader.block(br, bc)
+            return data, ok, reader
+        except CatalogError:
+            if not is_remote(scene.path) or attempt == REMOTE_READ_TRIES - 1:
+                raise
+        handles = getattr(_REMOTE, "handles", None)
+        if handles and scene.path in handles:
+            handles.pop(scene.path).close()
+        forget_remote(scene.path)  # GDAL would serve the cut-short transfer again
+        time.sleep(min(4.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+        check_unchanged(scene)
+        reader = LatticeReader(_open(scene.path).__enter__(), crs, gsd)
+    raise AssertionError("unreachable")
 
 
 def scenes_for_window(scenes: list[Scene], crs, transform: Affine, shape: tuple[int, int],
