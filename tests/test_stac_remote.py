@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -206,3 +207,52 @@ def test_catalog_import_stac_from_a_search(stac_server, tmp_path):
                           f"stac+{base}/?collections=osbs", "--catalog", str(tmp_path / "c2.parquet")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "needs bbox" in bad.stderr
+
+
+def test_a_run_over_http_killed_and_run_again_is_byte_identical(tmp_path, rgb_array):
+    """SIGKILL of the driver and its workers mid-run over HTTP, then the same command: only
+    the missing cells are made, and the cells are the bytes of an uninterrupted run."""
+    import re
+    import signal
+
+    from affine import Affine
+
+    from tests.conftest import write_raster
+    from tests.stac_fixture_server import start
+    from tests.test_engine import _cli, _files
+
+    data = tmp_path / "served"
+    data.mkdir()
+    tmp = write_raster(tmp_path / "scene.tif", rgb_array(400, 400),
+                       transform=Affine(0.6, 0, 404000.2, 0, -0.6, 3285000.4))
+    rasterio.shutil.copy(tmp, data / "scene.tif", driver="COG", blocksize=128)
+    (data / "items.json").write_text(json.dumps([_item(data / "scene.tif")]))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start(data, port)
+    try:
+        args = ["--aoi", "-81.99,29.68,-81.97,29.70", "--imagery", f"stac+{base}/?collections=osbs",
+                "-c", "micro", "--cell-size", "64", "-q", "--batch-size", "4"]
+        full = _cli(*args, "-o", tmp_path / "full")
+        assert full.wait(timeout=600) == 0, full.stderr.read()
+        run = _cli(*args, "-o", tmp_path / "killed", start_new_session=True)
+        manifest = tmp_path / "killed" / "manifest.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if manifest.exists() and len(manifest.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        n_before = len(manifest.read_text().splitlines())
+        expected = _files(tmp_path / "full")
+        assert 5 <= n_before < len(expected), "the kill must land part-way"
+        again = _cli(*args, "-o", tmp_path / "killed")
+        out, err = again.communicate(timeout=600)
+        assert again.returncode == 0, err
+        written, already = map(int, re.match(r"(\d+) cell\(s\) written, (\d+) already done", out).groups())
+        assert already == n_before and written >= 1, out
+        assert _files(tmp_path / "killed") == expected
+    finally:
+        server.terminate()
+        server.wait(10)
