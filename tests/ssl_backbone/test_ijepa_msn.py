@@ -303,3 +303,27 @@ def test_canopy_pretrain_methods_on_real_overhead_imagery(tmp_path, capsys, meth
         assert saved["config"]["prior"] == "power_law" and saved["config"]["prior_power"] == 0.5
     head = "jepa" if method == "ijepa" else "msn"
     assert f"{head} " in err  # the progress line names the method's loss terms
+
+
+@pytest.mark.parametrize("method", ["ijepa", "msn"])
+def test_init_continues_from_a_backbone_for_every_method(tmp_path, method):
+    """--init is the same code path for every method: student and EMA encoder start as the
+    loaded backbone (same features at step 0), and a run continues from it."""
+    from ssl_backbone.checkpoints import save_safetensors
+    from ssl_backbone.dinov2 import final_norm_tokens
+    from ssl_backbone.methods import method_of
+    from ssl_backbone.pretrain import build_backbone
+
+    torch.manual_seed(3)
+    src = build_vit("vit_micro")
+    save_safetensors(src.state_dict(), tmp_path / "released.safetensors")
+    cfg = _cfg(method, init=str(tmp_path / "released.safetensors"))
+    model = method_of(cfg).build(cfg, build_backbone(cfg)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = final_norm_tokens(src.eval(), x)
+        for which in (model.student, model.teacher):
+            out = final_norm_tokens(which["backbone"], x)
+            assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    r = pretrain(cfg, Textures(n=24, window_px=128), tmp_path / "run", max_steps=2)
+    assert r.steps_done == 2
