@@ -114,10 +114,11 @@ def signed(url: str) -> str:
     return fn(url)
 
 
-def remote_version(url: str) -> str:
+def remote_version(url: str, *, need_ranges: bool = False) -> str:
     """``ETag``, else ``Last-Modified`` and length, of a remote file (one HEAD, retried with
     back-off on 429/5xx and connection faults); :class:`CatalogError` naming the URL if it is
-    gone."""
+    gone, or with ``need_ranges`` if its server says it serves no byte ranges (every window
+    would download the whole file)."""
     import random
     import time
 
@@ -127,6 +128,11 @@ def remote_version(url: str) -> str:
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 h = resp.headers
+                if need_ranges and (h.get("Accept-Ranges") or "").lower() != "bytes":
+                    raise CatalogError(
+                        f"{url}: the server does not serve byte ranges (no 'Accept-Ranges: "
+                        "bytes'), so every read would download the whole file; copy the "
+                        "imagery to local disk or serve it from a range-capable server")
                 return h.get("ETag") or f"{h.get('Last-Modified')}|{h.get('Content-Length')}"
         except urllib.error.HTTPError as exc:
             if exc.code not in (408, 429, 500, 502, 503, 504):

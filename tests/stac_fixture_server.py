@@ -50,7 +50,7 @@ def start(data: Path, port: int, log=None):
 DATA = Path(os.environ.get("STAC_FIXTURE_DIR", "."))
 BASE = os.environ.get("STAC_FIXTURE_BASE", "http://127.0.0.1")
 app = FastAPI()
-_state = {"rate": 0.0, "drop": 0.0, "slow": 0.0, "rng": random.Random(0), "requests": 0,
+_state = {"rate": 0.0, "drop": 0.0, "slow": 0.0, "ranges_off": False, "rng": random.Random(0), "requests": 0,
           "faults": 0, "drops": 0, "stalls": 0, "bytes": 0, "ranges": 0}
 _lock = threading.Lock()
 
@@ -112,6 +112,7 @@ async def faults(request: Request):
     with _lock:
         for key in ("rate", "drop", "slow"):
             _state[key] = float(body.get(key, 0))
+        _state["ranges_off"] = bool(body.get("ranges_off", False))
         _state["rng"] = random.Random(int(body.get("seed", 0)))
     return {k: _state[k] for k in ("rate", "drop", "slow")}
 
@@ -162,6 +163,10 @@ def files(name: str, request: Request):
         return StreamingResponse(cut(), status_code=status, headers=headers)
     if not path.is_file():
         return Response(status_code=404)
+    if _state["ranges_off"]:  # a server that only sends whole files
+        body = b"" if request.method == "HEAD" else path.read_bytes()
+        return Response(body, media_type="image/tiff",
+                        headers={"content-length": str(path.stat().st_size)})
     resp = FileResponse(path)
     if request.method == "GET":
         rng = request.headers.get("range")

@@ -171,6 +171,20 @@ def test_a_scene_changed_after_planning_is_named(stac_server, tmp_path):
         os.utime(east, (stamp, stamp))
 
 
+def test_a_server_without_byte_ranges_is_refused_at_planning(stac_server, tmp_path):
+    base, _, _ = stac_server
+    httpx.post(base + "/admin/faults", json={"ranges_off": True}).raise_for_status()
+    try:
+        r = subprocess.run([sys.executable, "-m", "canopy.cli", "predict", "--aoi", OSBS_AOI,
+                            "--imagery", f"stac+{base}/?collections=osbs", "-o",
+                            str(tmp_path / "run"), "-c", "micro"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    finally:
+        _faults(base, 0.0)
+    assert r.returncode == 2 and "does not serve byte ranges" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "cells").exists()
+
+
 @pytest.mark.parametrize("spec, words", [
     ("stac+http://127.0.0.1:9/?collections=osbs", "did not answer"),
     ("stac+{base}/?collections=nothing", "no items over the area of interest"),

@@ -126,7 +126,7 @@ def _scene_from_item(it: RemoteItem) -> Scene:
     """A scene of a STAC item: planned from the item's projection metadata when it is complete
     and says uint8 RGB(N) (no request but one HEAD for the version), else from the file's
     header read over HTTP."""
-    version = remote_version(it.href) if is_remote(it.href) else None
+    version = remote_version(it.href, need_ranges=True) if is_remote(it.href) else None
     if not is_remote(it.href):
         return _scene_from_raster(it.href, it.datetime, item=it.item_id)
     if it.crs and it.bounds and it.res and it.count and it.count >= 3 and it.dtype == "uint8":
