@@ -132,3 +132,45 @@ def test_a_cancelled_job_stops(job_server_args):
     finally:
         stop_server(server)
     assert not os.path.exists(layers / "jobs" / job_id / "summary.json")
+
+
+def test_a_job_over_imagery_from_a_stac_api(tmp_path):
+    """The server's imagery allow-list may name a STAC search: a job maps from COGs read over
+    HTTP, and its map is served."""
+    import json
+
+    from tests.stac_fixture_server import start
+    from tests.test_stac_remote import _cogs, _item
+
+    data = tmp_path / "served"
+    cogs = _cogs(data)
+    (data / "items.json").write_text(json.dumps([_item(p) for p in cogs]))
+    stac_port = free_port()
+    stac = start(data, stac_port)
+    layers = tmp_path / "layers"
+    layers.mkdir()
+    (tmp_path / "serve.yaml").write_text(
+        f"imagery:\n  osbs: 'stac+http://127.0.0.1:{stac_port}/?collections=osbs'\n"
+        "models:\n  micro: micro\n")
+    server = start_server(layers, "--config", str(tmp_path / "serve.yaml"))
+    try:
+        with server.client() as c:
+            r = c.post("/jobs", json={"aoi": OSBS_AOI, "imagery": "osbs", "model": "micro",
+                                      "precision": "fp32", "cell_size": 64},
+                       headers={"X-API-Key": API_KEY})
+            assert r.status_code == 201, r.text
+            job = _wait(c, r.json()["id"], ("done", "failed", "cancelled"))
+            assert job["state"] == "done", job
+            layer = c.get(f"/layers/{job['layer_id']}").json()
+            assert layer["kind"] == "run"
+            records = [json.loads(line) for line in
+                       (layers / "jobs" / job["id"] / "manifest.jsonl").read_text().splitlines()]
+            used = {i for r in records for i in r.get("items", [])}
+            assert used and used <= {"osbs_west", "osbs_east"}  # made from the STAC items
+            far = c.post("/jobs", json={"aoi": "10,10,10.001,10.001", "imagery": "osbs",
+                                        "model": "micro"}, headers={"X-API-Key": API_KEY})
+            assert far.status_code == 422 and "no items" in far.json()["error"]
+    finally:
+        stop_server(server)
+        stac.terminate()
+        stac.wait(10)
