@@ -37,34 +37,29 @@ class _MeanHeight:
         return np.full(features.shape[0], self.value, np.float32)
 
 
-def main() -> None:
+def compare(backbones: dict, steps: int, threads: int = 1, finetune_blocks: int = 0) -> dict:
+    """Decoder trained on each backbone (``{label: path}``, one architecture) and on a random
+    one of that architecture; held-out scores per site and pooled."""
     from canopy.model.checkpoints import load_model
     from canopy.train.datasets import label_mean
     from canopy.train.default_model import Recipe, build_records, evaluate_held_out
     from canopy.train.loop import TrainConfig, train
     from ssl_backbone.checkpoints import load_backbone
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backbone", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--finetune-blocks", type=int, default=0)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    _, vcfg = load_backbone(args.backbone)
-    recipe = replace(Recipe(), steps=args.steps, threads=args.threads)
+    torch.set_num_threads(threads)
+    _, vcfg = load_backbone(next(iter(backbones.values())))
+    recipe = replace(Recipe(), steps=steps, threads=threads)
     work = Path(tempfile.mkdtemp(prefix="ssl_vs_random_"))
     train_records, val_records, targets, summary = build_records(recipe, work / "data")
     mean_height = label_mean(train_records)
     results = {}
-    for name, kw in (("pretrained", dict(backbone_path=str(args.backbone))),
-                     ("random", dict(arch=_variant_of(vcfg)))):
+    runs = [(label, dict(backbone_path=str(path))) for label, path in backbones.items()]
+    for name, kw in runs + [("random", dict(arch=_variant_of(vcfg)))]:
         t0 = time.perf_counter()
         cfg = TrainConfig(
             out_dir=str(work / name), n_bins=recipe.n_bins, max_height_m=recipe.max_height_m,
             gsd=recipe.gsd, chip_size=recipe.chip_size, steps=recipe.steps,
-            batch_size=recipe.batch_size, lr=recipe.lr, finetune_blocks=args.finetune_blocks,
+            batch_size=recipe.batch_size, lr=recipe.lr, finetune_blocks=finetune_blocks,
             precision="fp32", seed=recipe.seed, device="cpu", threads=recipe.threads,
             model_name=f"decoder_on_{name}", log_every=50, checkpoint_every=200, **kw)
         result = train(cfg, train_records, val_records)
@@ -77,10 +72,21 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t0, 1)}
         results["mean_height_baseline"] = ev["pooled"]["mean_height"]
         print(name, json.dumps(results[name]["pooled"]), flush=True)
+    return {"architecture": vcfg.to_dict(), "held_out": summary["held out"], "steps": steps,
+            "finetune_blocks": finetune_blocks, "results": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--finetune-blocks", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    res = compare({"pretrained": args.backbone}, args.steps, args.threads, args.finetune_blocks)
     out = {"command": "python benchmarks/ssl_backbone_vs_random.py " + " ".join(sys.argv[1:]),
-           "backbone": str(args.backbone), "architecture": vcfg.to_dict(),
-           "held_out": summary["held out"], "steps": args.steps,
-           "finetune_blocks": args.finetune_blocks, "results": results}
+           "backbone": str(args.backbone), **res}
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.out:
