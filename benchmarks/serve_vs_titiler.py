@@ -672,16 +672,6 @@ def versions() -> dict:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # ----------------------------------------------------------------------------------- report
 
 
@@ -1021,12 +1011,14 @@ def main(argv=None) -> int:
         if {"ours_viridis", "titiler"} <= samples.keys() else None
 
     rat = ratios(runs)
+    from canopy.model.auto import cpu_name
+
     report = {
         "meta": {
             "command": "python benchmarks/serve_vs_titiler.py "
                        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
-            "host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+            "host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu_name(),
             "workers": args.workers, "clients": clients_list, "quick": args.quick,
             "versions": versions(), "seconds": round(time.perf_counter() - t_start, 1),
             "note": "client and servers share the machine's cores; one server runs at a time",

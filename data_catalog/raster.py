@@ -35,7 +35,9 @@ Rules, each stated once:
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +78,41 @@ def open_raster(path, role: str | None = None) -> rasterio.DatasetReader:
     except RasterioIOError as exc:
         raise RasterError(f"{label}: cannot open as a raster "
                           f"({_first_line(exc) or 'not a readable raster'})") from None
+
+
+class ThreadHandles:
+    """Open datasets kept per thread, at most ``max_open`` each, the least recently used closed
+    first: rasterio datasets are not safe across threads, and GDAL keeps a dataset's fetched
+    and decoded blocks with its handle, so a reader that reopens per request or per cell pays
+    the open and the reads again (the tile server; remote scenes read cell after cell)."""
+
+    def __init__(self, max_open: int):
+        self.max_open = max_open
+        self._local = threading.local()
+
+    def _cache(self) -> OrderedDict:
+        cache = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = OrderedDict()
+        return cache
+
+    def get(self, key, open_fn):
+        """This thread's dataset for ``key``, opened with ``open_fn()`` the first time."""
+        cache = self._cache()
+        ds = cache.get(key)
+        if ds is not None:
+            cache.move_to_end(key)
+            return ds
+        ds = cache[key] = open_fn()
+        while len(cache) > self.max_open:
+            cache.popitem(last=False)[1].close()
+        return ds
+
+    def drop(self, key) -> None:
+        """Close and forget this thread's dataset for ``key``, if it has one."""
+        ds = self._cache().pop(key, None)
+        if ds is not None:
+            ds.close()
 
 
 def _first_line(exc: Exception) -> str:

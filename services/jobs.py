@@ -97,11 +97,6 @@ class JobStore:
             rows = db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
         return [_public(r) for r in rows]
 
-    def active(self) -> int:
-        with self._db() as db:
-            return db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
-                              ).fetchone()[0]
-
     def claim(self, owner: str, stale_s: float) -> dict | None:
         """Take the oldest queued job, or a running one whose owner stopped beating."""
         now = time.time()

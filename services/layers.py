@@ -23,7 +23,6 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from shapely.geometry import box
 from canopy.io import outputs
 from canopy.predict.grid import Cell
 from canopy.predict.manifest import MANIFEST_FILE, RUN_FILE
+from data_catalog.raster import ThreadHandles
 from services.errors import NotFound
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
@@ -115,19 +115,12 @@ class Layer:
 
 # ------------------------------------------------------------------------------------ datasets
 
-_local = threading.local()
-_MAX_OPEN = 64
+_DATASETS = ThreadHandles(max_open=64)
 
 
 def open_dataset(path: Path):
-    """A rasterio dataset of ``path`` for this thread (kept open; GeoTIFF driver only).
-
-    rasterio datasets are not safe across threads, and opening costs about a millisecond per
-    request (docs/performance.md), so each worker thread keeps its own bounded set open.
-    """
-    cache = getattr(_local, "datasets", None)
-    if cache is None:
-        cache = _local.datasets = OrderedDict()
+    """A rasterio dataset of ``path`` for this thread (kept open; GeoTIFF driver only): opening
+    costs about a millisecond per request (docs/performance.md)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -135,19 +128,14 @@ def open_dataset(path: Path):
                        "is being replaced") from None
     # a file replaced in place (os.replace: a new inode) is a new dataset, not the old handle
     key = (str(path), st.st_ino, st.st_mtime_ns)
-    ds = cache.get(key)
-    if ds is not None:
-        cache.move_to_end(key)
-        return ds
-    try:
-        ds = rasterio.open(str(path), driver="GTiff")
-    except rasterio.errors.RasterioIOError:
-        raise NotFound(f"a file of this layer cannot be read ({Path(path).name})") from None
-    cache[key] = ds
-    while len(cache) > _MAX_OPEN:
-        _, old = cache.popitem(last=False)
-        old.close()
-    return ds
+
+    def open_gtiff():
+        try:
+            return rasterio.open(str(path), driver="GTiff")
+        except rasterio.errors.RasterioIOError:
+            raise NotFound(f"a file of this layer cannot be read ({Path(path).name})") from None
+
+    return _DATASETS.get(key, open_gtiff)
 
 
 # ------------------------------------------------------------------------------------ scanning

@@ -333,6 +333,19 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _sigkill_after_cells(run: subprocess.Popen, manifest: Path, cells: int = 5) -> int:
+    """SIGKILL a run's process group (driver and workers) once ``cells`` are logged; returns
+    the number of manifest lines it left."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= cells:
+            break
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    return len(manifest.read_text().splitlines())
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "cells").glob("*.tif"))}
 
@@ -347,15 +360,7 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, rgb_array):
     assert full.wait(timeout=600) == 0, full.stderr.read()
 
     run = _cli(*args, "-o", tmp_path / "killed", start_new_session=True)
-    manifest = tmp_path / "killed" / "manifest.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)  # the driver and its worker processes, mid-run
-    run.wait()
-    n_before = len(manifest.read_text().splitlines())
+    n_before = _sigkill_after_cells(run, tmp_path / "killed" / "manifest.jsonl")
     expected = _files(tmp_path / "full")
     assert 5 <= n_before < len(expected), "the kill must land part-way"
     assert not (tmp_path / "killed" / "mosaic.vrt").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import sys
 from pathlib import Path
 
@@ -227,13 +226,12 @@ def test_a_run_over_http_killed_and_run_again_is_byte_identical(tmp_path, rgb_ar
     """SIGKILL of the driver and its workers mid-run over HTTP, then the same command: only
     the missing cells are made, and the cells are the bytes of an uninterrupted run."""
     import re
-    import signal
 
     from affine import Affine
 
     from tests.conftest import write_raster
     from tests.stac_fixture_server import start
-    from tests.test_engine import _cli, _files
+    from tests.test_engine import _cli, _files, _sigkill_after_cells
 
     data = tmp_path / "served"
     data.mkdir()
@@ -250,15 +248,7 @@ def test_a_run_over_http_killed_and_run_again_is_byte_identical(tmp_path, rgb_ar
         full = _cli(*args, "-o", tmp_path / "full")
         assert full.wait(timeout=600) == 0, full.stderr.read()
         run = _cli(*args, "-o", tmp_path / "killed", start_new_session=True)
-        manifest = tmp_path / "killed" / "manifest.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if manifest.exists() and len(manifest.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.2)
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        n_before = len(manifest.read_text().splitlines())
+        n_before = _sigkill_after_cells(run, tmp_path / "killed" / "manifest.jsonl")
         expected = _files(tmp_path / "full")
         assert 5 <= n_before < len(expected), "the kill must land part-way"
         again = _cli(*args, "-o", tmp_path / "killed")

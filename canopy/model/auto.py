@@ -149,11 +149,12 @@ def _probe_key(model, batch_size: int) -> str:
     cfg = model.cfg
     arch = json.dumps({"backbone": cfg.backbone.to_dict(), "decoder": cfg.decoder.to_dict(),
                        "tile": cfg.tile_size, "batch": min(batch_size, 2)}, sort_keys=True)
-    machine = f"{_cpu_name()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    machine = f"{cpu_name()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
     return hashlib.sha256(f"{arch}|{machine}".encode()).hexdigest()[:32]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (for probe caches and benchmark reports)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

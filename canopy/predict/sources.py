@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from data_catalog.stac_remote import (
     RemoteItem, forget_remote, is_remote, is_stac_file, is_stac_search, items_from_file,
     remote_item, remote_version, search, signed, use_remote_defaults)
 from data_catalog.raster import (
-    LatticeReader, check_complete, check_rgb_dtype, finest_pixel_m, lattice_pieces, open_raster, resampling_onto,
-    resolve_crs, rgb_bands)
+    LatticeReader, ThreadHandles, check_complete, check_rgb_dtype, finest_pixel_m, lattice_pieces,
+    open_raster, resampling_onto, resolve_crs, rgb_bands)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2", ".img"}
 
@@ -57,35 +55,29 @@ class Scene:
         return shapely.from_wkb(self.footprint_wkb)
 
 
-_REMOTE = threading.local()
-_MAX_REMOTE_HANDLES = 32
+# remote scenes stay open in their thread for the next cells: a new handle fetches again what
+# the last one fetched (re-opening per cell fetched 2.6× the assets' bytes, benchmarks/stac_http.py)
+_REMOTE = ThreadHandles(max_open=32)
+
+
+def _remote_dataset(path: str):
+    """This thread's dataset of a remote scene, opened through the signing hook, whose signed
+    URL (it may hold a token) never reaches an error message."""
+    def open_signed():
+        url = signed(path)
+        try:
+            return open_raster(url, "imagery")
+        except CatalogError as exc:
+            raise type(exc)(str(exc).replace(url, path)) from None
+
+    return _REMOTE.get(path, open_signed)
 
 
 def _open(path: str):
-    """A scene's dataset (a context manager); a remote one through the signing hook, whose signed
-    URL (it may hold a token) never reaches an error message.
-
-    Remote datasets stay open in this thread for the next cells (at most 32): GDAL keeps the
-    blocks it fetched with the handle, while a new handle fetches them again — measured with
-    benchmarks/stac_http.py, re-opening per cell fetched 2.6× the assets' bytes."""
+    """A scene's dataset as a context manager (a remote one stays open: :data:`_REMOTE`)."""
     if not is_remote(path):
         return open_raster(path, "imagery")
-    handles = getattr(_REMOTE, "handles", None)
-    if handles is None:
-        handles = _REMOTE.handles = OrderedDict()
-    ds = handles.get(path)
-    if ds is None:
-        url = signed(path)
-        try:
-            ds = open_raster(url, "imagery")
-        except CatalogError as exc:
-            raise type(exc)(str(exc).replace(url, path)) from None
-        handles[path] = ds
-        while len(handles) > _MAX_REMOTE_HANDLES:
-            handles.popitem(last=False)[1].close()
-    else:
-        handles.move_to_end(path)
-    return contextlib.nullcontext(ds)
+    return contextlib.nullcontext(_remote_dataset(path))
 
 
 def acquisition_text(tags: dict, path: str) -> str | None:
@@ -149,9 +141,7 @@ def check_unchanged(scene: Scene) -> None:
         return
     now = remote_version(scene.path)
     if now != scene.version:
-        handles = getattr(_REMOTE, "handles", None)
-        if handles and scene.path in handles:
-            handles.pop(scene.path).close()
+        _REMOTE.drop(scene.path)
         raise SceneChangedError(f"imagery {scene.path} (item {scene.item}) changed since the run "
                                 f"was planned ({scene.version} → {now}); run again to plan with "
                                 "the new version")
@@ -294,13 +284,11 @@ def _read_block(reader, scene: Scene, crs, gsd: float, br: int, bc: int):
         except CatalogError:
             if not is_remote(scene.path) or attempt == REMOTE_READ_TRIES - 1:
                 raise
-        handles = getattr(_REMOTE, "handles", None)
-        if handles and scene.path in handles:
-            handles.pop(scene.path).close()
+        _REMOTE.drop(scene.path)
         forget_remote(scene.path)  # GDAL would serve the cut-short transfer again
         time.sleep(min(4.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
         check_unchanged(scene)
-        reader = LatticeReader(_open(scene.path).__enter__(), crs, gsd)
+        reader = LatticeReader(_remote_dataset(scene.path), crs, gsd)
     raise AssertionError("unreachable")
 
 
