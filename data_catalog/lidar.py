@@ -15,7 +15,11 @@ pipeline is written out here (§5.2):
    pulse whose first return fell in the next cell would otherwise read as a hole in the crown.
    On OSBS_029 this alone raised the correlation with the shipped CHM from 0.91 to 0.96
    (docs/data_inputs.md).
-4. Empty cells whose 3×3 neighbourhood has data get the neighbours' mean (a cell with no return is
+4. Points more than ``max_height`` (150 m) above ground are dropped whatever their class: the
+   tallest known trees are ~116 m, so such a point is a bird, a cloud or a sensor error left
+   unclassified (one NEON TEAK cloud holds a point ~1,000 m above the canopy, classed noise; an
+   unclassed copy must not make a 1,000 m CHM cell).
+5. Empty cells whose 3×3 neighbourhood has data get the neighbours' mean (a cell with no return is
    missing data, not ground), and small pits — cells well below the 3×3 median where that median is
    above 2 m — are raised to the median. Cells are only ever raised, never lowered.
 
@@ -265,6 +269,7 @@ def chm_from_las(
     pit_fill: bool = True,
     pit_min_height: float = 2.0,
     pit_min_depth: float = 0.5,
+    max_height: float = 150.0,
 ) -> tuple[np.ndarray, Affine, CRS]:
     """Derive a CHM (float32, NaN where no data) from a LAS/LAZ file.
 
@@ -306,12 +311,14 @@ def chm_from_las(
         ground_res = float(ground_resolution or max(float(resolution), 1.0))
         hag = height_above_ground(x_local, y_local, z, ground, ground_res)
     hag = np.maximum(hag, 0.0)  # points a little under the DTM are ground
+    plausible = hag <= max_height  # module docstring, step 4
 
     # First returns see the canopy top; later returns of a pulse fall inside the crown. Fall back
     # to all points when return numbers are absent (all zero) or there are no first returns.
     use = return_number == 1 if first_returns_only else np.ones_like(ground)
-    if not use.any():
+    if not (use & plausible).any():
         use = np.ones_like(ground)
+    use &= plausible
 
     chm = _max_per_cell(grid, x_local[use], y_local[use], hag[use])
     if fill_empty_passes > 0:

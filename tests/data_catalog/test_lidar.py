@@ -211,3 +211,24 @@ def test_not_a_point_cloud_is_refused(tmp_path):
         chm_from_las(bogus)
     with pytest.raises(CatalogError, match="resolution"):
         chm_from_las(shared("rgb_chm_pairs", "neon_bart_041", "BART_041.laz"), 0)
+
+
+def test_teak_cloud_not_normalised_gives_sierra_heights_and_ignores_an_outlier(tmp_path):
+    """NEON TEAK_056 is not height-normalised (absolute elevations ~2,100 m, ground classed) and
+    holds one point ~3,190 m high (classed noise). The CHM gives tree heights (tallest ≤ 60 m),
+    and stays so when that point's class is changed to 1 (unclassified): the 150 m ceiling drops
+    it. Without the ceiling the relabelled point makes a cell of ~1,000 m."""
+    src = shared("rgb_chm_pairs", "neon_teak", "neon_TEAK_056.laz")
+    chm, _, _ = chm_from_las(src, resolution=1.0, crs="EPSG:32611")
+    assert 30 < np.nanmax(chm) < 60 and np.nanmin(chm) >= 0
+    las = laspy.read(src)
+    cls = np.asarray(las.classification).copy()
+    top = int(np.argmax(np.asarray(las.z)))
+    assert float(las.z[top]) > 3000 and cls[top] == 7
+    cls[top] = 1
+    las.classification = cls
+    relabelled = tmp_path / "teak_056_unclassed_outlier.laz"
+    las.write(relabelled)
+    again, _, _ = chm_from_las(relabelled, resolution=1.0, crs="EPSG:32611")
+    assert np.nanmax(again) < 60
+    np.testing.assert_allclose(again, chm, equal_nan=True)
