@@ -286,3 +286,46 @@ def test_photometric_jitter_touches_the_image_only_and_is_reproducible():
     same = augment(image, torch.ones(4, 4, dtype=torch.bool), target, None,
                    torch.Generator().manual_seed(1), NO_AUGMENT)
     assert torch.equal(same[0], image.float())
+
+
+def test_appearance_augmentations_mimic_coarser_hazier_other_sensor_imagery():
+    """On a real NEON plot at 0.5 m: the coarser-GSD step removes fine detail (lower gradient
+    energy) without moving the footprint; haze lowers contrast and raises the dark end; the
+    sensor step keeps a grey pixel grey; labels and the valid mask never change; the same
+    generator seed gives the same view; off by default (older recipes' views unchanged)."""
+    from canopy.train.augment import appearance
+    from data_catalog.raster import read_rgb_on_grid
+    from tests.conftest import shared
+
+    g = read_rgb_on_grid(shared("rgb_chm_pairs", "neon_teak", "neon_TEAK_043.tif"), 0.5)
+    image = torch.from_numpy(g.rgb).float()
+
+    def energy(x):
+        return float((x[:, 1:, :] - x[:, :-1, :]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+
+    def one(cfg, seed):
+        return appearance(image, torch.Generator().manual_seed(seed), cfg)
+
+    coarse = AugmentConfig(gsd_coarsen=1.0)
+    views = [one(coarse, s) for s in range(8)]
+    blurred = [v for v in views if not torch.equal(v, image)]
+    assert blurred and all(energy(v) < 0.9 * energy(image) for v in blurred)
+    assert all(abs(float(v.mean()) - float(image.mean())) < 1.0 for v in views)  # same scene
+    hazy = [one(AugmentConfig(haze=0.4), s) for s in range(12)]
+    touched = [v for v in hazy if not torch.equal(v, image)]
+    assert touched and all(float(v.std()) < float(image.std()) and float(v.min()) > float(image.min())
+                           for v in touched)
+    grey = torch.full((3, 8, 8), 120.0)
+    for s in range(5):
+        out = appearance(grey, torch.Generator().manual_seed(s), AugmentConfig(sensor=0.2))
+        assert float(out.max() - out.min()) < 1e-3  # one value: grey stays grey
+    assert torch.equal(one(AugmentConfig(gsd_coarsen=1.0, sensor=0.1, haze=0.3), 5),
+                       one(AugmentConfig(gsd_coarsen=1.0, sensor=0.1, haze=0.3), 5))
+    target, valid = torch.arange(16.0).reshape(4, 4), torch.ones(g.valid.shape, dtype=torch.bool)
+    cfg = AugmentConfig(dihedral=False, p_photometric=0.0, gsd_coarsen=1.0, sensor=0.1, haze=0.3)
+    _, va, tg, _ = augment(image, valid, target, None, torch.Generator().manual_seed(2), cfg)
+    assert torch.equal(tg, target) and torch.equal(va, valid)
+    plain = augment(image, valid, target, None, torch.Generator().manual_seed(2), AugmentConfig())
+    before = augment(image, valid, target, None, torch.Generator().manual_seed(2),
+                     AugmentConfig(gsd_coarsen=0.0, sensor=0.0, haze=0.0))
+    assert torch.equal(plain[0], before[0])

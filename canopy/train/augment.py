@@ -6,6 +6,12 @@ flip) are all plausible views, so they are used with equal probability. Photomet
 flights; it touches the image only. No scaling or arbitrary-angle rotation: they would change the
 ground sample distance or resample the lidar target.
 
+Optional, off unless set (the default model's recipe sets them), for imagery unlike the training
+flights: *coarser imagery* (the image averaged down to a GSD up to ``1 + gsd_coarsen`` times the
+model's and interpolated back, as `canopy predict` upsamples coarse input: the footprint and the
+target stay), *sensor colour* (a random 3×3 channel mix near the identity and a gamma: other
+cameras' spectral responses and tone curves) and *haze* (a blend towards a bluish grey).
+
 Randomness comes from an explicit ``torch.Generator`` (seeded per sample by the dataset), so an
 augmented sample depends only on (seed, epoch, index): this is what makes resume exact.
 """
@@ -24,6 +30,9 @@ class AugmentConfig:
     contrast: float = 0.15     # gain about the chip mean, 1 ± this
     colour: float = 0.05       # per-channel gain, 1 ± this
     p_photometric: float = 0.8
+    gsd_coarsen: float = 0.0   # up to this much coarser (factor 1 + x), with probability 0.5
+    sensor: float = 0.0        # channel mix off-diagonals ± this, gamma 1 ± this
+    haze: float = 0.0          # blend up to this share towards haze, with probability 0.3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,4 +107,34 @@ def augment(image: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
         if shots is not None and len(shots):
             shots = torch.cat([dihedral_points(shots[:, :2], k, flip, h, w), shots[:, 2:]], dim=1)
     image = photometric(image, gen, cfg) if do_photo else image.float()
+    if cfg.gsd_coarsen or cfg.sensor or cfg.haze:  # drawn after the above: older views unchanged
+        image = appearance(image, gen, cfg)
     return image, valid, target, shots
+
+
+def appearance(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Coarser GSD, sensor colour and haze (module docstring) on a float [3,H,W] in 0..255.
+    Every random number is drawn whether or not its step applies (reproducible views)."""
+    import torch.nn.functional as F
+
+    coarse = bool(torch.rand(1, generator=gen) < 0.5)
+    factor = float(_uniform(gen, 1.0, 1.0 + cfg.gsd_coarsen))
+    mix = torch.eye(3) + _uniform(gen, -cfg.sensor, cfg.sensor, 9).view(3, 3) * (1 - torch.eye(3))
+    gamma = float(_uniform(gen, 1 - cfg.sensor, 1 + cfg.sensor))
+    hazy = bool(torch.rand(1, generator=gen) < 0.3)
+    amount = float(_uniform(gen, 0.0, cfg.haze))
+    level = float(_uniform(gen, 150.0, 230.0))
+    x = image
+    h, w = x.shape[-2:]
+    if coarse and cfg.gsd_coarsen and factor > 1.01:
+        small = (max(1, round(h / factor)), max(1, round(w / factor)))
+        x = F.interpolate(x[None], size=small, mode="area")
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)[0]
+    if cfg.sensor:
+        mix = mix / mix.sum(1, keepdim=True)  # rows sum to 1: a grey stays grey
+        x = torch.einsum("ij,jhw->ihw", mix, x).clamp(0.0, 255.0)
+        x = 255.0 * (x / 255.0) ** gamma
+    if hazy and cfg.haze:
+        tint = torch.tensor([1.0, 1.02, 1.06]).view(3, 1, 1) * level
+        x = x * (1 - amount) + tint * amount
+    return x.clamp(0.0, 255.0)
