@@ -62,6 +62,12 @@ def evaluate_command(
     if result["gedi"]:
         g = result["gedi"]
         typer.echo(f"GEDI: {g['n']} shots, MAE {f(g['mae'])} m, bias {f(g['bias'])} m")
+    if result.get("ood"):
+        d = result["ood"]
+        share = "n/a" if d["flagged_share"] is None else f"{d['flagged_share']:.0%}"
+        typer.echo(f"out-of-distribution score: AUROC {f(d['auroc_large_error'])} for |error| > "
+                   f"{d['large_error_m']:g} m; {share} of pixels flagged (MAE there "
+                   f"{f(d['mae_flagged'])} m, elsewhere {f(d['mae_not_flagged'])} m)")
     if "comparison" in result:
         for row in result["comparison"]["maps"]:
             c = row["common_pixels"]

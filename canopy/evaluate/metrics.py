@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from canopy.io import outputs
 from canopy.io.outputs import TileLattice  # noqa: F401 (part of this module's API)
 
 # Reference-height bins (m), as Open-Canopy reports them.
@@ -453,3 +454,60 @@ def regression_scores(pred: Iterable[float], ref: Iterable[float]) -> dict[str, 
     pp, yy = valid_pairs(p, y)
     return {"n": int(pp.size), "mae": mae(p, y), "bias": bias(p, y), "rmse": rmse(p, y),
             "r2": r2(p, y)}
+
+
+# ------------------------------------------------------------------ out-of-distribution score
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``positive`` (ties count half); None when a
+    class is empty."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positive, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class Separation:
+    """How well scores separate large errors from small ones, accumulated in bounded memory
+    (histograms of the scores of each class, 0.005 wide up to 20, the rest in the last bin):
+    AUROC (ties within a bin count half), the share flagged (score > ``outputs.OOD_UNLIKE``) and the mean
+    absolute error where flagged and where not."""
+
+    EDGES = np.append(np.arange(0.0, 20.0 + 1e-9, 0.005), np.inf)
+
+    def __init__(self, large_error_m: float = 5.0):
+        self.large_error_m = large_error_m
+        self.hist = np.zeros((2, self.EDGES.size - 1), np.int64)
+        self.err_sum = np.zeros(2)  # |error| summed: not flagged, flagged
+        self.count = np.zeros(2, np.int64)
+
+    def add(self, scores: np.ndarray, abs_err: np.ndarray) -> None:
+        ok = np.isfinite(scores) & np.isfinite(abs_err)
+        s, e = np.clip(scores[ok], 0, None), abs_err[ok]
+        large = e > self.large_error_m
+        for cls in (0, 1):
+            self.hist[cls] += np.histogram(s[large == bool(cls)], bins=self.EDGES)[0]
+        flagged = s > outputs.OOD_UNLIKE
+        for f in (0, 1):
+            self.err_sum[f] += float(e[flagged == bool(f)].sum())
+            self.count[f] += int((flagged == bool(f)).sum())
+
+    def result(self) -> dict:
+        neg, pos = self.hist
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        auc = None
+        if n_pos and n_neg:
+            below = np.cumsum(neg) - neg  # negatives in lower bins
+            auc = float((pos * below).sum() + 0.5 * (pos * neg).sum()) / (n_pos * n_neg)
+        n = int(self.count.sum())
+        return {"large_error_m": self.large_error_m, "n": n, "auroc_large_error": auc,
+                "large_error_share": n_pos / n if n else None,
+                "flagged_share": int(self.count[1]) / n if n else None,
+                "mae_flagged": self.err_sum[1] / self.count[1] if self.count[1] else None,
+                "mae_not_flagged": self.err_sum[0] / self.count[0] if self.count[0] else None}

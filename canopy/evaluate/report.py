@@ -28,6 +28,7 @@ from canopy.errors import InputError, OptionError, OutputError, OutputExistsErro
 from canopy.io import outputs
 from data_catalog.schema import crs_to_text
 from canopy.evaluate.metrics import (
+    Separation,
     BLOCK_MIN_VALID_SHARE, BLOCK_SIZE, HEIGHT_BIN_EDGES, TREE_COVER_THRESHOLD_M, EdgeSums,
     EvaluationSums, TileLattice, edge_sums, regression_scores)
 from data_catalog.gedi import (
@@ -272,6 +273,17 @@ def align_reference(pred_src, pred_path: str, ref_path: str, reference_crs=None,
         raise InputError(f"prediction '{pred_path}' and reference '{ref_path}' overlap, but no "
                          "pixel is valid in both")
     return pair
+
+
+def _band_on_pair(src, band: int, pair: AlignedPair) -> np.ndarray:
+    """Another band of the prediction on the pair's evaluation grid, as its heights were."""
+    data = src.read(band, window=pair.pred_window).astype(np.float32)
+    if src.nodatavals[band - 1] is not None and np.isfinite(src.nodatavals[band - 1]):
+        data[data == src.nodatavals[band - 1]] = np.nan
+    if pair.evaluation_grid == "prediction":
+        return data
+    return warp_average(data, src.window_transform(pair.pred_window), src.crs, pair.ref.shape,
+                        pair.grid.transform, pair.grid.crs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,9 +704,14 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
         if src.crs is None or not _is_georeferenced(src):
             raise InputError(f"prediction '{pred_path}' has no CRS or geotransform")
         band, std_band = _band_indexes(src, config.prediction_band, "prediction", pred_path)
+        desc = [d or "" for d in src.descriptions]
+        ood_band = desc.index(outputs.OOD_BAND) + 1 if outputs.OOD_BAND in desc else None
+        separation = Separation() if ood_band else None
         for i, ref_path in enumerate(refs):
             pair = align_reference(src, pred_path, ref_path, ref_crs, config)
             windows.append(pair.pred_window)
+            if separation is not None:
+                separation.add(_band_on_pair(src, ood_band, pair), np.abs(pair.pred - pair.ref))
             sums = EvaluationSums.from_arrays(
                 pair.pred, pair.ref, pair.std, edges=edges, block=config.block_size,
                 min_valid_share=config.block_min_valid_share,
@@ -758,6 +775,9 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
     figures = ["density_scatter.png", "error_by_height_bin.png", "error_histogram.png"] + figures
     if std_band is None:
         notes.append("prediction has no 'canopy_height_std' band: calibration not measured")
+    if separation is None:
+        notes.append(f"prediction has no '{outputs.OOD_BAND}' band (canopy predict --ood-band): "
+                     "how well it flags large errors not measured")
 
     return {
         "canopy_version": __version__,
@@ -768,6 +788,7 @@ def _evaluate_into(pred_path: str, refs: list[str], folder: Path, gedi: str | No
         "pooled": pooled_m,
         "edge_error": edge,
         "gedi": gedi_result,
+        "ood": separation.result() if separation is not None else None,
         "figures": figures,
         "notes": notes,
     }

@@ -17,7 +17,12 @@ never by re-typed strings. The tags:
   − 1, in the raster's own pixels (origins may be negative: a cell's first tile starts in its
   halo). A mosaic, whose tiles continue beyond every edge, has no counts.
 
-Band 1 is ``canopy_height`` in metres; with uncertainty, band 2 is ``canopy_height_std``.
+* out-of-distribution (models that carry a reference, :mod:`canopy.model.ood`):
+  ``CANOPY_OOD_UNLIKE_SHARE``, the share of the map's pixels whose tile scores above 1 (unlike
+  the training data), written by one-raster prediction.
+
+Band 1 is ``canopy_height`` in metres; with uncertainty, band 2 is ``canopy_height_std``; with
+``--ood-band``, the last band is ``canopy_ood_score`` (unitless, > 1: unlike the training data).
 float32 outputs use NaN as nodata, uint8 outputs whole metres with nodata 255 (as the Meta maps).
 """
 
@@ -58,6 +63,9 @@ TILE_ORIGIN_COL = "CANOPY_TILE_ORIGIN_COL"
 TILE_COUNT_ROW = "CANOPY_TILE_COUNT_ROW"
 TILE_COUNT_COL = "CANOPY_TILE_COUNT_COL"
 OVERVIEW_FACTOR = "CANOPY_OVERVIEW_FACTOR"
+OOD_UNLIKE_SHARE = "CANOPY_OOD_UNLIKE_SHARE"
+OOD_BAND = "canopy_ood_score"
+OOD_UNLIKE = 1.0  # a tile scoring above this is unlike the model's training data
 
 #: every tag a prediction raster (one raster or a cell) carries
 PREDICTION_TAGS = (SOFTWARE, MODEL, MODEL_VERSION, MODEL_SOURCE, MODEL_LICENCE, MODEL_TRAINED,

@@ -44,6 +44,7 @@ from canopy.model.config import (
     CHMV2_MEAN, CHMV2_STD, DINOV3_LICENCE, HRCH_LICENCE, MAXAR_GSD, HeightModelConfig, chmv2_decoder,
     chmv2_config, chmv2_micro_config, hrch_config, micro_config)
 from canopy.model.dpt import DPTConfig
+from canopy.model import ood
 from canopy.model.height_model import HeightModel
 from ssl_backbone.checkpoints import (
     filter_backbone_state_dict, load_state_dict_strict, read_state_dict, save_safetensors,
@@ -415,7 +416,14 @@ def load_native(path: Path, device="cpu") -> HeightModel:
     except Exception as exc:
         raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from None
     cfg = _native_config(weights, config_path, meta)
-    return model_from_state_dict(cfg, sd, str(weights), device)
+    model = model_from_state_dict(cfg, sd, str(weights), device)
+    ood_path = weights.with_name(ood.FILE_NAME)
+    if ood_path.exists():  # the model's out-of-distribution reference (canopy.model.ood)
+        try:
+            model.ood = ood.OodReference.load(ood_path)
+        except Exception as exc:
+            raise CheckpointError(f"{ood_path}: cannot read the OOD reference ({exc})") from None
+    return model
 
 
 def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str | None = None) -> Path:
@@ -429,6 +437,8 @@ def save_native(model: HeightModel, out_dir: str | os.PathLike, model_card: str 
         (out / "MODEL_CARD.md").write_text(model_card)
     save_safetensors(model.state_dict(), out / "model.safetensors",
                      metadata={"config": cfg_json, "format": "canopy-height"})
+    if getattr(model, "ood", None) is not None:
+        model.ood.save(out)
     return out
 
 

@@ -26,10 +26,11 @@ import numpy as np
 from affine import Affine
 from rasterio.windows import Window
 
-from canopy.errors import OutputError
+from canopy.errors import OptionError, OutputError
 from canopy.io import outputs
 from canopy.io.cog import check_free_space, check_output_path, cog_writer, estimated_cog_bytes
 from canopy.model.auto import batch_size_for, choose_precision, own_model
+from canopy.model.ood import UNLIKE, window_scores
 from canopy.predict.blend import default_stride, edge_reach, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
@@ -41,6 +42,7 @@ from data_catalog.raster import (
 __all__ = ["PredictOptions", "predict_raster"]
 
 WINDOW_PX = 4096
+OOD_WARN_SHARE = 0.25  # warn when a quarter of the map scores unlike the training data
 
 
 def predict_raster(input_path, output_path, model, opts: PredictOptions | None = None, *,
@@ -80,7 +82,11 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     crs, transform, height, width = output_grid(input_path, gsd, crs=opts.crs)
     windows = [(r0, c0, min(window_px, height - r0), min(window_px, width - c0))
                for r0 in range(0, height, window_px) for c0 in range(0, width, window_px)]
-    n_bands = 2 if opts.uncertainty else 1
+    has_ood = getattr(model, "ood", None) is not None
+    if opts.ood_band and not has_ood:
+        raise OptionError("ood_band", "this model carries no out-of-distribution reference "
+                                      "(ood.safetensors beside its weights)")
+    n_bands = 1 + opts.uncertainty + opts.ood_band
     staged = len(windows) > 1  # a map larger than a window is staged on disk, not in memory
     check_free_space(output_path.parent,
                      estimated_cog_bytes(height * width, opts.dtype, n_bands) * (2 if staged else 1),
@@ -115,10 +121,12 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
             report(progress, "tiles", done, total)
 
         any_valid = False
+        unlike = [0, 0]  # pixels scored unlike the training data, pixels scored
         with cog_writer(output_path, width=width, height=height, count=n_bands,
                         dtype=opts.dtype, crs=crs, transform=transform,
                         nodata=outputs.nodata_for(opts.dtype),
-                        descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:n_bands],
+                        descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:1 + opts.uncertainty]
+                        + [outputs.OOD_BAND] * opts.ood_band,
                         units=outputs.UNITS, tags=tags, overwrite=overwrite,
                         stage_on_disk=staged, threads="ALL_CPUS") as dst:  # one command: all cores
             def write(window, result):
@@ -148,6 +156,13 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         result = _predict_window(model, grid, window, trows, tcols, read, stride,
                                                  opts, correction, tiles_done)
                         any_valid = True
+                        if has_ood:
+                            scores = window_scores(model, grid.read, window, height, width)
+                            scores[~np.isfinite(result[0])] = np.nan
+                            unlike[0] += int(np.count_nonzero(scores > UNLIKE))
+                            unlike[1] += int(np.count_nonzero(np.isfinite(scores)))
+                            if opts.ood_band:
+                                result = (*result, scores)
                         if pending_write is not None:
                             pending_write.result()
                         pending_write = writes.submit(write, window, result)
@@ -156,7 +171,20 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                     pending_write.result()
             if not any_valid:
                 raise RasterError(f"'{input_path}' has no valid pixels (all nodata or masked)")
+            if has_ood and unlike[1]:
+                share = unlike[0] / unlike[1]
+                dst.update_tags(**{outputs.OOD_UNLIKE_SHARE: f"{share:.4f}"})
+                if ood_message(share):
+                    report(progress, "tiles", done, total, message=ood_message(share))
     return output_path
+
+
+def ood_message(share: float) -> str | None:
+    """One line for the log when much of a map is unlike the model's training data."""
+    if share < OOD_WARN_SHARE:
+        return None
+    return (f"warning: {share:.0%} of this map is unlike the model's training data "
+            f"({outputs.OOD_UNLIKE_SHARE}); expect errors of several metres there")
 
 
 class _Grid:
