@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 class _MeanHeight:
@@ -42,7 +43,7 @@ def compare(backbones: dict, steps: int, threads: int = 1, finetune_blocks: int 
     one of that architecture; held-out scores per site and pooled."""
     from canopy.model.checkpoints import load_model
     from canopy.train.datasets import label_mean
-    from canopy.train.default_model import Recipe, build_records, evaluate_held_out
+    from block_holdout import Recipe, build_records, evaluate_held_out
     from canopy.train.loop import TrainConfig, train
     from ssl_backbone.checkpoints import load_backbone
 

@@ -423,11 +423,13 @@ def test_code_layer_wheel_holds_the_package_data(tmp_path):
     wheel, = (tmp_path / "wheels").glob("canopy_height-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("canopy/weights/default/model.safetensors", "canopy/weights/default/config.json",
+                   "canopy/weights/default/ood.safetensors",
                    "services/static/index.html", "data_catalog/boundaries/us_states_10m.json",
                    "canopy/data/sample_osbs_029.tif", "services/__main__.py"):
         assert needed in names, f"the image would lack {needed}"
     weights = [n for n in names if n.endswith((".pth", ".pt", ".safetensors"))]
-    assert weights == ["canopy/weights/default/model.safetensors"], weights
+    assert sorted(weights) == ["canopy/weights/default/model.safetensors",
+                               "canopy/weights/default/ood.safetensors"], weights
     entry_points_txt = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "canopy = canopy.cli:main" in zipfile.ZipFile(wheel).read(entry_points_txt).decode()
 

@@ -91,7 +91,7 @@ def test_score_band_and_share_tag_do_not_depend_on_windows(model_with_reference,
         np.testing.assert_array_equal(sa, sb)
         ok = np.isfinite(sa)
         assert ok.mean() > 0.9
-        share = float((sa[ok] > ood.UNLIKE).mean())
+        share = float((sa[ok] > outputs.OOD_UNLIKE).mean())
         assert float(a.tags()[outputs.OOD_UNLIKE_SHARE]) == pytest.approx(share, abs=1e-4)
         assert a.tags()[outputs.OOD_UNLIKE_SHARE] == b.tags()[outputs.OOD_UNLIKE_SHARE]
         # one score per OOD tile: no more distinct values than tiles

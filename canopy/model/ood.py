@@ -6,8 +6,8 @@ L2-normalised. A model that carries an :class:`OodReference` (``ood.safetensors`
 cosine distance to its ``k`` nearest reference embeddings divided by ``scale``. ``scale`` is the
 95th percentile of the same distance for the training tiles themselves, each measured against the
 tiles of *other* training images only (a tile is always close to its own image's overlapping
-chips), so a score above 1 reads "farther from the training data than 95 % of the training
-images are from the rest of it".
+chips), so a score above 1 (``canopy.io.outputs.OOD_UNLIKE``) reads "farther from the training
+data than 95 % of the training images are from the rest of it".
 
 Invariant: the score of a tile depends only on the model, its reference and the tile's pixels at
 the model's GSD (no batch statistics), so the same image gets the same scores in one-raster and
@@ -25,11 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from canopy.io.outputs import OOD_UNLIKE
-
 FORMAT_VERSION = 1
 FILE_NAME = "ood.safetensors"
-UNLIKE = OOD_UNLIKE  # a score above this counts as unlike the training data
 
 
 @dataclass
@@ -47,15 +44,14 @@ class OodReference:
         return dist.topk(k, dim=1, largest=False).values.mean(1) / self.scale
 
     def save(self, folder: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        """``ood.safetensors`` in ``folder``, atomically and readable by the team (the one
+        safetensors writer, :func:`ssl_backbone.checkpoints.save_safetensors`)."""
+        from ssl_backbone.checkpoints import save_safetensors
 
-        path = Path(folder) / FILE_NAME
-        tmp = path.with_name(path.name + ".partial")
-        save_file({"embeddings": self.embeddings.to(torch.float16).contiguous()}, str(tmp),
-                  metadata={"ood": json.dumps({"k": self.k, "scale": self.scale, "tile": self.tile,
-                                               "format_version": FORMAT_VERSION})})
-        os.replace(tmp, path)
-        return path
+        meta = {"k": self.k, "scale": self.scale, "tile": self.tile,
+                "format_version": FORMAT_VERSION}
+        return save_safetensors({"embeddings": self.embeddings.to(torch.float16)},
+                                Path(folder) / FILE_NAME, metadata={"ood": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OodReference":
@@ -165,11 +161,6 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
             out[rs, cs] = s
     return out
 
-
-def unlike_share(scores: np.ndarray) -> float | None:
-    """Share of scored pixels above :data:`UNLIKE` (None when nothing was scored)."""
-    ok = np.isfinite(scores)
-    return float((scores[ok] > UNLIKE).mean()) if ok.any() else None
 
 
 def build_reference(model, images: list[tuple[np.ndarray, np.ndarray | None, str]], k: int = 5,

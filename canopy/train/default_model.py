@@ -1,26 +1,27 @@
-"""Reproduce the bundled default model, and its evaluation against two baselines.
+"""Reproduce the bundled default model (v2) and its leave-one-site-out evaluation.
 
-    python -m canopy.train.default_model                  # writes canopy/weights/default/
-    python -m canopy.train.default_model --out /tmp/m --steps 50   # a quick look
+    python -m canopy.train.default_model fold TEAK --run-dir runs/dm2   # one held-out site
+    python -m canopy.train.default_model final --run-dir runs/dm2       # weights + card
+    python -m canopy.train.default_model all --run-dir runs/dm2 --jobs 2
 
-What it does, in one run:
+What a run does:
 
-1. **Data.** Real RGB/CHM pairs from ``../shared/data/rgb_chm_pairs``: NEON BART_041 (CHM
-   rasterised from its LAZ at 1 m, first returns, pit-filled) and the Kootenay drone pair
-   (photogrammetric CHM, 0.5 m), plus procedural scenes from :mod:`canopy.synth` (exact labels,
-   never real data). **NEON OSBS_029 is held out entirely**: no chip of it is trained on or used
-   for model selection; it is only predicted at the end.
-2. **Training** with :func:`canopy.train.loop.train`, a ViT-Ti/16 trained from scratch (no
-   pretrained weights can be downloaded here) plus a DPT decoder, at 0.5 m GSD on 96-px chips.
-3. **Evaluation** on the held-out pair with :func:`canopy.evaluate.evaluate` (prediction averaged
-   onto the 0.5 m CHM grid), next to two baselines measured in the same run: the training-set
-   mean height everywhere, and a gradient-boosted per-pixel regressor on colour and texture
-   features trained on the same chips.
-4. ``MODEL_CARD.md`` with data, settings, command, time and every number.
+1. **Data** (:mod:`canopy.train.sites`): every real RGB/lidar pair in ``../shared/data`` whose
+   licence allows shipping weights (NEON TEAK, OSBS, BART: CC0), CHMs derived from the plots'
+   point clouds at 1 m with the project's LAS/LAZ → CHM path, co-registration checked per plot
+   (a plot whose brightness/height correlation peak lies far from its site's is not trained on).
+   The Kootenay pair (GPL-3) is judged on, never trained on. Procedural scenes from
+   :mod:`canopy.synth` are added when ``--synthetic`` > 0 (exact labels, never real data).
+2. **Folds**: for each site, a model trained on every *other* site, then scored on all plots of
+   the held-out site next to three baselines fitted in the same run: the training-set mean
+   height, a per-pixel gradient-boosted regressor on colour and texture, and the site's own mean
+   height (an oracle constant that knows the answer's mean).
+3. **Final**: the model trained on every shippable site, scored on Kootenay, with the
+   out-of-distribution reference of its training tiles (:mod:`canopy.model.ood`), written with
+   its card, the fold table and how well the OOD score separated large errors on held-out sites.
 
-Why 0.5 m: the labels are at 0.5 m (OSBS, Kootenay) and 1 m (BART), so a finer model grid adds
-no verified detail, and a 40 m NEON plot is still 80 px (at HRCH's 0.6 m it would be 67 px,
-at 0.25 m four times the compute per metre on two CPU cores). Kootenay's imagery is native there.
+A site with few chips has them repeated up to about ``site_chips`` an epoch, so one BART plot
+is not drowned by the TEAK plots.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,143 +39,175 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = (ROOT / ".." / "shared" / "data" / "rgb_chm_pairs").resolve()
+from canopy.train.sites import ROOT, Pair, check_sites, coregistration, derive_chm
+
 DEFAULT_OUT = ROOT / "canopy" / "weights" / "default"
+FOLD_SITES = ("TEAK", "OSBS", "BART")
+LARGE_ERROR_M = 5.0
 
 
 @dataclass(frozen=True)
 class Recipe:
     gsd: float = 0.5
     chip_size: int = 96
-    real_stride: int = 16               # dense, overlapping real chips (crops of small plots)
+    real_stride: int = 16
     arch: str = "vit_tiny"
     n_bins: int = 128
     max_height_m: float = 64.0
-    synthetic_scenes: int = 16
+    chm_resolution: float = 1.0          # NEON clouds of 4–8 pts/m²: 0.5 m cells would be empty
+    site_chips: int = 48                 # a small site's chips repeated up to about this many
+    synthetic_scenes: int = 0
     synthetic_val_scenes: int = 4
     synthetic_scene_px: int = 288
     synthetic_stride: int = 48
-    # OSBS (80 px at 0.5 m: ten partly padded chips) and BART (eleven) are weighted up: with
-    # 4× each and 32 synthetic scenes, v1 of this recipe predicted ≈ 0 m over the whole OSBS plot,
-    # the part it trained on included (see MODEL_CARD.md, "Recipe history")
-    real_repeats: tuple[tuple[str, int], ...] = (("BART_041", 8), ("OSBS_029", 16), ("kootenay", 2))
-    holdout: str = "block"              # 'block': east 40 % of every real scene; 'site': all of OSBS
-    holdout_share: float = 0.4
-    steps: int = 1600
+    steps: int = 600
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
-    # one thread: on a shared 2-core box, two threads stall on each other whenever another job
-    # holds a core (measured 1.05 s/step with one thread against 1.9–6.3 s with two)
-    threads: int | None = 1
-    gbm_pixels: int = 300_000
+    threads: int = 1
+    backbone: str | None = None          # a pretrained backbone.safetensors; None: random init
+    gsd_coarsen: float = 1.0             # augmentation: imagery up to 2× coarser
+    sensor: float = 0.1
+    haze: float = 0.3
+    # a plot whose correlation peak lies this far from its site's median is not trained on: sun
+    # shadows of one flight move the peak by a few metres alike; 5 m apart means another flight
+    # or a misregistered plot (docs/data_inputs.md)
+    coreg_tolerance_m: float = 5.0
+    ood_k: int = 3
+    gbm_pixels: int = 200_000
+
+    def key(self) -> str:
+        """A short name of the choices that differ between compared variants."""
+        bb = "pretrained" if self.backbone else "random"
+        return f"{bb}_syn{self.synthetic_scenes}"
 
 
-def real_pairs(work: Path) -> list[tuple]:
-    """The three real pairs (imagery, chm, chm_crs or None); BART's CHM is made from its LAZ."""
-    from data_catalog.lidar import chm_from_las, write_chm_geotiff
-
-    bart_chm = work / "BART_041_chm_1m.tif"
-    if not bart_chm.exists():
-        chm, transform, crs = chm_from_las(SHARED / "neon_bart_041" / "BART_041.laz", resolution=1.0)
-        write_chm_geotiff(bart_chm, chm, transform, crs)
-    return [
-        (str(SHARED / "neon_bart_041" / "BART_041.tif"), str(bart_chm), None),
-        (str(SHARED / "kootenay_bc_drone" / "kootenayOrtho_from_rda.tif"),
-         str(SHARED / "kootenay_bc_drone" / "kootenayCHM.tif"), None),
-        (str(SHARED / "neon_osbs_029" / "OSBS_029.tif"),
-         str(SHARED / "neon_osbs_029" / "OSBS_029_CHM.tif"), "EPSG:32617"),
-    ]
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
 
-def holdout_split_x(imagery: str, share: float) -> float:
-    """Easting east of which a scene is held out (the eastern ``share`` of its width)."""
-    import rasterio
+# ------------------------------------------------------------------------------- pretraining
 
-    with rasterio.open(imagery) as src:
-        left, _, right, _ = src.bounds
-    return right - share * (right - left)
+PRETRAIN_STEPS = 700
+PRETRAIN_BATCH = 16
 
 
-def mask_held_out(rec, split_x: float):
-    """Blank the held-out part of a chip: no pixel of it is seen as input or label.
+def pretrain_backbone(run_dir: Path, steps: int = PRETRAIN_STEPS, threads: int = 1) -> Path:
+    """DINOv2 ViT-Ti/16 from scratch on the open-licence images of ``overhead_rgb/`` except
+    NEON OSBS's (:func:`canopy.train.sites.pretraining_images`): no TEAK, BART or Kootenay image
+    is among them, so one backbone serves every fold without having seen its held-out site.
+    128-px windows at 0.3 m, global crops 96 px, four local crops of 48 px. Returns
+    ``backbone.safetensors`` (resumes a stopped run)."""
+    from canopy.pretrain_cli import RasterWindows
+    from canopy.train.sites import pretraining_images
+    from ssl_backbone.methods import config_for
+    from ssl_backbone.pretrain import pretrain
 
-    Returns None when nothing labelled is left. Column centres are compared with ``split_x``
-    on each grid (image and, possibly coarser, target) over the chip's bounds.
-    """
-    import dataclasses
-
-    left, _, right, _ = rec.bounds
-
-    def held(width: int) -> np.ndarray:
-        centres = left + (np.arange(width) + 0.5) * (right - left) / width
-        return centres >= split_x
-
-    img_cols, tgt_cols = held(rec.image.shape[-1]), held(rec.target.shape[-1])
-    if not img_cols.any():
-        return rec
-    image, valid, target = rec.image.copy(), rec.valid.copy(), rec.target.copy()
-    image[:, :, img_cols] = 0
-    valid[:, img_cols] = False
-    target[:, tgt_cols] = np.nan
-    # a label cell straddling the boundary would average held-out pixels: drop it too
-    edge = np.flatnonzero(~tgt_cols)
-    if edge.size and tgt_cols.any():
-        target[:, edge[-1]] = np.nan
-    out = dataclasses.replace(rec, image=image, valid=valid, target=target)
-    return out if np.isfinite(out.target).any() and out.valid.any() else None
+    torch.set_num_threads(threads)
+    out = run_dir / "pretrain"
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for f in pretraining_images(exclude_sites=("OSBS",)):
+        link = images / Path(f).name
+        if not link.exists():
+            link.symlink_to(f)
+    source = RasterWindows(images, window_px=128, gsd=0.3)
+    epochs = steps * PRETRAIN_BATCH / len(source)
+    cfg = config_for("dinov2", {
+        "arch": "vit_tiny", "batch_size": PRETRAIN_BATCH, "epochs": epochs,
+        "warmup_epochs": epochs / 10, "prototypes": 2048, "head_hidden": 768,
+        "head_bottleneck": 192, "ibot_prototypes": 2048, "warmup_teacher_temp_epochs": epochs / 5,
+        "freeze_last_layer_epochs": 0.0, "momentum_teacher": 0.99, "base_lr": 0.01,
+        "drop_path_rate": 0.0, "crops": {"global_size": 96, "local_size": 48, "n_local": 4}})
+    result = pretrain(cfg, source, out / "run", log_every=50,
+                      resume=(out / "run" / "checkpoint.pt").exists(),
+                      progress=lambda e: _say(f"[pretrain] {json.dumps(e, default=str)[:160]}"))
+    return result.backbone_path
 
 
-def build_records(recipe: Recipe, work: Path):
-    """Training chips (real, with the held-out part removed, repeated; synthetic), synthetic
-    validation chips, the evaluation targets [(imagery, chm, chm_crs, split_x)], a summary."""
-    from data_catalog.chips import ChipSampler
+# ------------------------------------------------------------------------------------ data
+
+
+def prepared_pairs(work: Path, recipe: Recipe) -> tuple[list[tuple[Pair, str]], dict]:
+    """Every pair with its CHM path (shippable and evaluation-only), and the co-registration
+    check of the shippable ones."""
+    from canopy.train.sites import evaluation_only_pairs, shippable_pairs
+
+    work.mkdir(parents=True, exist_ok=True)
+    pairs = [(p, derive_chm(p, work, recipe.chm_resolution))
+             for p in shippable_pairs() + evaluation_only_pairs()]
+    coreg = {p.name: coregistration(p.imagery, chm, p.crs) for p, chm in pairs if p.las}
+    checked = check_sites(coreg, {p.name: p.site for p, _ in pairs if p.las},
+                          recipe.coreg_tolerance_m)
+    return pairs, checked
+
+
+def training_records(pairs: list[tuple[Pair, str]], recipe: Recipe):
+    """Chips of the given pairs, each site repeated to about ``site_chips`` (module docstring),
+    plus synthetic training chips; synthetic validation chips; a summary."""
     from canopy.train.datasets import SyntheticSpec, records_from_sampler, synthetic_records
+    from data_catalog.chips import ChipSampler
 
-    pairs = real_pairs(work)
-    if recipe.holdout == "site":  # OSBS unseen: a test of generalisation to a new site
-        train_pairs = [p for p in pairs if "OSBS" not in p[0]]
-        evaluation = [(*p, -math.inf) for p in pairs if "OSBS" in p[0]]
-    elif recipe.holdout == "block":
-        train_pairs = pairs
-        evaluation = [(*p, holdout_split_x(p[0], recipe.holdout_share)) for p in pairs]
-    else:
-        raise ValueError(f"holdout must be 'block' or 'site', got {recipe.holdout!r}")
-    split_of = {p[0]: x for *p, x in evaluation}
-    sampler = ChipSampler([(i, c, crs) if crs else (i, c) for i, c, crs in train_pairs],
+    sampler = ChipSampler([(p.imagery, chm, p.crs) if p.crs else (p.imagery, chm)
+                           for p, chm in pairs],
                           chip_size=recipe.chip_size, gsd=recipe.gsd, stride=recipe.real_stride,
                           split_fractions=(1, 0, 0), chm_mode="native", seed=recipe.seed)
     real, _ = records_from_sampler(sampler, "train")
-    repeats = dict(recipe.real_repeats)
-    train = []
-    per_site: dict[str, int] = {}
+    site_of = {p.imagery: p.site for p, _ in pairs}
+    by_site: dict[str, list] = {}
     for rec in real:
-        if rec.origin in split_of:
-            rec = mask_held_out(rec, split_of[rec.origin])
-            if rec is None:
-                continue
-        stem = Path(rec.origin).stem
-        n = next((k_n for k, k_n in repeats.items() if k.lower() in stem.lower()), 1)
-        train += [rec] * n
-        per_site[stem] = per_site.get(stem, 0) + 1
-    syn_train, _ = synthetic_records(
-        SyntheticSpec(recipe.synthetic_scenes, recipe.synthetic_scene_px, recipe.gsd, recipe.seed),
-        recipe.chip_size, recipe.synthetic_stride)
-    syn_val, _ = synthetic_records(
-        SyntheticSpec(recipe.synthetic_val_scenes, recipe.synthetic_scene_px, recipe.gsd,
-                      recipe.seed + 1_000_003), recipe.chip_size, recipe.chip_size)
-    held = ("the eastern {:.0%} of each real scene (no pixel of it trained on, as input or "
-            "label)".format(recipe.holdout_share) if recipe.holdout == "block"
-            else "all of NEON OSBS_029")
-    summary = {
-        "real training chips (before repeats)": per_site,
-        "real chips repeated": dict(recipe.real_repeats),
-        "synthetic training chips": len(syn_train),
-        "synthetic validation chips": len(syn_val),
-        "held out": held,
-    }
-    return train + syn_train, syn_val, evaluation, summary
+        by_site.setdefault(site_of[rec.origin], []).append(rec)
+    train, summary = [], {"real chips": {}, "repeats": {}}
+    for site, recs in sorted(by_site.items()):
+        n = max(1, round(recipe.site_chips / len(recs)))
+        train += recs * n
+        summary["real chips"][site] = len(recs)
+        summary["repeats"][site] = n
+    if recipe.synthetic_scenes:
+        syn, _ = synthetic_records(SyntheticSpec(recipe.synthetic_scenes, recipe.synthetic_scene_px,
+                                                 recipe.gsd, recipe.seed),
+                                   recipe.chip_size, recipe.synthetic_stride)
+        train += syn
+        summary["synthetic chips"] = len(syn)
+    val, _ = synthetic_records(SyntheticSpec(recipe.synthetic_val_scenes, recipe.synthetic_scene_px,
+                                             recipe.gsd, recipe.seed + 1_000_003),
+                               recipe.chip_size, recipe.chip_size)
+    return train, val, summary
+
+
+def train_model(pairs, recipe: Recipe, out: Path, name: str):
+    """Train on ``pairs``; returns (model with its OOD reference, TrainResult, mean height,
+    gradient-boosting baseline, data summary)."""
+    from canopy.model.checkpoints import load_model
+    from canopy.model.ood import build_reference
+    from canopy.train.augment import AugmentConfig
+    from canopy.train.datasets import label_mean
+    from canopy.train.loop import TrainConfig, train
+    from data_catalog.raster import read_rgb_on_grid
+
+    records, val, summary = training_records(pairs, recipe)
+    _say(f"[{name}] {len(records)} training chips {summary}")
+    cfg = TrainConfig(
+        out_dir=str(out / "train"), arch=recipe.arch, backbone_path=recipe.backbone,
+        n_bins=recipe.n_bins, max_height_m=recipe.max_height_m, gsd=recipe.gsd,
+        chip_size=recipe.chip_size, steps=recipe.steps, batch_size=recipe.batch_size,
+        lr=recipe.lr, finetune_blocks=-1, backbone_lr_mult=1.0 if not recipe.backbone else 0.5,
+        precision="fp32", seed=recipe.seed, device="cpu", threads=recipe.threads,
+        model_name="canopy_default", model_version="2", log_every=50, checkpoint_every=100,
+        augment=AugmentConfig(gsd_coarsen=recipe.gsd_coarsen, sensor=recipe.sensor,
+                              haze=recipe.haze, colour=0.1))
+    result = train(cfg, records, val, resume=(out / "train" / "checkpoint.pt").exists(),
+                   data_summary=summary, command=f"python -m canopy.train.default_model ({name})",
+                   progress=lambda e: e.message and _say(f"[{name}] {e.message}"))
+    model = load_model(result.model_dir)
+    images = []
+    for p, _ in pairs:
+        g = read_rgb_on_grid(p.imagery, recipe.gsd, crs=p.crs)
+        images.append((g.rgb, g.valid, p.name))
+    model.ood = build_reference(model, images, k=recipe.ood_k, tile=recipe.chip_size)
+    gbm = fit_gbm([r for r in records if r.origin in {p.imagery for p, _ in pairs}] or records,
+                  recipe.gbm_pixels, recipe.seed)
+    return model, result, label_mean(records), gbm, summary
 
 
 # --------------------------------------------------------------------------------- baselines
@@ -236,239 +269,400 @@ def fit_gbm(records, n_pixels: int, seed: int):
 # -------------------------------------------------------------------------------- evaluation
 
 
-def held_out_reference(chm: str, chm_crs: str | None, split_x: float, out: Path) -> Path:
-    """The CHM with everything west of ``split_x`` (the trained-on part) set to NaN."""
+def score_pair(model, gbm, train_mean: float, pair: Pair, chm: str, work: Path) -> dict:
+    """Predict one pair's image with the model and the baselines; every prediction averaged
+    onto the CHM's grid. Returns arrays: ``ref``, ``model``, ``train_mean``, ``gbm``, ``ood``."""
     import rasterio
 
-    from data_catalog.chm import read_chm
+    from canopy.evaluate.report import align_reference
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
+    from data_catalog.raster import read_rgb_on_grid, warp_average
 
-    c = read_chm(chm, crs=chm_crs)  # float32 metres, every nodata variant NaN
-    arr = c.array
-    cols = c.transform.c + (np.arange(arr.shape[1]) + 0.5) * c.transform.a
-    arr[:, cols < split_x] = np.nan
-    with rasterio.open(out, "w", driver="GTiff", width=arr.shape[1], height=arr.shape[0], count=1,
-                       dtype="float32", crs=c.crs, transform=c.transform, nodata=float("nan"),
-                       compress="deflate") as dst:
-        dst.write(arr, 1)
+    path = work / f"{pair.name}_model.tif"
+    has_ood = getattr(model, "ood", None) is not None
+    predict_raster(pair.imagery, path, model,
+                   PredictOptions(device="cpu", precision="fp32", ood_band=has_ood,
+                                  uncertainty=True),
+                   overwrite=True)
+    with rasterio.open(path) as src:
+        ap = align_reference(src, str(path), chm, pair.crs)
+        if ap.evaluation_grid != "reference":
+            raise RuntimeError(f"{pair.name}: the CHM is finer than the model's grid")
+        win, wt = ap.pred_window, src.window_transform(ap.pred_window)
+        full = src.read(1)
+        ood = src.read(src.count, window=win) if has_ood else None
+
+    def on_ref(arr):
+        return warp_average(arr, wt, src.crs, ap.ref.shape, ap.grid.transform, ap.grid.crs)
+
+    g = read_rgb_on_grid(pair.imagery, model.cfg.gsd, crs=pair.crs)
+    if g.rgb.shape[1:] != full.shape:
+        raise RuntimeError(f"{pair.name}: baseline grid {g.rgb.shape[1:]} != map {full.shape}")
+    gb = np.clip(gbm.predict(pixel_features(g.rgb)), 0, None).reshape(full.shape)
+    gb = np.where(np.isfinite(full), gb, np.nan).astype(np.float32)
+    r0, c0 = int(win.row_off), int(win.col_off)
+    gb = gb[r0:r0 + int(win.height), c0:c0 + int(win.width)]
+    ok = np.isfinite(ap.pred) & np.isfinite(ap.ref)
+    out = {"ref": np.where(ok, ap.ref, np.nan), "model": np.where(ok, ap.pred, np.nan),
+           "train_mean": np.where(ok, train_mean, np.nan), "gbm": np.where(ok, on_ref(gb), np.nan)}
+    out["ood"] = np.where(ok, on_ref(ood), np.nan) if ood is not None else None
+    out["std"] = np.where(ok, ap.std, np.nan)
     return out
 
 
-def evaluate_held_out(model, gbm, mean_height: float, targets: list, work: Path) -> dict:
-    """Predict each evaluation scene three ways; score the held-out part against its CHM."""
-    import rasterio
+def _r2(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    ss = float(((ref - ref.mean()) ** 2).sum())
+    return 1.0 - float(((pred - ref) ** 2).sum()) / ss if ss > 0 and ref.size > 1 else None
 
-    from canopy.evaluate import evaluate
-    from canopy.io.cog import write_cog
-    from canopy.predict.options import PredictOptions
-    from canopy.predict.raster import predict_raster
-    from data_catalog.raster import read_rgb_on_grid
 
-    results: dict = {"sites": {}}
-    for image, chm, chm_crs, split_x in targets:
-        site = Path(image).stem
-        ref = held_out_reference(chm, chm_crs, split_x, work / f"{site}_heldout_chm.tif")
-        paths = {name: work / f"{site}_pred_{name}.tif" for name in ("model", "mean_height", "gbm")}
-        predict_raster(image, paths["model"], model, PredictOptions(), overwrite=True)
-        with rasterio.open(paths["model"]) as src:
-            valid = np.isfinite(src.read(1))
-            profile = dict(crs=src.crs, transform=src.transform)
-        grid = read_rgb_on_grid(image, model.cfg.gsd)
-        gbm_pred = gbm.predict(pixel_features(grid.rgb)).reshape(valid.shape).astype(np.float32)
-        write_cog(paths["mean_height"], np.where(valid, mean_height, np.nan).astype(np.float32)[None],
-                  nodata=float("nan"), overwrite=True, **profile)
-        write_cog(paths["gbm"], np.where(valid, np.clip(gbm_pred, 0, None), np.nan)[None],
-                  nodata=float("nan"), overwrite=True, **profile)
-        results["sites"][site] = {}
-        for name, path in paths.items():
-            o = evaluate(path, [ref], work / f"eval_{site}_{name}", overwrite=True)["pooled"]["overall"]
-            results["sites"][site][name] = {k: o.get(k) for k in
-                                            ("mae", "rmse", "bias", "r2", "tree_cover_iou", "n")}
-    pooled = {}
-    for name in ("model", "mean_height", "gbm"):
-        rows = [r[name] for r in results["sites"].values()]
-        n = sum(r["n"] for r in rows)
-        pooled[name] = {"n": n,
-                        "mae": sum(r["mae"] * r["n"] for r in rows) / n,
-                        "bias": sum(r["bias"] * r["n"] for r in rows) / n,
-                        "rmse": math.sqrt(sum(r["rmse"] ** 2 * r["n"] for r in rows) / n)}
-    results["pooled"] = pooled
-    return results
+def site_metrics(arrays: list[dict], name: str, block: int = 10) -> dict:
+    """MAE, bias, RMSE, R², block-R² (means of ``block``×``block`` cells, 10 m at 1 m, at least
+    half valid) and tree-cover IoU (≥ 2 m) of predictor ``name`` pooled over a site's plots."""
+    preds, refs, bp, br = [], [], [], []
+    for a in arrays:
+        p, r = a[name], a["ref"]
+        ok = np.isfinite(p) & np.isfinite(r)
+        preds.append(p[ok])
+        refs.append(r[ok])
+        h, w = r.shape
+        for i in range(0, h - block + 1, block):
+            for j in range(0, w - block + 1, block):
+                m = ok[i:i + block, j:j + block]
+                if m.mean() >= 0.5:
+                    bp.append(float(p[i:i + block, j:j + block][m].mean()))
+                    br.append(float(r[i:i + block, j:j + block][m].mean()))
+    p, r = np.concatenate(preds).astype(np.float64), np.concatenate(refs).astype(np.float64)
+    tp, tr = p >= 2.0, r >= 2.0
+    union = int((tp | tr).sum())
+    return {"n": int(r.size), "mae": float(np.abs(p - r).mean()), "bias": float((p - r).mean()),
+            "rmse": float(np.sqrt(((p - r) ** 2).mean())), "r2": _r2(p, r),
+            "block_r2": _r2(np.array(bp), np.array(br)) if len(bp) > 2 else None,
+            "n_blocks": len(bp), "tree_cover_iou": int((tp & tr).sum()) / union if union else None}
+
+
+PREDICTORS = ("model", "train_mean", "gbm", "own_mean")
+
+
+def evaluate_site(model, gbm, train_mean, pairs, work: Path) -> tuple[dict, dict]:
+    """Scores of every predictor on one site's plots, and the pixels the OOD analysis needs."""
+    arrays = [score_pair(model, gbm, train_mean, p, chm, work) for p, chm in pairs]
+    own = float(np.nanmean(np.concatenate([a["ref"].ravel() for a in arrays])))
+    for a in arrays:
+        a["own_mean"] = np.where(np.isfinite(a["ref"]), own, np.nan)
+    scores = {k: site_metrics(arrays, k) for k in PREDICTORS}
+    scores["own_mean"]["value_m"] = own
+    from canopy.evaluate.metrics import calibration_shares
+
+    scores["model"]["calibration"] = calibration_shares(
+        *(np.concatenate([a[k].ravel() for a in arrays]) for k in ("model", "std", "ref")))
+    ok = [np.isfinite(a["model"]) & np.isfinite(a["ref"]) for a in arrays]
+    pixels = {"abs_err": np.concatenate([np.abs(a["model"] - a["ref"])[m] for a, m in zip(arrays, ok)]),
+              "ood": (np.concatenate([a["ood"][m] for a, m in zip(arrays, ok)])
+                      if arrays[0]["ood"] is not None else None),
+              "plots": [p.name for p, _ in pairs]}
+    return scores, pixels
+
+
+def run_fold(site: str, recipe: Recipe, run_dir: Path) -> dict:
+    """Train without ``site``; score ``site``. Writes fold_<site>.json (and .npz) in the
+    variant's folder."""
+    from canopy.evaluate.metrics import auroc
+    from canopy.io.outputs import OOD_UNLIKE as UNLIKE
+
+    vdir = run_dir / recipe.key()
+    pairs, checked = prepared_pairs(run_dir / "chm", recipe)
+    shippable = [(p, c) for p, c in pairs if p.site != "Kootenay"]
+    train_pairs = [(p, c) for p, c in shippable
+                   if p.site != site and checked.get(p.name, {}).get("accepted", True)]
+    test_pairs = [(p, c) for p, c in shippable if p.site == site]
+    t0 = time.perf_counter()
+    model, result, mean_h, gbm, summary = train_model(train_pairs, recipe, vdir / f"fold_{site}",
+                                                      f"{recipe.key()} without {site}")
+    scores, pixels = evaluate_site(model, gbm, mean_h, test_pairs, vdir / f"fold_{site}")
+    large = pixels["abs_err"] > LARGE_ERROR_M
+    ood = pixels["ood"]
+    out = {"site": site, "recipe": asdict(recipe), "scores": scores, "train_mean_m": mean_h,
+           "trained_on": sorted({p.name for p, _ in train_pairs}),
+           "held_out": [p.name for p, _ in test_pairs], "data": summary,
+           "train_seconds": result.seconds, "seconds": time.perf_counter() - t0,
+           "ood": {"unlike_share": float((ood > UNLIKE).mean()), "median_score": float(np.median(ood)),
+                   "large_error_share": float(large.mean()),
+                   "auroc_large_error": auroc(ood, large)}}
+    np.savez_compressed(vdir / f"fold_{site}.npz", abs_err=pixels["abs_err"], ood=ood)
+    (vdir / f"fold_{site}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    _say(f"[{recipe.key()} without {site}] " + json.dumps(
+        {k: round(v["mae"], 2) for k, v in scores.items()}))
+    return out
+
+
+# ------------------------------------------------------------------------------------ final
+
+
+def _pooled(folds: list[dict], name: str) -> dict:
+    rows = [f["scores"][name] for f in folds]
+    n = sum(r["n"] for r in rows)
+    return {"n": n, "mae": sum(r["mae"] * r["n"] for r in rows) / n,
+            "bias": sum(r["bias"] * r["n"] for r in rows) / n,
+            "site_mean_mae": sum(r["mae"] for r in rows) / len(rows)}
+
+
+def load_folds(vdir: Path) -> list[dict]:
+    return [json.loads((vdir / f"fold_{s}.json").read_text())
+            for s in FOLD_SITES if (vdir / f"fold_{s}.json").exists()]
+
+
+def ood_summary(vdir: Path) -> dict:
+    """AUROC of the OOD score for |error| > 5 m over every fold's held-out pixels pooled."""
+    from canopy.evaluate.metrics import auroc
+    from canopy.io.outputs import OOD_UNLIKE as UNLIKE
+
+    errs, oods = [], []
+    for s in FOLD_SITES:
+        f = vdir / f"fold_{s}.npz"
+        if f.exists():
+            z = np.load(f)
+            errs.append(z["abs_err"])
+            oods.append(z["ood"])
+    if not errs:
+        return {}
+    e, o = np.concatenate(errs), np.concatenate(oods)
+    large = e > LARGE_ERROR_M
+    flagged = o > UNLIKE
+    return {"auroc_large_error": auroc(o, large), "pixels": int(e.size),
+            "large_error_share": float(large.mean()),
+            "mae_flagged": float(e[flagged].mean()) if flagged.any() else None,
+            "mae_not_flagged": float(e[~flagged].mean()) if (~flagged).any() else None,
+            "flagged_share": float(flagged.mean())}
+
+
+def collect_variants(run_dir: Path) -> dict:
+    """Every recipe variant's folds found in ``run_dir`` (only variants with all folds)."""
+    variants = {}
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        folds = load_folds(d)
+        if len(folds) == len(FOLD_SITES):
+            variants[d.name] = {"folds": {f["site"]: f["scores"] for f in folds},
+                                "trained_on": {f["site"]: f["trained_on"] for f in folds},
+                                "recipe": folds[0]["recipe"],
+                                "pooled": {k: _pooled(folds, k) for k in PREDICTORS},
+                                "ood": ood_summary(d)}
+    return variants
+
+
+def run_final(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+    """Train on every shippable site, score Kootenay, write weights, card and evaluation."""
+    from canopy.model.checkpoints import save_native
+
+    t0 = time.perf_counter()
+    vdir = run_dir / recipe.key()
+    pairs, checked = prepared_pairs(run_dir / "chm", recipe)
+    train_pairs = [(p, c) for p, c in pairs
+                   if p.site != "Kootenay" and checked.get(p.name, {}).get("accepted", True)]
+    eval_pairs = [(p, c) for p, c in pairs if p.site == "Kootenay"]
+    model, result, mean_h, gbm, summary = train_model(train_pairs, recipe, vdir / "final",
+                                                      f"{recipe.key()} final")
+    kootenay, pixels = evaluate_site(model, gbm, mean_h, eval_pairs, vdir / "final")
+    from canopy.evaluate.metrics import auroc
+    from canopy.io.outputs import OOD_UNLIKE as UNLIKE
+
+    large = pixels["abs_err"] > LARGE_ERROR_M
+    koot_ood = {"unlike_share": float((pixels["ood"] > UNLIKE).mean()),
+                "auroc_large_error": auroc(pixels["ood"], large)}
+    variants = collect_variants(run_dir)
+    model.cfg.source = ("canopy.train.default_model v2 (ViT-Ti/16 + DPT; NEON TEAK, OSBS, BART "
+                        "lidar, CC0)")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_native(model, tmp)
+    evaluation = {
+        "recipe": asdict(recipe), "variant": recipe.key(), "trained_on": sorted(p.name for p, _ in train_pairs),
+        "not_trained_on_coregistration": sorted(k for k, v in checked.items() if not v["accepted"]),
+        "coregistration": checked, "data": summary, "train_mean_m": mean_h,
+        "kootenay": {"scores": kootenay, "ood": koot_ood}, "leave_one_site_out": variants,
+        "train_seconds": result.seconds, "synthetic_validation": result.final_val}
+    evaluation["final_seconds"] = time.perf_counter() - t0
+    (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=str) + "\n")
+    shutil.copy(vdir / "final" / "train" / "log.csv", tmp / "training_log.csv")
+    size_mb = sum(f.stat().st_size for f in tmp.iterdir()) / 1e6
+    (tmp / "MODEL_CARD.md").write_text(model_card(evaluation, recipe, size_mb,
+                                                  evaluation["final_seconds"]))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _say(f"default model written to {out} ({size_mb:.1f} MB)")
+    return evaluation
 
 
 # ------------------------------------------------------------------------------------ card
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+def _f(v, digits: int = 2) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _site_holdout(path: str | None) -> dict | None:
-    """The OSBS results of an earlier ``--holdout site`` run's evaluation.json (OSBS never seen)."""
-    if not path or not Path(path).exists():
-        return None
-    data = json.loads(Path(path).read_text())
-    res = data["results"]
-    return res["sites"]["OSBS_029"] if "sites" in res else res  # both file layouts
+LABELS = {"model": "**this recipe**", "train_mean": "training-set mean height",
+          "gbm": "gradient-boosted trees (per-pixel colour + texture)",
+          "own_mean": "the site's own mean height (oracle constant)"}
 
 
-def _site_holdout_rows(res: dict) -> list[str]:
-    names = {"model": "model trained without OSBS", "mean_height": "training-set mean height",
-             "gbm": "gradient-boosted per-pixel regressor"}
-    return [f"| {names[k]} | {_fmt(res[k]['mae'])} | {_fmt(res[k]['rmse'])} | "
-            f"{_fmt(res[k]['bias'])} | {_fmt(res[k]['r2'])} |" for k in names]
+def _fold_rows(folds: dict) -> list[str]:
+    rows = []
+    for site, scores in folds.items():
+        for k, label in LABELS.items():
+            s = scores[k]
+            rows.append(f"| {site} | {label} | {_f(s['mae'])} | {_f(s['bias'])} | {_f(s['r2'])} | "
+                        f"{_f(s['block_r2'])} | {_f(s['tree_cover_iou'])} | {s['n']:,} |")
+    return rows
 
 
-def _verdict(evals: dict) -> str:
-    """One honest sentence comparing the model with both baselines on the pooled held-out blocks."""
-    p = evals["pooled"]
-    m, c, g = p["model"]["mae"], p["mean_height"]["mae"], p["gbm"]["mae"]
-    first = (f"On the held-out blocks it beats the training-set mean height (MAE {m:.2f} m vs "
-             f"{c:.2f} m)" if m < c else
-             f"On the held-out blocks it does not even beat the training-set mean height (MAE "
-             f"{m:.2f} m vs {c:.2f} m)")
-    if g < m:
-        better = [s for s, r in evals["sites"].items() if r["model"]["mae"] < r["gbm"]["mae"]]
-        where = f"; the model wins on {', '.join(better)} only" if better else ""
-        return (first + f", but a per-pixel gradient-boosted regressor on colour and texture "
-                f"does better still ({g:.2f} m{where}): a ViT trained from scratch on a few hundred "
-                "real chips has not learned more than hand-made texture features.")
-    return first + f" and the per-pixel gradient-boosted regressor ({g:.2f} m)."
+def _commands(recipe: Recipe) -> str:
+    syn = f" --synthetic {recipe.synthetic_scenes}" if recipe.synthetic_scenes else ""
+    if recipe.backbone:
+        return ("`python -m canopy.train.default_model pretrain --run-dir RUN`, then "
+                "`python -m canopy.train.default_model all --run-dir RUN --backbone "
+                f"RUN/pretrain/run/backbone.safetensors{syn} --steps {recipe.steps} --jobs 2`")
+    return f"`python -m canopy.train.default_model all --run-dir RUN{syn} --steps {recipe.steps} --jobs 2`"
 
 
-def model_card(recipe: Recipe, summary: dict, result, evals: dict, mean_height: float,
-               seconds_total: float, command: str, n_params: int, size_mb: float,
-               site_holdout_json: str | None = None) -> str:
-    labels = {"model": "**this model**",
-              "mean_height": f"training-set mean height ({mean_height:.2f} m) everywhere",
-              "gbm": "gradient-boosted trees, per-pixel colour + texture features"}
-    v = result.final_val
+def model_card(ev: dict, recipe: Recipe, size_mb: float, seconds: float) -> str:
+    chosen = ev["leave_one_site_out"].get(ev["variant"], {})
+    pooled = chosen.get("pooled", {})
+    m, own = pooled.get("model", {}).get("mae"), pooled.get("own_mean", {}).get("mae")
+    folds = chosen.get("folds", {})
+    beaten = [s for s, sc in folds.items() if sc["model"]["mae"] < sc["own_mean"]["mae"]]
+    lost = [s for s in folds if s not in beaten]
+    target = (m is not None and own is not None and m <= 0.8 * own and not lost)
+    ood = chosen.get("ood", {})
+    koot = ev["kootenay"]
     lines = [
-        "# canopy default model v1 — ViT-Ti/16 + DPT at 0.5 m, trained from scratch on tiny data",
+        "# canopy default model v2 — ViT-Ti/16 + DPT at 0.5 m, trained on three NEON lidar sites",
         "",
-        "**Read this first.** A demonstration model. It was trained in "
-        f"{result.seconds / 60:.0f} minutes on one CPU core of a shared machine, from scratch (no "
-        "pretrained backbone can be downloaded here), on three small real plots and procedural "
-        "synthetic scenes. " + _verdict(evals) + " These are not paper-scale numbers, and on a "
-        "landscape it has never seen it can be far off (see below). For real maps use the "
-        "HighResCanopyHeight v1 weights (`--checkpoint SSLhuge_satellite.pth`) or train on real "
-        "lidar with `canopy train`.",
+        "**Read this first.** A small model trained on one CPU core from ~0.03 km² of real lidar "
+        "(NEON plots in the Sierra Nevada, Florida and New Hampshire). Judged leave-one-site-out "
+        "(each site held out entirely in turn), it " + (
+            f"meets the target: every held-out site below its own-mean constant and pooled MAE "
+            f"{_f(m)} m ≤ 0.8 × {_f(own)} m." if target else
+            f"does **not** meet the target of beating each held-out site's own-mean constant by "
+            f"20 %: pooled MAE {_f(m)} m against {_f(own)} m for that oracle constant"
+            + (f"; it loses to it on {', '.join(lost)}" if lost else "") + ".")
+        + f" On the Kootenay drone scene, a landscape none of the models saw, its MAE is "
+        f"{_f(koot['scores']['model']['mae'])} m (bias {_f(koot['scores']['model']['bias'], 1)} m) "
+        f"against {_f(koot['scores']['train_mean']['mae'])} m for the training-set mean height"
+        + (" — worse than a constant" if koot['scores']['model']['mae'] >
+           koot['scores']['train_mean']['mae'] else "")
+        + f"; its out-of-distribution score calls {_f(100 * koot['ood']['unlike_share'], 0)} % of "
+        "that scene unlike the training data, and `canopy predict` says so. Expect errors of "
+        "several metres on any landscape unlike these three. For real maps use the "
+        "HighResCanopyHeight v1 weights (`--checkpoint SSLhuge_satellite.pth`) or train on your "
+        "own lidar with `canopy train`.",
         "",
         "## Model",
-        "- backbone: ViT-Ti/16 (width 192, 12 blocks, 3 heads, LayerScale), random init, trained "
-        f"fully; decoder: DPT (reassemble 24/48/96/192, fusion width 96), {recipe.n_bins} height "
-        f"bins up to {recipe.max_height_m:g} m (HRCH-style linear bin normalisation)",
-        f"- {n_params / 1e6:.1f} M parameters, {size_mb:.1f} MB (float32 safetensors)",
-        f"- ground sample distance **{recipe.gsd:g} m**, tile {recipe.chip_size} px "
-        f"({recipe.chip_size * recipe.gsd:g} m); `canopy predict` resamples any input to 0.5 m.",
-        "- why 0.5 m: the labels are 0.5 m (OSBS, Kootenay) and 1 m (BART), so a finer grid adds "
-        "no verified detail; a 40 m NEON plot is still 80 px (67 px at HRCH's 0.6 m); 0.25 m "
-        "would cost four times the compute per metre on a CPU. 128 bins over 0–64 m (0.5 m "
-        "apart) instead of HRCH's 256 over 0–100 m: the per-pixel bin arithmetic dominated a "
-        "CPU training step, and no training label exceeds 40 m.",
+        f"- backbone ViT-Ti/16 ({'pretrained: ' + Path(recipe.backbone).name if recipe.backbone else 'random init'}), "
+        f"trained fully; DPT decoder; {recipe.n_bins} height bins up to {recipe.max_height_m:g} m",
+        f"- ground sample distance {recipe.gsd:g} m, tile {recipe.chip_size} px; "
+        f"{size_mb:.1f} MB on disk (weights + `ood.safetensors`)",
+        "- out-of-distribution reference: the embeddings of its training tiles "
+        "(`canopy.model.ood`); `canopy predict` writes `CANOPY_OOD_UNLIKE_SHARE` and warns when a "
+        "quarter of a map is unlike the training data; `--ood-band` adds the score band.",
         "",
-        "## Data",
-        "- NEON BART_041 (Bartlett, New Hampshire; tall closed broadleaf): RGB 0.1 m, CHM "
-        "rasterised from the plot's LAZ at 1 m (first returns, pit-filled). NEON data CC0.",
-        "- NEON OSBS_029 (Ordway-Swisher, Florida; open pine on sand): RGB 0.1 m, NEON CHM 0.5 m. "
-        "CC0. This is the README demo scene: its western 60 % was trained on.",
-        "- Kootenay, British Columbia (drone): RGB 0.5 m, photogrammetric (SfM) CHM 0.5 m. From "
-        "the ForestTools R package, **GPL-3**: mind that licence if you redistribute these weights.",
-        f"- {summary['synthetic training chips']} chips from {recipe.synthetic_scenes} procedural "
-        "scenes of `canopy.synth` (SYNTHETIC: crowns with sun-angle shadows, fields, roads, "
-        "buildings, exact CHM) and another "
-        f"{recipe.synthetic_val_scenes} scenes for validation.",
-        f"- **held out for evaluation: {summary['held out']}.** Real chips overlapping it have "
-        "those pixels blanked (image zeroed, masked, label removed); label cells straddling the "
-        "boundary are dropped.",
-        f"- real chips (96 px, every 8 m) before repetition: "
-        f"{summary['real training chips (before repeats)']}, repeated "
-        f"{dict(recipe.real_repeats)} times per epoch to weigh real against synthetic pixels. "
-        "Labels coarser than 0.5 m (BART's 1 m) are compared with the prediction averaged onto "
-        "their grid, never upsampled.",
+        "## Data (all CC0, NEON)",
+        f"- trained on: {', '.join(ev['trained_on'])}; CHMs derived from each plot's point cloud "
+        f"at {recipe.chm_resolution:g} m with `data_catalog.lidar.chm_from_las` (TEAK clouds "
+        "height-normalised from their ground class; noise classes dropped)",
+        "- co-registration checked per plot (`canopy.train.sites.coregistration`: the peak of the "
+        "brightness/height cross-correlation, compared with the site's other plots — sun shadows "
+        "move it the same way for one flight); not trained on: "
+        + (", ".join(ev["not_trained_on_coregistration"]) or "none"),
+        f"- chips per site before repeats {ev['data']['real chips']}, repeats "
+        f"{ev['data']['repeats']} (a site with few chips repeated up to about "
+        f"{recipe.site_chips} an epoch, so one BART plot is not drowned by twelve TEAK plots)"
+        + (f"; {ev['data'].get('synthetic chips')} synthetic chips" if recipe.synthetic_scenes else
+           "; no synthetic scenes (they did not improve the leave-one-site-out figure, below)"
+           if any(k.endswith("syn0") for k in ev["leave_one_site_out"]) and
+           len(ev["leave_one_site_out"]) > 1 else "; no synthetic scenes"),
+        "- the Kootenay drone pair (GPL-3, photogrammetric CHM) is never trained on: it is "
+        "judged below as a site none of the models saw",
         "",
         "## Training",
-        f"- command: `{command}`",
-        f"- {recipe.steps} steps × {recipe.batch_size} chips of {recipe.chip_size} px; AdamW "
-        f"lr {recipe.lr:g} (warm-up 8 %, cosine), fp32, 0.25·SiLog(λ 0.85, ε 1 m) + L1 (+ the "
-        "logit-scale penalty), dihedral + colour augmentation, seed 0; everything else at the "
-        "`canopy train` defaults (docs/training.md)",
-        f"- training time {result.seconds / 60:.1f} min (whole script, with data, baselines "
-        f"and evaluation, {seconds_total / 60:.1f} min), one thread of a shared 2-core x86 VM",
-        f"- synthetic validation scenes: MAE {v['val_mae']:.2f} m, RMSE {v['val_rmse']:.2f} m, "
-        f"bias {v['val_bias']:+.2f} m (mean-height baseline {v['baseline_mae']:.2f} m); "
-        "per-epoch curve in `training_log.csv`",
+        f"- commands: {_commands(recipe)} (the folds of every variant compared, then the final "
+        "model of the chosen one)",
+        f"- {recipe.steps} steps × {recipe.batch_size} chips; AdamW lr {recipe.lr:g}, fp32, "
+        f"augmentation: dihedral, colour, imagery up to {1 + recipe.gsd_coarsen:g}× coarser, "
+        f"sensor colour ± {recipe.sensor:g}, haze up to {recipe.haze:g}; seed {recipe.seed}",
+        f"- final model trained in {ev['train_seconds'] / 60:.1f} min on one thread "
+        f"(whole final step {seconds / 60:.1f} min)" if seconds else
+        f"- final model trained in {ev['train_seconds'] / 60:.1f} min on one thread",
         "",
-        "## Evaluation on the held-out blocks",
-        "Each scene predicted whole at 0.5 m, scored with `canopy evaluate` on its CHM's grid, "
-        "only where the CHM lies in the held-out eastern part. Both baselines were fitted in the "
-        "same run on the same training pixels.",
+        "## Leave-one-site-out",
+        "Each row: a model trained on the other sites only, scored on every plot of the held-out "
+        "site at 1 m (prediction averaged onto the CHM cells). Baselines fitted in the same run on "
+        "the same training pixels; the own-mean constant knows the held-out site's mean height "
+        "(an oracle no map user has). Block-R² over 10 m blocks.",
         "",
-        "| scene | predictor | MAE (m) | RMSE (m) | bias (m) | R² | tree-cover IoU (2 m) | pixels |",
+        "| held-out site | predictor | MAE (m) | bias (m) | R² | block-R² | tree-cover IoU | pixels |",
         "|---|---|---|---|---|---|---|---|",
-    ]
-    for site, rows in evals["sites"].items():
-        for name, label in labels.items():
-            e = rows[name]
-            lines.append(f"| {site} | {label} | {_fmt(e['mae'])} | {_fmt(e['rmse'])} | "
-                         f"{_fmt(e['bias'])} | {_fmt(e['r2'])} | {_fmt(e['tree_cover_iou'])} | "
-                         f"{e['n']:,} |")
-    for name, label in labels.items():
-        e = evals["pooled"][name]
-        lines.append(f"| all three (pixel-weighted) | {label} | {_fmt(e['mae'])} | "
-                     f"{_fmt(e['rmse'])} | {_fmt(e['bias'])} | | | {e['n']:,} |")
-    lines += [
+        *_fold_rows(folds),
         "",
-        "These blocks are 16 m × 40 m (NEON) and 57 m × 109 m (Kootenay) of the same flights "
-        "the model was trained on: a test of mapping nearby canopy of a known kind, with a few "
-        "thousand pixels per site. Differences of a few tenths of a metre are within what "
-        "another block could reverse.",
+        "Pooled over the held-out sites (pixel-weighted; in brackets each site weighted equally):",
+        "",
+        "| predictor | MAE (m) | bias (m) |",
+        "|---|---|---|",
+        *[f"| {LABELS[k]} | {_f(v['mae'])} ({_f(v['site_mean_mae'])}) | {_f(v['bias'])} |"
+          for k, v in pooled.items()],
         "",
     ]
-    site = _site_holdout(site_holdout_json)
-    if site:
-        site_recipe = json.loads(Path(site_holdout_json).read_text()).get("recipe", {})
-        differs = {k: v for k, v in site_recipe.items()
-                   if k not in ("holdout", "threads") and k in asdict(recipe)
-                   and json.dumps(v) != json.dumps(asdict(recipe)[k])}
-        which = ("The same recipe" if not differs else
-                 "The recipe with " + ", ".join(f"{k} = {v}" for k, v in differs.items()))
-        lines += [
-            "## A landscape it has never seen",
-            f"{which}, with OSBS_029 held out entirely (`python -m canopy.train.default_model "
-            "--holdout site`: trained on BART, Kootenay and synthetic scenes only), scored on the "
-            "whole OSBS plot (`evaluation_site_holdout.json`):",
-            "",
-            "| predictor | MAE (m) | RMSE (m) | bias (m) | R² |",
-            "|---|---|---|---|---|",
-            *_site_holdout_rows(site),
-            "",
-            f"Both learned predictors do far worse than a constant there: the model over-predicts "
-            f"by {site['model']['bias']:+.1f} m on average, the trees by {site['gbm']['bias']:+.1f} m. "
-            "With two real sites to learn from, the likely reason is that OSBS's open pine over "
-            "bright sand resembles nothing in the training set and gets read as the tall canopy it "
-            "most resembles; the synthetic scenes did not prevent that. More real sites or a "
-            "pretrained backbone are the remedy, not more steps.",
-            "",
-        ]
+    if len(ev["leave_one_site_out"]) > 1:
+        lines += ["Recipe variants measured in the same folds (pooled MAE, pixel-weighted / each "
+                  "site equal); the variant with the lowest pixel-weighted figure ships:", "", "| variant | model | own-mean constant |", "|---|---|---|"]
+        for k, v in ev["leave_one_site_out"].items():
+            lines.append(f"| {k}{' (shipped)' if k == ev['variant'] else ''} | "
+                         f"{_f(v['pooled']['model']['mae'])} / "
+                         f"{_f(v['pooled']['model']['site_mean_mae'])} | "
+                         f"{_f(v['pooled']['own_mean']['mae'])} |")
+        lines.append("")
+    ks = koot["scores"]
     lines += [
-        "## Recipe history",
-        "- v1 of this recipe (32 synthetic scenes; real chips repeated BART ×4, OSBS ×4, "
-        "Kootenay ×2) scored a pooled held-out MAE of 1.57 m (mean height 3.05 m, trees 1.06 m) "
-        "but predicted ≈ 0.3 m over the whole OSBS demo plot, the part it trained on included "
-        "(median and 95th percentile 0.3 m; the lidar says 0–10 m): OSBS's ten partly padded "
-        "chips were 3 % of an epoch. The current recipe weights the small NEON plots up and halves "
-        "the synthetic scenes. It was chosen for that reason before its held-out numbers were "
-        "seen, and it is the only other recipe that was run.",
+        "## A site none of the models saw: Kootenay (drone, British Columbia)",
         "",
-        "## Limitations",
-        "- About 0.01 km² of real labels from three sites: expect errors of several metres on "
-        "other landscapes, and do not use the maps for decisions.",
-        "- The Kootenay CHM is photogrammetric (surface of what the drone saw), not lidar.",
-        "- 0.5 m input is assumed; other resolutions are resampled, which changes what the "
-        "model sees.",
+        "| predictor | MAE (m) | bias (m) | R² | block-R² | tree-cover IoU | pixels |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {LABELS[k]} | {_f(ks[k]['mae'])} | {_f(ks[k]['bias'])} | {_f(ks[k]['r2'])} | "
+          f"{_f(ks[k]['block_r2'])} | {_f(ks[k]['tree_cover_iou'])} | {ks[k]['n']:,} |" for k in LABELS],
         "",
-        "Reproduce: `python -m canopy.train.default_model` (same seed, same data: the same "
-        "numbers up to floating-point differences between machines).",
+        f"Reproduced from the shipped weights by `tests/test_default_model.py`. Share of the scene "
+        f"the OOD score calls unlike the training data: {_f(koot['ood']['unlike_share'])}; its "
+        f"AUROC for |error| > {LARGE_ERROR_M:g} m there: "
+        f"{_f(koot['ood']['auroc_large_error'])}. (The fold tables above come from the fold "
+        "models, which are not shipped: `python -m canopy.train.default_model folds` remakes them.)",
+        "",
+        "## Where the map is unreliable",
+        "A tile's score is its embedding's distance to the training tiles' (`canopy.model.ood`); "
+        "above 1 it is farther than 95 % of training images are from the others. On the "
+        "held-out sites of the folds (each fold's model and reference, pixels pooled): "
+        f"AUROC for |error| > {LARGE_ERROR_M:g} m {_f(ood.get('auroc_large_error'))}; "
+        f"{_f(ood.get('flagged_share'))} of the pixels flagged; MAE where flagged "
+        f"{_f(ood.get('mae_flagged'))} m, elsewhere {_f(ood.get('mae_not_flagged'))} m. With "
+        "three sites the score can only tell 'like these plots' from 'not'; "
+        "read it as a warning, not a calibrated error bar.",
+        "",
+        "The uncertainty band (`--uncertainty`, the spread of the height-bin distribution) on "
+        "the held-out sites — the share of pixels whose error lies within 1σ and 2σ (a "
+        "calibrated Gaussian gives 0.68 and 0.95): "
+        + "; ".join(f"{s} {_f(sc['model'].get('calibration', {}).get('within_1sigma'))} / "
+                    f"{_f(sc['model'].get('calibration', {}).get('within_2sigma'))}"
+                    for s, sc in folds.items()) + ".",
+        "",
+        "## Where it fails",
+        *[f"- held-out {s}: MAE {_f(sc['model']['mae'])} m, bias {_f(sc['model']['bias'], 1)} m "
+          f"(own-mean constant {_f(sc['own_mean']['mae'])} m)" for s, sc in folds.items()],
+        "- three landscapes (Sierra Nevada mixed conifer, Florida longleaf pine on sand, New "
+        "Hampshire broadleaf) are all it knows; tropical forest, plantations, urban trees, "
+        "agriculture and bare land are unseen.",
+        "- inputs other than uint8 RGB: see docs/data_inputs.md (`--scale MIN MAX`).",
+        "",
+        f"Reproduce: {_commands(recipe)} (same seed and data: the same numbers up to "
+        "floating-point differences between machines).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -476,80 +670,76 @@ def model_card(recipe: Recipe, summary: dict, result, evals: dict, mean_height: 
 # ------------------------------------------------------------------------------------ main
 
 
-def _print_messages(event) -> None:
-    """This script's own progress display: the training loop's log lines."""
-    if event.message:
-        print(event.message, flush=True)
+def _recipe(args) -> Recipe:
+    return Recipe(steps=args.steps, threads=args.threads, synthetic_scenes=args.synthetic,
+                  backbone=str(Path(args.backbone).resolve()) if args.backbone else None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Train and evaluate the bundled default model.")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="where model.safetensors etc. go")
-    ap.add_argument("--run-dir", default=None, help="training run folder (default: a temp dir)")
+    ap = argparse.ArgumentParser(description="Train and judge the bundled default model.")
+    ap.add_argument("stage", choices=["pretrain", "fold", "folds", "final", "all", "card"],
+                    help="pretrain: the DINOv2 backbone (RUN/pretrain/run/backbone.safetensors); "
+                         "fold SITE: one held-out site; folds: every site; final: the shipped "
+                         "model and its card; all: folds, then final; card: MODEL_CARD.md again "
+                         "from --out's evaluation.json")
+    ap.add_argument("site", nargs="?", choices=FOLD_SITES)
+    ap.add_argument("--run-dir", help="where CHMs, folds and training runs go (all but card)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--steps", type=int, default=Recipe.steps)
     ap.add_argument("--threads", type=int, default=Recipe.threads)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--holdout", choices=["block", "site"], default=Recipe.holdout,
-                    help="block: the east 40 %% of each real scene; site: all of OSBS_029")
-    ap.add_argument("--site-holdout-json", default=None,
-                    help="evaluation.json of a --holdout site run, quoted in the model card")
+    ap.add_argument("--synthetic", type=int, default=Recipe.synthetic_scenes)
+    ap.add_argument("--backbone", default=None)
+    ap.add_argument("--jobs", type=int, default=1)
     args = ap.parse_args(argv)
-    if not SHARED.exists():
-        print(f"error: real data not found at {SHARED}", file=sys.stderr)
-        return 2
-    from canopy.model.checkpoints import load_model, save_native
-    from canopy.train.datasets import label_mean
-    from canopy.train.loop import TrainConfig, train
+    from canopy.train.sites import DATA
 
-    t_start = time.perf_counter()
-    recipe = Recipe(steps=args.steps, threads=args.threads, holdout=args.holdout)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="canopy_default_"))
-    work = run_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    train_records, val_records, targets, summary = build_records(recipe, work)
-    print(f"{len(train_records)} training chips, {len(val_records)} validation chips", flush=True)
-    cfg = TrainConfig(
-        out_dir=str(run_dir / "train"), arch=recipe.arch, n_bins=recipe.n_bins,
-        max_height_m=recipe.max_height_m, gsd=recipe.gsd, chip_size=recipe.chip_size,
-        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, finetune_blocks=-1,
-        precision="fp32", seed=recipe.seed, device=args.device, threads=recipe.threads,
-        model_name="canopy_default", model_version="1", log_every=25, checkpoint_every=100,
-    )
-    command = "python -m canopy.train.default_model" + (
-        f" --steps {args.steps}" if args.steps != Recipe.steps else "") + (
-        f" --holdout {args.holdout}" if args.holdout != Recipe.holdout else "")
-    result = train(cfg, train_records, val_records, resume=(run_dir / "train" / "checkpoint.pt").exists(),
-                   data_summary=summary, command=command, progress=_print_messages)
-    model = load_model(result.model_dir)
-    mean_height = label_mean(train_records)
-    print("fitting the gradient-boosting baseline", flush=True)
-    gbm = fit_gbm(train_records, recipe.gbm_pixels, recipe.seed)
-    evals = evaluate_held_out(model, gbm, mean_height, targets, work)
-    print(json.dumps(evals, indent=2), flush=True)
-    out = Path(args.out)
-    model.cfg.source = (f"canopy.train.default_model (ViT-Ti/16 from scratch; real: "
-                        f"{', '.join(summary['real training chips (before repeats)'])}; synthetic)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_native(model, tmp)
-    size_mb = (tmp / "model.safetensors").stat().st_size / 1e6
-    n_params = sum(p.numel() for p in model.parameters())
-    card = model_card(recipe, summary, result, evals, mean_height, time.perf_counter() - t_start,
-                      command, n_params, size_mb, args.site_holdout_json)
-    (tmp / "MODEL_CARD.md").write_text(card)
-    (tmp / "evaluation.json").write_text(json.dumps(
-        {"held_out": summary["held out"], "results": evals, "mean_height_m": mean_height,
-         "synthetic_validation": result.final_val, "recipe": asdict(recipe),
-         "train_seconds": result.seconds}, indent=2, default=str) + "\n")
-    shutil.copy(run_dir / "train" / "log.csv", tmp / "training_log.csv")
-    if args.site_holdout_json:
-        shutil.copy(args.site_holdout_json, tmp / "evaluation_site_holdout.json")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"default model written to {out} ({size_mb:.1f} MB)")
+    if not (DATA / "rgb_chm_pairs").exists():
+        print(f"error: real data not found at {DATA}", file=sys.stderr)
+        return 2
+    if args.stage == "card":
+        out = Path(args.out)
+        ev = json.loads((out / "evaluation.json").read_text())
+        if args.run_dir:  # variants whose folds finished after the final model
+            ev["leave_one_site_out"] = collect_variants(Path(args.run_dir))
+            (out / "evaluation.json").write_text(json.dumps(ev, indent=2, default=str) + "\n")
+        size_mb = sum(f.stat().st_size for f in out.iterdir()
+                      if f.name in ("model.safetensors", "ood.safetensors", "config.json")) / 1e6
+        (out / "MODEL_CARD.md").write_text(model_card(ev, Recipe(**ev["recipe"]), size_mb,
+                                                      ev.get("final_seconds")))
+        return 0
+    if not args.run_dir:
+        ap.error(f"{args.stage} needs --run-dir")
+    recipe = _recipe(args)
+    torch.set_num_threads(recipe.threads)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / recipe.key()).mkdir(exist_ok=True)
+    if args.stage == "pretrain":
+        _say(f"backbone: {pretrain_backbone(run_dir, threads=recipe.threads)}")
+    elif args.stage == "fold":
+        if not args.site:
+            ap.error("fold needs a site: " + ", ".join(FOLD_SITES))
+        run_fold(args.site, recipe, run_dir)
+    elif args.stage == "final":
+        run_final(recipe, run_dir, Path(args.out))
+    else:
+        prepared_pairs(run_dir / "chm", recipe)  # CHMs once, before processes share the folder
+        base = [sys.executable, "-m", "canopy.train.default_model"]
+        flags = ["--run-dir", str(run_dir), "--steps", str(args.steps), "--threads",
+                 str(args.threads), "--synthetic", str(args.synthetic)]
+        flags += ["--backbone", args.backbone] if args.backbone else []
+        todo = [s for s in FOLD_SITES if not (run_dir / recipe.key() / f"fold_{s}.json").exists()]
+        running: list = []
+        for site in todo:
+            while sum(p.poll() is None for p in running) >= args.jobs:
+                time.sleep(1)
+            running.append(subprocess.Popen(base + ["fold", site] + flags))
+        codes = [p.wait() for p in running]
+        if any(codes) or any(not (run_dir / recipe.key() / f"fold_{s}.json").exists() for s in todo):
+            print("error: a fold failed (its output is above)", file=sys.stderr)
+            return 1
+        if args.stage == "all":
+            run_final(recipe, run_dir, Path(args.out))
     return 0
 
 
