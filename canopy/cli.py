@@ -111,6 +111,11 @@ def _predict_aoi(aoi, imagery, output, checkpoint, opts, overwrite, scheduler, w
         + (f"; {len(summary.skipped_scenes)} imagery file(s) skipped (listed in summary.json)"
            if summary.skipped_scenes else "")
     )
+    from canopy.predict.raster import ood_message
+
+    if summary.ood_unlike_share is not None and ood_message(summary.ood_unlike_share):
+        typer.echo(ood_message(summary.ood_unlike_share).replace("this map", "this run's map"),
+                   err=True)
 
 
 def _say_what_the_model_is(checkpoint: str, cfg) -> None:

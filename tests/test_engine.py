@@ -684,3 +684,36 @@ def test_a_small_aoi_gives_a_mosaic_of_the_aoi(tmp_path, client):
         # and the mosaic holds the cell's pixels, unchanged
         A, B = read_common(s.mosaic, next((tmp_path / "o" / "cells").glob("*.tif")))
         np.testing.assert_array_equal(A, B)
+
+
+def test_a_state_run_says_how_much_of_its_map_is_unlike_the_training_data(tmp_path, client):
+    """With the default model (it carries an OOD reference), every cell of a run over the real
+    Lake Zürich image (water, never trained on) carries CANOPY_OOD_UNLIKE_SHARE; the run's share
+    in summary.json and the returned summary is the cells' shares weighted by their mapped
+    pixels (computed here from the cells), and it is large: most of a lake is unlike three NEON
+    forests."""
+    import json
+
+    from canopy.io.outputs import OOD_UNLIKE_SHARE
+
+    lake = shared("overhead_rgb", "swissimage_lake_zurich_ref-img.tif")
+    with rasterio.open(lake) as ds:
+        from rasterio.warp import transform_bounds
+
+        w, s_, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    aoi = f"{w + 0.1 * (e - w)},{s_ + 0.1 * (n - s_)},{w + 0.5 * (e - w)},{s_ + 0.6 * (n - s_)}"
+    s = predict_aoi(aoi, lake, tmp_path / "o", "default", PredictOptions(precision="fp32"),
+                    cell_px=256, client=client)
+    unlike = scored = 0
+    cells = list((tmp_path / "o" / "cells").glob("*.tif"))
+    assert cells
+    for cell in cells:
+        with rasterio.open(cell) as ds:
+            share = float(ds.tags()[OOD_UNLIKE_SHARE])
+            n = int(np.isfinite(ds.read(1)).sum())
+        unlike += share * n
+        scored += n
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["ood_unlike_share"] == pytest.approx(unlike / scored, abs=1e-3)
+    assert s.ood_unlike_share == pytest.approx(summary["ood_unlike_share"])
+    assert s.ood_unlike_share > 0.5

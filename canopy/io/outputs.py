@@ -19,7 +19,8 @@ never by re-typed strings. The tags:
 
 * out-of-distribution (models that carry a reference, :mod:`canopy.model.ood`):
   ``CANOPY_OOD_UNLIKE_SHARE``, the share of the map's pixels whose tile scores above 1 (unlike
-  the training data), written by one-raster prediction.
+  the training data), written by one-raster prediction and on every cell of a state run (the
+  run's share is in its ``summary.json``).
 
 Band 1 is ``canopy_height`` in metres; with uncertainty, band 2 is ``canopy_height_std``; with
 ``--ood-band``, the last band is ``canopy_ood_score`` (unitless, > 1: unlike the training data).

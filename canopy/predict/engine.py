@@ -30,10 +30,12 @@ from rasterio.features import geometry_mask
 import canopy
 from canopy.errors import CanopyError, InputError, OptionError, OutputError, RunInterrupted
 from canopy.io.cog import check_free_space, check_writable, estimated_cog_bytes
-from canopy.io.outputs import TileLattice, dates_tag, prediction_tags, write_prediction
+from canopy.io.outputs import (
+    OOD_UNLIKE, OOD_UNLIKE_SHARE, TileLattice, dates_tag, prediction_tags, write_prediction)
+from canopy.model.ood import window_scores
 from canopy.predict.blend import default_stride, edge_reach, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
-from canopy.predict.manifest import Manifest, check_or_write_run, sha256_file
+from canopy.predict.manifest import Manifest, check_or_write_run, ood_unlike_share, sha256_file
 from canopy.predict.options import PredictOptions
 from canopy.predict.sources import (
     Scene, index_imagery, read_mosaic, scene_resampling, scenes_for_window)
@@ -171,6 +173,19 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     if not np.isfinite(height).any():
         return {**record, "status": "empty", "reason": "outside AOI", "seconds": time.time() - t0}
 
+    ood = None
+    if getattr(model, "ood", None) is not None:
+        # the cell's own tiles (canopy.model.ood), read from what was read for its heights
+        r_off, c_off = margin - dr, margin - dc
+
+        def cell_pixels(r, c, h, w):
+            rs, cs = slice(r_off + r, r_off + r + h), slice(c_off + c, c_off + c + w)
+            return rgb[:, rs, cs], valid[rs, cs]
+
+        scores = window_scores(model, cell_pixels, (0, 0, cell.cell_px, cell.cell_px),
+                               cell.cell_px, cell.cell_px)
+        scores[~np.isfinite(height)] = np.nan
+        ood = [int(np.count_nonzero(scores > OOD_UNLIKE)), int(np.count_nonzero(np.isfinite(scores)))]
     dates = [d for s in scenes if s.path in used for d in _scene_dates(s)]
     # the tiles this cell computed: its window's, from the first halo tile on (cell pixels)
     lattice = TileLattice(tile, stride, origin_col=dc, origin_row=dr,
@@ -179,6 +194,8 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
                            resampling=[scene_resampling(s, cell.crs, cell.gsd)
                                        for s in scenes if s.path in used],
                            imagery_dates=dates_tag(dates), cell=cell.id)
+    if ood and ood[1]:
+        tags[OOD_UNLIKE_SHARE] = f"{ood[0] / ood[1]:.4f}"
     rel = f"{CELLS_DIR}/{cell.id}.tif"
     path = write_prediction(Path(out_dir) / rel, height, spread, crs=cell.crs,
                             transform=cell.transform, dtype=opts.dtype, tags=tags, overwrite=True,
@@ -189,6 +206,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
             "items": [s.item for s in scenes if s.path in used and s.item],
             "datetime_start": min(dates) if dates else None,
             "datetime_end": max(dates) if dates else None,
+            **({"ood_unlike": ood} if ood else {}),
             "seconds": round(time.time() - t0, 3)}
 
 
@@ -214,6 +232,7 @@ class RunSummary:
     mosaic: Path | None
     dashboard: str | None
     skipped_scenes: list = field(default_factory=list)  # {"path", "error"} of imagery left out
+    ood_unlike_share: float | None = None  # of the mapped pixels (models with an OOD reference)
 
 
 def _aoi_sha(geom) -> str:
@@ -540,4 +559,4 @@ def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, 
         )
     mosaic = finish_outputs(out_dir, manifest, run, area, skipped_scenes=bad_scenes)
     return RunSummary(out_dir, len(cells), done, skipped, empty, time.time() - t0, mosaic, dashboard,
-                      bad_scenes)
+                      bad_scenes, ood_unlike_share(manifest.records.values()))

@@ -134,3 +134,12 @@ class Manifest:
         if not verify and rec.get("mtime_ns") == st.st_mtime_ns:
             return True
         return sha256_file(path) == rec["sha256"]
+
+
+def ood_unlike_share(records) -> float | None:
+    """Share of the mapped pixels of the finished cells among ``records`` that their tiles'
+    out-of-distribution score calls unlike the model's training data (a cell's ``ood_unlike``
+    is [pixels above the threshold, pixels scored]); None when no cell was scored."""
+    counts = [r["ood_unlike"] for r in records if r.get("status") == "done" and r.get("ood_unlike")]
+    scored = sum(c[1] for c in counts)
+    return sum(c[0] for c in counts) / scored if scored else None

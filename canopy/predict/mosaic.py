@@ -32,6 +32,7 @@ from rasterio.warp import reproject, transform_bounds
 from canopy.io import outputs
 from canopy.io.cog import write_cog
 from canopy.io.qml import write_qml
+from canopy.predict.manifest import ood_unlike_share
 
 OVERVIEW_MAX_PX = 16384
 
@@ -371,6 +372,8 @@ def finish_outputs(out_dir: Path, manifest, run: dict, area, skipped_scenes=()) 
     write_stac(out_dir, records, run, area)
     summary = {"cells_done": len(records), "zones": sorted(by_zone), "mosaic": main.name,
                "skipped_scenes": list(skipped_scenes),
+               # share of the mapped pixels unlike the model's training data (canopy.model.ood)
+               "ood_unlike_share": ood_unlike_share(records),
                "overview": overview.name}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return main
