@@ -355,7 +355,9 @@ def check_complete(ds, path=None) -> None:
     GDAL opens such a file and fails only when a read reaches the missing part, hours into a
     run. Only the header is read (the block table GDAL exposes), not pixels. Other formats pass.
     """
-    if ds.driver != "GTiff":
+    if ds.driver != "GTiff" or ds.name.startswith("/vsi") or "://" in ds.name:
+        # a file read over HTTP has no local size to compare with; its reads are retried and a
+        # failed one fails its cell, which the next run retries (canopy.predict.sources)
         return
     import os
 

@@ -157,6 +157,7 @@ class RemoteItem:
     datetime: str | None  # ISO, or start/end
     count: int | None
     dtype: str | None
+    media_type: str | None = None  # the asset's "type" ("… profile=cloud-optimized" for a COG)
 
 
 def parse_search(spec: str) -> tuple[str, dict, str | None]:
@@ -283,4 +284,4 @@ def remote_item(item, asset_key: str | None, source: str) -> RemoteItem:
     if footprint is None:
         raise CatalogError(f"{source}: item {item.id!r} has neither geometry nor bbox")
     return RemoteItem(item.id, href, crs, bounds, footprint, res, when, len(bands) or None,
-                      dtypes.pop() if len(dtypes) == 1 else None)
+                      dtypes.pop() if len(dtypes) == 1 else None, asset.media_type)

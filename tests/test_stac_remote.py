@@ -260,3 +260,33 @@ def test_a_run_over_http_killed_and_run_again_is_byte_identical(tmp_path, rgb_ar
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_remote_scene_that_is_not_tiled_is_named_at_planning(stac_server, tmp_path):
+    """A STAC item whose asset does not say it is a COG is planned from the file's header, and a
+    striped GeoTIFF (every window read would fetch whole rows over HTTP) gets one warning naming
+    it; the COGs of the same server do not."""
+    from canopy.predict.sources import index_imagery
+    from data_catalog.aoi import resolve_aoi
+
+    base, data, cogs = stac_server
+    striped = data / "osbs_striped.tif"
+    with rasterio.open(shared(*OSBS)) as src:
+        profile = {**src.profile, "driver": "GTiff", "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        with rasterio.open(striped, "w", **profile) as dst:
+            dst.write(src.read())
+    item = _item(striped)
+    item["assets"]["image"]["type"] = "image/tiff; application=geotiff"
+    cog_item = _item(cogs[0])
+    items = {"type": "FeatureCollection", "features": [item, cog_item]}
+    (tmp_path / "items.json").write_text(json.dumps(items).replace("{base}", base))
+    aoi = resolve_aoi(OSBS_AOI).geometry
+    try:
+        with pytest.warns(UserWarning) as caught:
+            scenes, _ = index_imagery(tmp_path / "items.json", aoi=aoi)
+    finally:
+        striped.unlink()
+    messages = [str(w.message) for w in caught if "not tiled" in str(w.message)]
+    assert len(messages) == 1 and "osbs_striped.tif" in messages[0]
+    assert {s.item for s in scenes} == {"osbs_striped", "osbs_west"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def _scene_from_raster(path: str, datetime: str | None = None, *, item: str | No
                        version: str | None = None) -> Scene:
     remote = is_remote(path)
     with _open(path) as ds:
+        bh, bw = ds.block_shapes[0]
+        if remote and ds.driver == "GTiff" and bw >= ds.width and bh < ds.height:
+            # each window read would fetch whole strips (rows across the scene) over HTTP
+            warnings.warn(f"{path} is not tiled (not a Cloud Optimized GeoTIFF): every "
+                          "read fetches whole rows of the scene over HTTP; convert it with "
+                          "gdal_translate -of COG for runs many times faster")
         resolve_crs(path, ds.crs, None, option=None)  # state-scale runs take no --crs
         check_complete(ds, path)
         check_rgb_dtype(ds, rgb_bands(ds, path), path)
@@ -115,13 +122,15 @@ def _scene_from_raster(path: str, datetime: str | None = None, *, item: str | No
 
 
 def _scene_from_item(it: RemoteItem) -> Scene:
-    """A scene of a STAC item: planned from the item's projection metadata when it is complete
-    and says uint8 RGB(N) (no request but one HEAD for the version), else from the file's
-    header read over HTTP."""
+    """A scene of a STAC item: planned from the item's projection metadata when it is complete,
+    says uint8 RGB(N) and the asset says it is a COG (no request but one HEAD for the version),
+    else from the file's header read over HTTP (which also finds a file that is not tiled)."""
     version = remote_version(it.href, need_ranges=True) if is_remote(it.href) else None
     if not is_remote(it.href):
         return _scene_from_raster(it.href, it.datetime, item=it.item_id)
-    if it.crs and it.bounds and it.res and it.count and it.count >= 3 and it.dtype == "uint8":
+    says_cog = "cloud-optimized" in (it.media_type or "").lower()
+    if says_cog and it.crs and it.bounds and it.res and it.count and it.count >= 3 \
+            and it.dtype == "uint8":
         west, south, east, north = transform_bounds(it.crs, "EPSG:4326", *it.bounds, densify_pts=21)
         return Scene(path=it.href, crs_wkt=CRS.from_user_input(it.crs).to_wkt(), bounds=it.bounds,
                      footprint_wkb=shapely.to_wkb(box(west, south, east, north)), res=it.res,
