@@ -10,6 +10,7 @@ reader, optionally resampled to a GSD.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,6 +22,7 @@ import typer
 from canopy.errors import ConfigError, OptionError
 
 PRETRAIN_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2", ".jpg", ".jpeg", ".png"}
+CURATION_KEY = "canopy_curation"  # parquet metadata of a `canopy pretrain curate` table
 
 
 class RasterWindows:
@@ -89,6 +91,52 @@ class RasterWindows:
         return torch.from_numpy(np.ascontiguousarray(rgb[:3]))
 
 
+class CuratedWindows:
+    """The windows a ``canopy pretrain curate`` table lists (each read as it was embedded:
+    ``window_px`` px, averaged by ``scale``), one per index: curation chose them, so they are
+    not drawn at random (the method's crops and augmentations still are)."""
+
+    def __init__(self, table: str | Path):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(table)
+        meta = json.loads((t.schema.metadata or {}).get(CURATION_KEY.encode(), b"{}"))
+        if not meta:
+            raise OptionError("imagery", f"'{table}' is not a table of curated windows")
+        self.window_px, self.bands, self.meta = int(meta["window_px"]), tuple(meta["bands"]), meta
+        self.rows = t.select(["path", "col", "row", "scale"]).to_pylist()
+        self.skipped: list[str] = []
+        if not self.rows:
+            raise OptionError("imagery", f"'{table}' lists no windows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def window(self, index: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        r = self.rows[index]
+        return _read_window(r["path"], r["col"], r["row"], self.window_px, r["scale"], self.bands)
+
+
+def _read_window(path, col, row, size, scale, bands) -> torch.Tensor:
+    """One ``size``-px window at (col, row) of the grid ``scale`` times coarser than the file."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    with _open_quietly(path) as ds:
+        win = Window(col * scale, row * scale, size * scale, size * scale)
+        rgb = ds.read(list(bands), window=win, out_shape=(len(bands), size, size),
+                      resampling=Resampling.average if scale > 1 else Resampling.nearest)
+    return torch.from_numpy(np.ascontiguousarray(rgb[:3]))
+
+
+def is_curated_table(path) -> bool:
+    if Path(path).suffix.lower() != ".parquet" or not Path(path).is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    return CURATION_KEY.encode() in (pq.read_schema(path).metadata or {})
+
+
 @contextlib.contextmanager
 def _open_quietly(path: str):
     """The one raster reader, without the warning plain JPEG/PNG (no georeferencing, which
@@ -124,7 +172,8 @@ pretrain_app = typer.Typer(no_args_is_help=True)
 def run_command(
     ctx: typer.Context,
     imagery: Annotated[Optional[Path], typer.Option(
-        help="Folder of rasters (GeoTIFF/COG/VRT/JPEG/PNG), one file, or a catalog GeoParquet.")] = None,
+        help="Folder of rasters (GeoTIFF/COG/VRT/JPEG/PNG), one file, a catalog GeoParquet, "
+             "or a table of curated windows (canopy pretrain curate).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder.")] = None,
     method: Annotated[str, typer.Option(help="Pretraining method: dinov2, ijepa, msn or pmsn.")] = "dinov2",
     config: Annotated[Optional[Path], typer.Option(
@@ -177,7 +226,8 @@ def run_command(
     prec = training_precision(dev, precision)
     if threads:
         torch.set_num_threads(threads)
-    source = RasterWindows(imagery, window_px=window, gsd=gsd)
+    source = (CuratedWindows(imagery) if is_curated_table(imagery)
+              else RasterWindows(imagery, window_px=window, gsd=gsd))
     for line in source.skipped:
         typer.echo(f"left out {line}", err=True)
 
@@ -213,6 +263,98 @@ def _read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise OptionError("config", f"{{config}} '{path}' is not a mapping of settings")
     return data
+
+
+@pretrain_app.command("curate")
+def curate_command(
+    imagery: Annotated[Path, typer.Option(help="Folder of rasters, one file or a catalog GeoParquet.")],
+    embedder: Annotated[Path, typer.Option(
+        help="The backbone that embeds the candidates: a pretraining run folder, its export or "
+             "any backbone file --init takes.")],
+    target_size: Annotated[int, typer.Option(help="Windows to keep.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .parquet table to write.")],
+    window: Annotated[int, typer.Option(help="Window px (candidates tile each image).")] = 256,
+    gsd: Annotated[Optional[float], typer.Option(help="Read averaged to this GSD, m.")] = None,
+    clusters: Annotated[str, typer.Option(
+        help="k-means clusters per level, finest first, e.g. 1000,100.")] = "64,8",
+    dedup: Annotated[float, typer.Option(help="Cosine similarity at which a window is a "
+                                              "near-duplicate of one kept before it.")] = 0.95,
+    uncurated: Annotated[bool, typer.Option(
+        "--uncurated", help="A uniform random sample of the same size instead (the comparison "
+                            "setting: random tiles, as SEER).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of k-means and sampling.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Choose pretraining windows after DINOv2's curation: embed the candidate windows of the
+    imagery with a backbone, drop near-duplicates, cluster hierarchically and sample evenly
+    across clusters. Pretrain on the result with `canopy pretrain --imagery TABLE`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from canopy.io.cog import check_output_path
+    from ssl_backbone.curation import balanced_sample, deduplicate, embed_batches, hierarchical_kmeans
+
+    try:
+        levels = tuple(int(v) for v in clusters.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise OptionError("clusters", f"{{clusters}} needs positive integers, e.g. 1000,100; got {clusters!r}")
+    if target_size < 1:
+        raise OptionError("target_size", "{target_size} must be at least 1")
+    if not 0 < dedup <= 1.0:
+        raise OptionError("dedup", f"{{dedup}} is a cosine similarity in (0, 1], got {dedup}")
+    check_output_path(out, overwrite)
+    backbone = _embedder(embedder)
+    source = RasterWindows(imagery, window_px=window, gsd=gsd)
+    cands = [(path, c, r, scale) for path, w, h, scale in source.files
+             for r in range(0, h - window + 1, window) for c in range(0, w - window + 1, window)]
+    emb = embed_batches(backbone, (_read_window(p, c, r, window, sc, source.bands)
+                                   for p, c, r, sc in cands))
+    kept = deduplicate(emb, dedup)
+    gen = torch.Generator().manual_seed(seed)
+    if uncurated:
+        pick = kept[torch.randperm(len(kept), generator=gen)[:target_size]].sort().values
+        tiers = [torch.full((len(pick),), -1)] * len(levels)
+    else:
+        assign = hierarchical_kmeans(emb[kept], levels, seed=seed)
+        chosen = balanced_sample(assign, target_size, seed=seed)
+        pick, tiers = kept[chosen], [a[chosen] for a in assign]
+    rows = [cands[i] for i in pick.tolist()]
+    meta = {"window_px": window, "gsd": gsd, "bands": list(source.bands), "embedder": str(embedder),
+            "clusters": list(levels), "dedup": dedup, "seed": seed, "uncurated": uncurated,
+            "candidates": len(cands), "after_dedup": len(kept), "format_version": 1}
+    table = pa.table({"path": [r[0] for r in rows], "col": [r[1] for r in rows],
+                      "row": [r[2] for r in rows], "scale": [float(r[3]) for r in rows],
+                      **{f"cluster_l{i}": t.tolist() for i, t in enumerate(tiers)}})
+    table = table.replace_schema_metadata({CURATION_KEY: json.dumps(meta)})
+    tmp = out.with_name(f".{out.name}.partial")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    typer.echo(f"{len(cands)} candidate windows, {len(kept)} after removing near-duplicates, "
+               f"{len(rows)} kept ({'random' if uncurated else 'balanced over clusters'}): {out}")
+
+
+def _embedder(path: Path):
+    """The backbone of a run folder (its teacher), an export, or any backbone file."""
+    from ssl_backbone.checkpoints import load_backbone
+
+    if path.is_dir():
+        exported = path / "backbone.safetensors"
+        if exported.exists():
+            path = exported
+        elif (path / "checkpoint.pt").exists():
+            import tempfile
+
+            from ssl_backbone.pretrain import export_backbone
+
+            path = export_backbone(path, Path(tempfile.mkdtemp()) / "backbone.safetensors")
+        else:
+            raise OptionError("embedder", f"{{embedder}} '{path}' holds no backbone")
+    if not path.exists():
+        raise OptionError("embedder", f"{{embedder}} '{path}' does not exist")
+    vit, _ = load_backbone(path)
+    return vit.eval()
 
 
 @pretrain_app.command("export")
