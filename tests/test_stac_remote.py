@@ -290,3 +290,28 @@ def test_a_remote_scene_that_is_not_tiled_is_named_at_planning(stac_server, tmp_
     messages = [str(w.message) for w in caught if "not tiled" in str(w.message)]
     assert len(messages) == 1 and "osbs_striped.tif" in messages[0]
     assert {s.item for s in scenes} == {"osbs_striped", "osbs_west"}
+
+
+def test_a_remote_asset_that_is_not_rgb_and_says_nothing_is_one_line(stac_server, tmp_path):
+    """An item whose asset carries no band metadata and holds one float32 band (a DEM, say):
+    planning reads its header over HTTP and stops with one line naming it; nothing is written."""
+    base, data, _ = stac_server
+    dem = data / "osbs_dem.tif"
+    with rasterio.open(shared(*OSBS)) as src:
+        profile = {**src.profile, "driver": "GTiff", "count": 1, "dtype": "float32", "nodata": None,
+                   "tiled": True, "blockxsize": 128, "blockysize": 128}
+        with rasterio.open(dem, "w", **profile) as dst:
+            dst.write(src.read(1).astype("float32"), 1)
+    item = _item(dem)
+    del item["assets"]["image"]["raster:bands"]
+    (tmp_path / "items.json").write_text(json.dumps(
+        {"type": "FeatureCollection", "features": [item]}).replace("{base}", base))
+    try:
+        r = subprocess.run([sys.executable, "-m", "canopy.cli", "predict", "--aoi", OSBS_AOI,
+                            "--imagery", str(tmp_path / "items.json"), "-o", str(tmp_path / "run"),
+                            "-c", "micro"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        dem.unlink()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "osbs_dem.tif" in lines[0], r.stderr
+    assert not (tmp_path / "run" / "cells").exists()
