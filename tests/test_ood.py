@@ -87,6 +87,7 @@ def test_score_band_and_share_tag_do_not_depend_on_windows(model_with_reference,
     cut = predict_raster(src, tmp_path / "cut.tif", model, opts, window_px=40)
     with rasterio.open(whole) as a, rasterio.open(cut) as b:
         assert a.descriptions[-1] == outputs.OOD_BAND and a.count == 2
+        assert a.units[0] == "m" and not a.units[1]  # a score, not metres
         sa, sb = a.read(2), b.read(2)
         np.testing.assert_array_equal(sa, sb)
         ok = np.isfinite(sa)
@@ -115,10 +116,15 @@ def test_a_map_unlike_the_training_data_warns_in_one_line(model_with_reference, 
     assert ood_message(OOD_WARN_SHARE / 2) is None
 
 
-def test_ood_band_needs_a_model_with_a_reference(micro_model, tmp_path):
+def test_ood_band_needs_a_model_with_a_reference_and_float_output(micro_model,
+                                                                   model_with_reference, tmp_path):
     with pytest.raises(OptionError, match="ood_band"):
         predict_raster(teak("047"), tmp_path / "x.tif", micro_model,
                        PredictOptions(precision="fp32", device="cpu", ood_band=True))
+    with pytest.raises(OptionError, match="float32"):  # whole-metre bytes would round it to 0/1
+        predict_raster(teak("047"), tmp_path / "x.tif", model_with_reference[0],
+                       PredictOptions(precision="fp32", device="cpu", ood_band=True,
+                                      dtype="uint8"))
     assert not (tmp_path / "x.tif").exists()
 
 

@@ -143,8 +143,7 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
     r0, c0, h, w = window
     t = ref.tile
     out = np.full((h, w), np.nan, np.float32)
-    tiles = [(r, c) for r in tile_starts(height, t) if r < r0 + h and r + t > r0
-             for c in tile_starts(width, t) if c < c0 + w and c + t > c0]
+    tiles = window_tiles(window, height, width, t)
     for i in range(0, len(tiles), batch):
         chunk, kept = [], []
         for r, c in tiles[i:i + batch]:
@@ -161,6 +160,13 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
             out[rs, cs] = s
     return out
 
+
+def window_tiles(window: tuple[int, int, int, int], height: int, width: int, tile: int
+                 ) -> list[tuple[int, int]]:
+    """(row, col) starts of the grid's tiles (module docstring) that overlap ``window``."""
+    r0, c0, h, w = window
+    return [(r, c) for r in tile_starts(height, tile) if r < r0 + h and r + tile > r0
+            for c in tile_starts(width, tile) if c < c0 + w and c + tile > c0]
 
 
 def build_reference(model, images: list[tuple[np.ndarray, np.ndarray | None, str]], k: int = 5,

@@ -86,6 +86,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     if opts.ood_band and not has_ood:
         raise OptionError("ood_band", "this model carries no out-of-distribution reference "
                                       "(ood.safetensors beside its weights)")
+    if opts.ood_band and opts.dtype != "float32":
+        raise OptionError("ood_band", "the score band is a fraction; it needs --dtype float32")
     n_bands = 1 + opts.uncertainty + opts.ood_band
     staged = len(windows) > 1  # a map larger than a window is staged on disk, not in memory
     check_free_space(output_path.parent,
@@ -127,7 +129,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         nodata=outputs.nodata_for(opts.dtype),
                         descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:1 + opts.uncertainty]
                         + [outputs.OOD_BAND] * opts.ood_band,
-                        units=outputs.UNITS, tags=tags, overwrite=overwrite,
+                        units=[outputs.UNITS] * (1 + opts.uncertainty) + [""] * opts.ood_band,
+                        tags=tags, overwrite=overwrite,
                         stage_on_disk=staged, threads="ALL_CPUS") as dst:  # one command: all cores
             def write(window, result):
                 r0, c0, h, w = window
@@ -145,7 +148,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                     if i >= len(plans):
                         return None
                     window, (trows, tcols) = plans[i]
-                    return reads.submit(_read_window, grid, window, trows, tcols, tile, correction)
+                    return reads.submit(_read_window, grid, window, trows, tcols, tile, correction,
+                                        model.ood.tile if has_ood else None)
 
                 pending_read, pending_write = read_ahead(0), None
                 for i, (window, (trows, tcols)) in enumerate(plans):
@@ -156,8 +160,9 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         result = _predict_window(model, grid, window, trows, tcols, read, stride,
                                                  opts, correction, tiles_done)
                         any_valid = True
-                        if has_ood:
-                            scores = window_scores(model, grid.read, window, height, width)
+                        if has_ood:  # the OOD tiles' pixels came with the read (one thread per dataset)
+                            scores = window_scores(model, lambda r, c, h, w: read[4][(r, c)],
+                                                   window, height, width)
                             scores[~np.isfinite(result[0])] = np.nan
                             unlike[0] += int(np.count_nonzero(scores > outputs.OOD_UNLIKE))
                             unlike[1] += int(np.count_nonzero(np.isfinite(scores)))
@@ -209,9 +214,10 @@ def _tiles_over(window, rows, cols, tile) -> tuple[list[int], list[int]]:
             [s for s in cols if s < c0 + w and s + tile > c0])
 
 
-def _read_window(grid: _Grid, window, trows, tcols, tile, correction):
+def _read_window(grid: _Grid, window, trows, tcols, tile, correction, ood_tile=None):
     """The imagery one output window needs (its tiles, the edge rule's context where imagery
-    ends, the GEDI correction's window), or None when the window holds no imagery."""
+    ends, the GEDI correction's window, the out-of-distribution tiles over it), or None when
+    the window holds no imagery."""
     r0, c0, h, w = window
     tr0, tc0 = trows[0], tcols[0]
     th, tw = trows[-1] + tile - tr0, tcols[-1] + tile - tc0  # the tiles' span
@@ -230,7 +236,13 @@ def _read_window(grid: _Grid, window, trows, tcols, tile, correction):
         wt = grid.transform @ Affine.translation(c0, r0)
         win = required_window(wt, (h, w), correction)
         extra = (wt, win, *grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width))
-    return rgb, valid, margin, extra
+    ood = None
+    if ood_tile:
+        from canopy.model.ood import window_tiles
+
+        ood = {(r, c): grid.read(r, c, ood_tile, ood_tile)
+               for r, c in window_tiles(window, grid.height, grid.width, ood_tile)}
+    return rgb, valid, margin, extra, ood
 
 
 def _predict_window(model, grid: _Grid, window, trows, tcols, read, stride, opts, correction,
@@ -238,7 +250,7 @@ def _predict_window(model, grid: _Grid, window, trows, tcols, read, stride, opts
     """(height[, spread]) of one output window from what :func:`_read_window` read."""
     r0, c0, h, w = window
     tr0, tc0 = trows[0], tcols[0]
-    rgb, valid, margin, extra = read
+    rgb, valid, margin, extra, _ = read
     height, spread = predict_array(model, rgb, valid, precision=opts.precision,
                                    batch_size=opts.batch_size, with_std=opts.uncertainty,
                                    stride=stride, origin=(0, 0), margin=margin, fixed_batch=True,
