@@ -27,14 +27,15 @@ CURATION_KEY = "canopy_curation"  # parquet metadata of a `canopy pretrain curat
 
 class RasterWindows:
     """Random ``window_px`` windows of RGB imagery (the first three bands, or those of
-    ``bands``), from a folder (searched recursively), files, or a catalog GeoParquet's imagery.
+    ``bands``), from a folder (searched recursively), one file, a list of files, or a catalog
+    GeoParquet's imagery.
 
     With ``gsd`` (metres), a georeferenced file finer than it is read averaged down to it; files
     without a metric CRS are read as they are. A file gives ⌊area / window_px²⌋ windows per
     epoch (at least one); files smaller than a window, unreadable or not 8-bit RGB are left out
     and listed in ``skipped``. A window that is mostly nodata is drawn again (up to 8 times)."""
 
-    def __init__(self, spec: str | Path, window_px: int = 256, gsd: float | None = None,
+    def __init__(self, spec: str | Path | list, window_px: int = 256, gsd: float | None = None,
                  bands: tuple[int, ...] = (1, 2, 3)):
         from data_catalog.errors import CatalogError
 
@@ -151,7 +152,9 @@ def _open_quietly(path: str):
             yield ds
 
 
-def _list_files(spec: str | Path) -> list[str]:
+def _list_files(spec: str | Path | list) -> list[str]:
+    if isinstance(spec, (list, tuple)):  # files named one by one (in the order given)
+        return [str(p) for p in spec]
     path = Path(spec)
     if not path.exists():
         raise OptionError("imagery", f"'{spec}' does not exist")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -82,8 +83,8 @@ class Recipe:
         return f"{bb}_syn{self.synthetic_scenes}"
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
+log = logging.getLogger(__name__)
+_say = log.info  # progress lines; main() shows them on stdout
 
 
 # ------------------------------------------------------------------------------- pretraining
@@ -105,13 +106,7 @@ def pretrain_backbone(run_dir: Path, steps: int = PRETRAIN_STEPS, threads: int =
 
     torch.set_num_threads(threads)
     out = run_dir / "pretrain"
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for f in pretraining_images(exclude_sites=("OSBS",)):
-        link = images / Path(f).name
-        if not link.exists():
-            link.symlink_to(f)
-    source = RasterWindows(images, window_px=128, gsd=0.3)
+    source = RasterWindows(pretraining_images(exclude_sites=("OSBS",)), window_px=128, gsd=0.3)
     epochs = steps * PRETRAIN_BATCH / len(source)
     cfg = config_for("dinov2", {
         "arch": "vit_tiny", "batch_size": PRETRAIN_BATCH, "epochs": epochs,
@@ -205,8 +200,9 @@ def train_model(pairs, recipe: Recipe, out: Path, name: str):
         g = read_rgb_on_grid(p.imagery, recipe.gsd, crs=p.crs)
         images.append((g.rgb, g.valid, p.name))
     model.ood = build_reference(model, images, k=recipe.ood_k, tile=recipe.chip_size)
-    gbm = fit_gbm([r for r in records if r.origin in {p.imagery for p, _ in pairs}] or records,
-                  recipe.gbm_pixels, recipe.seed)
+    real = {p.imagery for p, _ in pairs}
+    gbm = fit_gbm([r for r in records if r.origin in real] or records, recipe.gbm_pixels,
+                  recipe.seed)
     return model, result, label_mean(records), gbm, summary
 
 
@@ -311,34 +307,23 @@ def score_pair(model, gbm, train_mean: float, pair: Pair, chm: str, work: Path) 
     return out
 
 
-def _r2(pred: np.ndarray, ref: np.ndarray) -> float | None:
-    ss = float(((ref - ref.mean()) ** 2).sum())
-    return 1.0 - float(((pred - ref) ** 2).sum()) / ss if ss > 0 and ref.size > 1 else None
-
-
 def site_metrics(arrays: list[dict], name: str, block: int = 10) -> dict:
     """MAE, bias, RMSE, R², block-R² (means of ``block``×``block`` cells, 10 m at 1 m, at least
-    half valid) and tree-cover IoU (≥ 2 m) of predictor ``name`` pooled over a site's plots."""
-    preds, refs, bp, br = [], [], [], []
-    for a in arrays:
-        p, r = a[name], a["ref"]
-        ok = np.isfinite(p) & np.isfinite(r)
-        preds.append(p[ok])
-        refs.append(r[ok])
-        h, w = r.shape
-        for i in range(0, h - block + 1, block):
-            for j in range(0, w - block + 1, block):
-                m = ok[i:i + block, j:j + block]
-                if m.mean() >= 0.5:
-                    bp.append(float(p[i:i + block, j:j + block][m].mean()))
-                    br.append(float(r[i:i + block, j:j + block][m].mean()))
-    p, r = np.concatenate(preds).astype(np.float64), np.concatenate(refs).astype(np.float64)
-    tp, tr = p >= 2.0, r >= 2.0
-    union = int((tp | tr).sum())
-    return {"n": int(r.size), "mae": float(np.abs(p - r).mean()), "bias": float((p - r).mean()),
-            "rmse": float(np.sqrt(((p - r) ** 2).mean())), "r2": _r2(p, r),
-            "block_r2": _r2(np.array(bp), np.array(br)) if len(bp) > 2 else None,
-            "n_blocks": len(bp), "tree_cover_iou": int((tp & tr).sum()) / union if union else None}
+    half valid) and tree-cover IoU (≥ 2 m) of predictor ``name`` pooled over a site's plots, with
+    the metrics `canopy evaluate` uses (:mod:`canopy.evaluate.metrics`)."""
+    from canopy.evaluate.metrics import bias, block_mean_pairs, mae, r2, rmse, tree_cover_iou
+
+    def value(v: float) -> float | None:
+        return None if math.isnan(v) else v
+
+    p = np.concatenate([a[name].ravel() for a in arrays])
+    r = np.concatenate([a["ref"].ravel() for a in arrays])
+    blocks = [block_mean_pairs(a[name], a["ref"], block, 0.5) for a in arrays]
+    bp, br = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+    return {"n": int((np.isfinite(p) & np.isfinite(r)).sum()), "mae": mae(p, r),
+            "bias": bias(p, r), "rmse": rmse(p, r), "r2": value(r2(p, r)),
+            "block_r2": value(r2(bp, br)) if len(bp) > 2 else None, "n_blocks": len(bp),
+            "tree_cover_iou": value(tree_cover_iou(p, r, 2.0))}
 
 
 PREDICTORS = ("model", "train_mean", "gbm", "own_mean")
@@ -691,6 +676,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default=None)
     ap.add_argument("--jobs", type=int, default=1)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from canopy.train.sites import DATA
 
     if not (DATA / "rgb_chm_pairs").exists():

@@ -130,12 +130,11 @@ def derive_chm(pair: Pair, work: Path, resolution: float) -> str:
     (cached in ``work``)."""
     if pair.chm:
         return pair.chm
-    from data_catalog.lidar import chm_from_las, write_chm_geotiff
+    from data_catalog import lidar
 
     out = work / f"{pair.name}_chm_{resolution:g}m.tif"
     if not out.exists():
-        chm, transform, crs = chm_from_las(pair.las, resolution=resolution, crs=pair.crs)
-        write_chm_geotiff(out, chm, transform, crs)
+        lidar.derive_chm(pair.las, out, resolution=resolution, crs=pair.crs)
     return str(out)
 
 
@@ -150,20 +149,15 @@ def coregistration(imagery: str, chm: str, chm_crs: str | None = None,
     peak from zero by a few metres, the same way for every plot of one flight: a single plot is
     therefore judged against its site's other plots (:func:`check_sites`), not against zero.
     """
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.warp import reproject
     from scipy import ndimage
 
     from data_catalog.chm import read_chm
+    from data_catalog.raster import open_raster, warp_average
 
     c = read_chm(chm, crs=chm_crs)
-    with rasterio.open(imagery) as src:
-        rgb = src.read([1, 2, 3]).astype(np.float32)
-        bright = np.full(c.array.shape, np.nan, np.float32)
-        reproject(rgb.mean(0), bright, src_transform=src.transform, src_crs=src.crs,
-                  dst_transform=c.transform, dst_crs=c.crs or src.crs, dst_nodata=np.nan,
-                  resampling=Resampling.average)
+    with open_raster(imagery, "imagery") as src:
+        bright = warp_average(src.read([1, 2, 3]).astype(np.float32).mean(0), src.transform,
+                              src.crs, c.array.shape, c.transform, c.crs or src.crs)
     res = abs(c.transform.a)
     n = max(1, int(round(max_shift_m / res)))
     # compare only where both are known and a shifted copy stays inside
