@@ -13,6 +13,9 @@ Invariant: the score of a tile depends only on the model, its reference and the 
 the model's GSD (no batch statistics), so the same image gets the same scores in one-raster and
 state runs and at any batch size. Tiles are the non-overlapping ``tile``-px squares of the
 output grid from its top-left corner, the last row/column shifted inwards to end at the edge.
+A tile's pixels without imagery are filled by the prediction paths' edge rule (mirrored imagery,
+:func:`canopy.predict.blend.mirror_fill`) from the tile's own pixels, for training images (an
+80-px NEON plot under a 96-px tile) and mapped ones alike.
 """
 
 from __future__ import annotations
@@ -87,26 +90,36 @@ def tile_starts(length: int, tile: int) -> list[int]:
     return starts
 
 
-def _pad_to(rgb: np.ndarray, tile: int) -> np.ndarray:
+def _filled(model, rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """One tile's pixels with those without imagery filled by the edge rule (module docstring)."""
+    from canopy.predict.blend import edge_reach, fill_colour, mirror_fill
+
+    return mirror_fill(rgb, valid, edge_reach(rgb.shape[-1]), fill_colour(model))
+
+
+def _pad_to(rgb: np.ndarray, valid: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image smaller than a tile, grown to one with the added pixels marked invalid."""
     h, w = rgb.shape[1:]
     if h >= tile and w >= tile:
-        return rgb
-    return np.pad(rgb, ((0, 0), (0, max(0, tile - h)), (0, max(0, tile - w))), mode="reflect")
+        return rgb, valid
+    H, W = max(h, tile), max(w, tile)
+    out, ok = np.zeros((3, H, W), rgb.dtype), np.zeros((H, W), bool)
+    out[:, :h, :w], ok[:h, :w] = rgb, valid
+    return out, ok
 
 
 def tile_embeddings(model, rgb: np.ndarray, valid: np.ndarray | None = None, tile: int = 96,
                     batch: int = 16) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Embeddings of the tiles of a (3,H,W) uint8 image and their (row, col) starts. Tiles with
     under half their pixels valid are left out. An image smaller than a tile is mirrored up."""
-    rgb = _pad_to(rgb, tile)
-    if valid is not None:
-        valid = _pad_to(valid[None].astype(np.uint8), tile)[0].astype(bool)
+    rgb, valid = _pad_to(rgb, np.ones(rgb.shape[1:], bool) if valid is None else valid, tile)
     h, w = rgb.shape[1:]
     starts = [(r, c) for r in tile_starts(h, tile) for c in tile_starts(w, tile)
-              if valid is None or valid[r:r + tile, c:c + tile].mean() >= 0.5]
+              if valid[r:r + tile, c:c + tile].mean() >= 0.5]
     out = []
     for i in range(0, len(starts), batch):
-        chunk = np.stack([rgb[:, r:r + tile, c:c + tile] for r, c in starts[i:i + batch]])
+        chunk = np.stack([_filled(model, rgb[:, r:r + tile, c:c + tile],
+                                  valid[r:r + tile, c:c + tile]) for r, c in starts[i:i + batch]])
         out.append(embed(model, torch.from_numpy(chunk)))
     d = model.cfg.backbone.embed_dim
     return (torch.cat(out) if out else torch.zeros(0, d)), starts
@@ -149,7 +162,7 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
         for r, c in tiles[i:i + batch]:
             rgb, valid = read(r, c, t, t)
             if valid.mean() >= 0.5:
-                chunk.append(rgb)
+                chunk.append(_filled(model, rgb, valid))
                 kept.append((r, c))
         if not chunk:
             continue
