@@ -174,6 +174,16 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
     return out
 
 
+def unlike_counts(scores: np.ndarray, heights: np.ndarray) -> list[int]:
+    """[pixels unlike the training data, pixels scored] where the map has a height (the
+    ``ood_unlike`` a state run's manifest keeps, and one raster's tag sums); ``scores`` loses
+    its pixels without height in place."""
+    from canopy.io.outputs import OOD_UNLIKE
+
+    scores[~np.isfinite(heights)] = np.nan
+    return [int(np.count_nonzero(scores > OOD_UNLIKE)), int(np.count_nonzero(np.isfinite(scores)))]
+
+
 def window_tiles(window: tuple[int, int, int, int], height: int, width: int, tile: int
                  ) -> list[tuple[int, int]]:
     """(row, col) starts of the grid's tiles (module docstring) that overlap ``window``."""

@@ -31,8 +31,8 @@ import canopy
 from canopy.errors import CanopyError, InputError, OptionError, OutputError, RunInterrupted
 from canopy.io.cog import check_free_space, check_writable, estimated_cog_bytes
 from canopy.io.outputs import (
-    OOD_UNLIKE, OOD_UNLIKE_SHARE, TileLattice, dates_tag, prediction_tags, write_prediction)
-from canopy.model.ood import window_scores
+    OOD_UNLIKE_SHARE, TileLattice, dates_tag, prediction_tags, write_prediction)
+from canopy.model.ood import unlike_counts, window_scores
 from canopy.predict.blend import default_stride, edge_reach, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from canopy.predict.manifest import Manifest, check_or_write_run, ood_unlike_share, sha256_file
@@ -182,10 +182,8 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
             rs, cs = slice(r_off + r, r_off + r + h), slice(c_off + c, c_off + c + w)
             return rgb[:, rs, cs], valid[rs, cs]
 
-        scores = window_scores(model, cell_pixels, (0, 0, cell.cell_px, cell.cell_px),
-                               cell.cell_px, cell.cell_px)
-        scores[~np.isfinite(height)] = np.nan
-        ood = [int(np.count_nonzero(scores > OOD_UNLIKE)), int(np.count_nonzero(np.isfinite(scores)))]
+        ood = unlike_counts(window_scores(model, cell_pixels, (0, 0, cell.cell_px, cell.cell_px),
+                                          cell.cell_px, cell.cell_px), height)
     dates = [d for s in scenes if s.path in used for d in _scene_dates(s)]
     # the tiles this cell computed: its window's, from the first halo tile on (cell pixels)
     lattice = TileLattice(tile, stride, origin_col=dc, origin_row=dr,
