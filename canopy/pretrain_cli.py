@@ -73,9 +73,6 @@ class RasterWindows:
         return int(self.starts[-1])
 
     def window(self, index: int, gen: torch.Generator) -> torch.Tensor:
-        from rasterio.enums import Resampling
-        from rasterio.windows import Window
-
         i = int(torch.searchsorted(self.starts, torch.tensor(index), right=True)) - 1
         path, w, h, scale = self.files[i]
         s = self.window_px
@@ -83,13 +80,10 @@ class RasterWindows:
             for _ in range(8):
                 col = int(torch.randint(w - s + 1, (), generator=gen))
                 row = int(torch.randint(h - s + 1, (), generator=gen))
-                win = Window(col * scale, row * scale, s * scale, s * scale)
-                rgb = ds.read(list(self.bands), window=win, out_shape=(len(self.bands), s, s),
-                              resampling=Resampling.average if scale > 1 else Resampling.nearest)
-                valid = ds.read_masks(1, window=win, out_shape=(s, s)) > 0
+                rgb, valid = _read_window(ds, col, row, s, scale, self.bands)
                 if valid.mean() >= 0.5:
                     break
-        return torch.from_numpy(np.ascontiguousarray(rgb[:3]))
+        return rgb
 
 
 class CuratedWindows:
@@ -115,19 +109,25 @@ class CuratedWindows:
 
     def window(self, index: int, gen: torch.Generator | None = None) -> torch.Tensor:
         r = self.rows[index]
-        return _read_window(r["path"], r["col"], r["row"], self.window_px, r["scale"], self.bands)
+        return _window_of(r["path"], r["col"], r["row"], self.window_px, r["scale"], self.bands)
 
 
-def _read_window(path, col, row, size, scale, bands) -> torch.Tensor:
-    """One ``size``-px window at (col, row) of the grid ``scale`` times coarser than the file."""
+def _read_window(ds, col, row, size, scale, bands) -> tuple[torch.Tensor, np.ndarray]:
+    """One ``size``-px window at (col, row) of the grid ``scale`` times coarser than the open
+    dataset ``ds``: RGB [3,S,S] uint8, and where it holds imagery (the first band's mask)."""
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
+    win = Window(col * scale, row * scale, size * scale, size * scale)
+    rgb = ds.read(list(bands), window=win, out_shape=(len(bands), size, size),
+                  resampling=Resampling.average if scale > 1 else Resampling.nearest)
+    valid = ds.read_masks(1, window=win, out_shape=(size, size)) > 0
+    return torch.from_numpy(np.ascontiguousarray(rgb[:3])), valid
+
+
+def _window_of(path, col, row, size, scale, bands) -> torch.Tensor:
     with _open_quietly(path) as ds:
-        win = Window(col * scale, row * scale, size * scale, size * scale)
-        rgb = ds.read(list(bands), window=win, out_shape=(len(bands), size, size),
-                      resampling=Resampling.average if scale > 1 else Resampling.nearest)
-    return torch.from_numpy(np.ascontiguousarray(rgb[:3]))
+        return _read_window(ds, col, row, size, scale, bands)[0]
 
 
 def is_curated_table(path) -> bool:
@@ -312,7 +312,7 @@ def curate_command(
     source = RasterWindows(imagery, window_px=window, gsd=gsd)
     cands = [(path, c, r, scale) for path, w, h, scale in source.files
              for r in range(0, h - window + 1, window) for c in range(0, w - window + 1, window)]
-    emb = embed_batches(backbone, (_read_window(p, c, r, window, sc, source.bands)
+    emb = embed_batches(backbone, (_window_of(p, c, r, window, sc, source.bands)
                                    for p, c, r, sc in cands))
     kept = deduplicate(emb, dedup)
     gen = torch.Generator().manual_seed(seed)
