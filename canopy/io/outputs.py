@@ -148,6 +148,14 @@ def prediction_tags(model_cfg, opts, *, lattice: TileLattice, sources: Sequence[
     }
 
 
+def unlike_counts(scores: np.ndarray, heights: np.ndarray) -> list[int]:
+    """[pixels unlike the training data, pixels scored] where the map has a height (the
+    ``ood_unlike`` a state run's manifest keeps, and one raster's tag sums); ``scores`` loses
+    its pixels without height in place."""
+    scores[~np.isfinite(heights)] = np.nan
+    return [int(np.count_nonzero(scores > OOD_UNLIKE)), int(np.count_nonzero(np.isfinite(scores)))]
+
+
 def to_output_dtype(height: np.ndarray, dtype: str) -> tuple[np.ndarray, float | int]:
     """float32 metres with NaN nodata, or uint8 whole metres with nodata 255 (as the Meta maps)."""
     if dtype == "float32":

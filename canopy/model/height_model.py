@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +54,11 @@ def match_input_grid(logits: torch.Tensor, hw, patch_size: int) -> torch.Tensor:
         logits = torch.nn.functional.interpolate(logits, size=padded, mode="bilinear",
                                                  align_corners=False)
     return logits[..., :h, :w]
+
+
+def fill_colour(model) -> np.ndarray:
+    """The input normalisation mean in 0..255: a masked pixel becomes 0 after normalisation."""
+    return np.round(np.asarray(model.cfg.mean, dtype=np.float64) * 255.0).astype(np.uint8)
 
 
 class HeightModel(nn.Module):

@@ -14,7 +14,7 @@ the model's GSD (no batch statistics), so the same image gets the same scores in
 state runs and at any batch size. Tiles are the non-overlapping ``tile``-px squares of the
 output grid from its top-left corner, the last row/column shifted inwards to end at the edge.
 A tile's pixels without imagery are filled by the prediction paths' edge rule (mirrored imagery,
-:func:`canopy.predict.blend.mirror_fill`) from the tile's own pixels, for training images (an
+:func:`data_catalog.raster.mirror_fill`) from the tile's own pixels, for training images (an
 80-px NEON plot under a 96-px tile) and mapped ones alike.
 """
 
@@ -92,9 +92,11 @@ def tile_starts(length: int, tile: int) -> list[int]:
 
 def _filled(model, rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """One tile's pixels with those without imagery filled by the edge rule (module docstring)."""
-    from canopy.predict.blend import edge_reach, fill_colour, mirror_fill
+    from canopy.model.height_model import fill_colour
+    from data_catalog.raster import mirror_fill
 
-    return mirror_fill(rgb, valid, edge_reach(rgb.shape[-1]), fill_colour(model))
+    # reach: one tile, as the prediction paths' edge_reach
+    return mirror_fill(rgb, valid, rgb.shape[-1], fill_colour(model))
 
 
 def _pad_to(rgb: np.ndarray, valid: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,16 +174,6 @@ def window_scores(model, read, window: tuple[int, int, int, int], height: int, w
                 slice(max(c, c0) - c0, min(c + t, c0 + w) - c0)
             out[rs, cs] = s
     return out
-
-
-def unlike_counts(scores: np.ndarray, heights: np.ndarray) -> list[int]:
-    """[pixels unlike the training data, pixels scored] where the map has a height (the
-    ``ood_unlike`` a state run's manifest keeps, and one raster's tag sums); ``scores`` loses
-    its pixels without height in place."""
-    from canopy.io.outputs import OOD_UNLIKE
-
-    scores[~np.isfinite(heights)] = np.nan
-    return [int(np.count_nonzero(scores > OOD_UNLIKE)), int(np.count_nonzero(np.isfinite(scores)))]
 
 
 def window_tiles(window: tuple[int, int, int, int], height: int, width: int, tile: int

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from canopy.errors import ModelOutputError
-from canopy.model.height_model import PER_TILE_PRECISIONS
+from canopy.model.height_model import PER_TILE_PRECISIONS, fill_colour
+# the edge rule lives with the imagery readers, so the model's OOD tiles (canopy.model.ood) share it
+from data_catalog.raster import mirror_fill
 
 DEFAULT_OVERLAP_FRACTION = 0.25  # 64 px of a 256 px tile, as the HRCH notebook
 
@@ -65,54 +67,10 @@ def tile_starts(length: int, tile_size: int, stride: int, origin: int = 0) -> li
     return starts
 
 
-def fill_colour(model) -> np.ndarray:
-    """The input normalisation mean in 0..255: a masked pixel becomes 0 after normalisation."""
-    return np.round(np.asarray(model.cfg.mean, dtype=np.float64) * 255.0).astype(np.uint8)
-
-
 def edge_reach(tile_size: int) -> int:
     """How far (px) from the imagery a pixel without imagery still gets mirrored content: one
     tile, so a tile that holds any imagery is filled everywhere but in its far corners."""
     return tile_size
-
-
-def mirror_fill(image: np.ndarray, valid: np.ndarray, reach: int, fill: np.ndarray) -> np.ndarray:
-    """``image`` (3×H×W uint8) with every pixel without imagery replaced by its mirror image
-    across the nearest pixel with imagery (the edge rule of both prediction paths).
-
-    A missing pixel ``p`` whose nearest valid pixel ``q`` lies within ``reach`` px takes the
-    value at ``2q − p`` (or at ``q`` itself when that point is off the image or missing too);
-    farther pixels take ``fill``, the normalisation mean. At the straight edge of a raster this
-    is numpy's ``reflect`` padding; along any other footprint edge (scene borders in a mosaic,
-    nodata holes) it keeps the model's input looking like imagery, where a constant colour made
-    tiles that hold it predict low heights for the real pixels they share (the --aoi engine's
-    heights fell from 20 m to ~1 m at the footprint edge of a NEON plot, docs/performance.md).
-
-    The result for a pixel depends only on the valid pixels within ``2·reach`` of it, so a
-    caller tiling a large area gets the same values in every window that holds that much
-    context around the pixels it predicts (:func:`predict_array`'s ``margin``).
-    """
-    if valid.all():
-        return image
-    out = image.copy()
-    if not valid.any():
-        out[:] = fill[:, None, None]
-        return out
-    from scipy import ndimage
-
-    idx = np.empty((2, *valid.shape), np.int32)
-    ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True,
-                                   indices=idx)
-    pr, pc = np.nonzero(~valid)
-    qr, qc = idx[0][pr, pc].astype(np.int64), idx[1][pr, pc].astype(np.int64)
-    near = (qr - pr) ** 2 + (qc - pc) ** 2 <= reach * reach
-    mr, mc = 2 * qr - pr, 2 * qc - pc
-    ok = (mr >= 0) & (mr < valid.shape[0]) & (mc >= 0) & (mc < valid.shape[1])
-    ok[ok] = valid[mr[ok], mc[ok]]
-    sr, sc = np.where(ok, mr, qr), np.where(ok, mc, qc)
-    out[:, pr[near], pc[near]] = image[:, sr[near], sc[near]]
-    out[:, pr[~near], pc[~near]] = fill[:, None]
-    return out
 
 
 def iter_batches(items: list, batch_size: int) -> Iterator[list]:

@@ -31,8 +31,8 @@ import canopy
 from canopy.errors import CanopyError, InputError, OptionError, OutputError, RunInterrupted
 from canopy.io.cog import check_free_space, check_writable, estimated_cog_bytes
 from canopy.io.outputs import (
-    OOD_UNLIKE_SHARE, TileLattice, dates_tag, prediction_tags, write_prediction)
-from canopy.model.ood import unlike_counts, window_scores
+    OOD_UNLIKE_SHARE, TileLattice, dates_tag, prediction_tags, unlike_counts, write_prediction)
+from canopy.model.ood import window_scores
 from canopy.predict.blend import default_stride, edge_reach, predict_array
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
 from canopy.predict.manifest import Manifest, check_or_write_run, ood_unlike_share, sha256_file

@@ -30,7 +30,7 @@ from canopy.errors import OptionError, OutputError
 from canopy.io import outputs
 from canopy.io.cog import check_free_space, check_output_path, cog_writer, estimated_cog_bytes
 from canopy.model.auto import batch_size_for, choose_precision, own_model
-from canopy.model.ood import unlike_counts, window_scores
+from canopy.model.ood import window_scores
 from canopy.predict.blend import default_stride, edge_reach, predict_array, tile_starts
 from canopy.predict.options import PredictOptions
 from canopy.progress import ProgressCallback, report
@@ -163,7 +163,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         if has_ood:  # the OOD tiles' pixels came with the read (one thread per dataset)
                             scores = window_scores(model, lambda r, c, h, w: read[4][(r, c)],
                                                    window, height, width)
-                            counts = unlike_counts(scores, result[0])
+                            counts = outputs.unlike_counts(scores, result[0])
                             unlike = [a + b for a, b in zip(unlike, counts)]
                             if opts.ood_band:
                                 result = (*result, scores)
