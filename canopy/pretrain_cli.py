@@ -1,5 +1,5 @@
 """``canopy pretrain``: self-supervised pretraining of a backbone (``ssl_backbone``) on overhead
-imagery, and ``canopy pretrain export``.
+imagery, and ``canopy pretrain distill``, ``curate`` and ``export``.
 
 This module is the bridge between the two packages: ``ssl_backbone`` trains on any source of
 uint8 windows and imports nothing from ``canopy``; :class:`RasterWindows` reads those windows
@@ -206,15 +206,12 @@ def run_command(
     GPU, or torchrun); `canopy pretrain export RUN -o FILE` writes its backbone."""
     if ctx.invoked_subcommand is not None:
         return
-    from canopy.model.auto import training_precision
-    from canopy.model.device import resolve_device
     from ssl_backbone.methods import config_for, method_named
-    from ssl_backbone.pretrain import pretrain
 
     if imagery is None or out is None:
         raise OptionError("imagery", "{imagery} and --out are required to pretrain")
     try:
-        terms = method_named(method).log_terms
+        method_named(method)
     except ConfigError:
         raise OptionError("method", f"{{method}} {method!r} is not one of dinov2, ijepa, msn, "
                                     "pmsn") from None
@@ -224,7 +221,22 @@ def run_command(
     overrides = {"arch": arch, "init": str(init) if init else None, "epochs": epochs,
                  "batch_size": batch_size, "seed": seed, "prior_power": prior_power}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = config_for(method, fields)
+    _run(config_for(method, fields), imagery, out, window=window, gsd=gsd, max_steps=max_steps,
+         resume=resume, device=device, precision=precision, workers=workers, threads=threads,
+         quiet=quiet)
+
+
+def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None,
+         max_steps: int | None, resume: bool, device: str, precision: str, workers: int,
+         threads: int | None, quiet: bool) -> None:
+    """One pretraining run of the method ``cfg`` belongs to, with progress lines and the exit
+    summary (shared by `canopy pretrain` and `canopy pretrain distill`)."""
+    from canopy.model.auto import training_precision
+    from canopy.model.device import resolve_device
+    from ssl_backbone.methods import method_of
+    from ssl_backbone.pretrain import pretrain
+
+    terms = method_of(cfg).log_terms
     dev = resolve_device(device)
     prec = training_precision(dev, precision)
     if threads:
@@ -251,6 +263,45 @@ def run_command(
     else:
         typer.echo(f"stopped at step {result.steps_done}/{result.total_steps}{verdict}; "
                    f"continue with --resume")
+
+
+@pretrain_app.command("distill")
+def distill_command(
+    teacher: Annotated[Path, typer.Option(
+        help="The frozen teacher: a DINOv2 pretraining run folder (or its checkpoint.pt).")],
+    imagery: Annotated[Path, typer.Option(
+        help="Folder of rasters, one file, a catalog GeoParquet or a curated table.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
+    arch: Annotated[Optional[str], typer.Option(help="Student variant, e.g. vit_small.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start the student from this backbone.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML or JSON of ssl_backbone.distill.DistillConfig fields; flags override.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs (default 20).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
+    window: Annotated[int, typer.Option(help="Window read from the imagery, px.")] = 256,
+    gsd: Annotated[Optional[float], typer.Option(help="Read averaged to this GSD, m.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Stop after this many steps in this sitting (continue with --resume).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, order and crops.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+) -> None:
+    """Distil a DINOv2 run into a smaller student (DINOv2 §5): the DINOv2 step against the
+    frozen teacher's targets, no masking or drop path; the backbone written is the student's
+    EMA. Export and --resume work as for `canopy pretrain`."""
+    from ssl_backbone.methods import config_for
+
+    fields = _read_config(config) if config else {}
+    overrides = {"teacher": str(teacher), "arch": arch, "init": str(init) if init else None,
+                 "epochs": epochs, "batch_size": batch_size, "seed": seed}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    _run(config_for("distill", fields), imagery, out, window=window, gsd=gsd,
+         max_steps=max_steps, resume=resume, device=device, precision=precision,
+         workers=workers, threads=threads, quiet=quiet)
 
 
 def _read_config(path: Path) -> dict:

@@ -197,10 +197,12 @@ class DINOv2(nn.Module):
         cfg = self.cfg
         two_b = globals_.shape[0]
         b = two_b // 2
+        targets_net = self.target_network()
+        at = self.ibot_positions(masks)
         with torch.no_grad():
-            t_cls, t_patch = final_norm_tokens(self.teacher["backbone"], globals_)
-            t_logits = self.teacher["dino_head"](t_cls)
-            t_masked = self._ibot_head(self.teacher)(t_patch[masks])
+            t_cls, t_patch = final_norm_tokens(targets_net["backbone"], globals_)
+            t_logits = targets_net["dino_head"](t_cls)
+            t_masked = self._ibot_head(targets_net)(t_patch[at])
             if cfg.centering == "sinkhorn_knopp":
                 dino_t = sinkhorn_knopp(t_logits, teacher_temp)
                 n_masked = all_sum(torch.tensor(float(t_masked.shape[0]), device=t_masked.device))
@@ -217,9 +219,9 @@ class DINOv2(nn.Module):
         logits = torch.cat(student_logits)
         views = list(logits.split(b))
         dino = dino_loss(views, list(dino_t.split(b)), cfg.student_temp)
-        s_masked = self._ibot_head(self.student)(s_patch[masks])
-        counts = masks.sum(dim=1, keepdim=True).clamp_min(1).float()
-        weights = (1.0 / counts).expand_as(masks)[masks]
+        s_masked = self._ibot_head(self.student)(s_patch[at])
+        counts = at.sum(dim=1, keepdim=True).clamp_min(1).float()
+        weights = (1.0 / counts).expand_as(at)[at]
         ibot = ibot_loss(s_masked, ibot_t, weights, two_b, cfg.student_temp)
         koleo = sum(koleo_loss(c) for c in s_cls.split(b)) if cfg.koleo_weight > 0 \
             else s_cls.new_zeros(())
@@ -232,9 +234,22 @@ class DINOv2(nn.Module):
             total = total + cfg.gram_weight * gram
             out["gram"] = gram
         out["total"] = total
-        out["teacher_embeddings"] = t_cls.detach()
-        out["teacher_probs"] = dino_t.detach()
+        # the collapse monitors watch the network being learned: the EMA teacher here (what
+        # DINOv2 releases); a distillation student where the targets come from a frozen network
+        watched = targets_net is self.teacher
+        out["teacher_embeddings"] = (t_cls if watched else s_cls).detach()
+        out["teacher_probs"] = (dino_t if watched else torch.softmax(
+            logits[:two_b].float() / cfg.student_temp, dim=-1)).detach()
         return out
+
+    def target_network(self) -> nn.ModuleDict:
+        """The network whose outputs are the targets: the EMA teacher (a distillation run
+        overrides it with its frozen teacher)."""
+        return self.teacher
+
+    def ibot_positions(self, masks: torch.Tensor) -> torch.Tensor:
+        """Where the iBOT loss is taken: the masked patches."""
+        return masks
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -1,5 +1,5 @@
 """The pretraining methods one trainer (:mod:`ssl_backbone.pretrain`) drives: DINOv2, I-JEPA,
-MSN and PMSN. A method says what differs — its config, its model (``student``/``teacher``
+MSN, PMSN, and DINOv2's distillation into a smaller student. A method says what differs — its config, its model (``student``/``teacher``
 module dicts with a ``backbone`` each), the views of one window, how a batch is put together,
 its loss call, its schedules and parameter groups — and nothing else; the loop, data order,
 resume, processes, monitors, logs and export are the trainer's, shared by all.
@@ -59,8 +59,11 @@ def _steps(cfg, steps_per_epoch: int) -> int:
 # ---------------------------------------------------------------------------------- DINOv2
 
 
-def _dinov2() -> Method:
+def _dinov2(name: str = "dinov2") -> Method:
+    """DINOv2, or (``distill``) its step against a frozen teacher (:mod:`ssl_backbone.distill`):
+    the same views, batches, losses, schedules and parameter groups."""
     from ssl_backbone.dinov2 import DINOv2, DINOv2Config, Schedules, param_groups
+    from ssl_backbone.distill import DistillConfig, DistillDINOv2
     from ssl_backbone.masking import batch_masks
 
     def collate(cfg, patch, items, gen):
@@ -73,9 +76,10 @@ def _dinov2() -> Method:
         return globals_, locals_, masks
 
     return Method(
-        name="dinov2", config=DINOv2Config, input_px=lambda cfg: cfg.crops.global_size,
+        name=name, config=DistillConfig if name == "distill" else DINOv2Config,
+        input_px=lambda cfg: cfg.crops.global_size,
         views=lambda cfg, img, gen: multi_crop(img, cfg.crops, gen), collate=collate,
-        build=DINOv2,
+        build=DistillDINOv2 if name == "distill" else DINOv2,
         losses=lambda model, batch, sched, step: model.losses(*batch, sched.teacher_temp(step)),
         schedules=Schedules.of, run_steps=_steps, param_groups=param_groups,
         log_terms=("dino", "ibot", "koleo"))
@@ -133,7 +137,7 @@ def _msn(name: str) -> Method:
 
 def method_named(name: str) -> Method:
     makers = {"dinov2": _dinov2, "ijepa": _ijepa, "msn": lambda: _msn("msn"),
-              "pmsn": lambda: _msn("pmsn")}
+              "pmsn": lambda: _msn("pmsn"), "distill": lambda: _dinov2("distill")}
     if name not in makers:
         raise ConfigError(f"unknown pretraining method {name!r} (one of {', '.join(makers)})",
                           field="method")
@@ -143,9 +147,12 @@ def method_named(name: str) -> Method:
 def method_of(cfg) -> Method:
     """The method a config belongs to (an MSN config with a power-law prior is PMSN)."""
     from ssl_backbone.dinov2 import DINOv2Config
+    from ssl_backbone.distill import DistillConfig
     from ssl_backbone.ijepa import IJEPAConfig
     from ssl_backbone.msn import MSNConfig
 
+    if isinstance(cfg, DistillConfig):  # a DINOv2Config too: asked first
+        return method_named("distill")
     if isinstance(cfg, DINOv2Config):
         return method_named("dinov2")
     if isinstance(cfg, IJEPAConfig):
@@ -159,6 +166,10 @@ def config_for(name: str, fields: dict):
     """The typed config of method ``name`` from a mapping (strict: unknown keys refused);
     ``pmsn`` is MSN with the power-law prior unless the mapping says otherwise."""
     method = method_named(name)
+    if name == "distill":  # the head settings come from the teacher run
+        from ssl_backbone.distill import distill_config
+
+        return distill_config(fields)
     if name == "pmsn":
         fields = {"prior": "power_law", **fields}
     cfg = method.config.from_dict(fields)
