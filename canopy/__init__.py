@@ -20,7 +20,8 @@ def load_model(path_or_name, device="cpu"):
 
 
 def predict_image(model, rgb, **kwargs):
-    """Canopy height (metres) of an ``H×W×3`` uint8 RGB array, tiled and blended without seams
+    """Canopy height (metres) of an ``H×W×3`` uint8 RGB array (``H×W×4`` RGB + NIR for a 4-band
+    model), tiled and blended without seams
     as ``canopy predict`` does (:func:`canopy.predict.blend.predict_image`)."""
     from canopy.predict.blend import predict_image as _predict_image
 

@@ -27,8 +27,8 @@ CURATION_KEY = "canopy_curation"  # parquet metadata of a `canopy pretrain curat
 
 class RasterWindows:
     """Random ``window_px`` windows of RGB imagery (the first three bands, or those of
-    ``bands``), from a folder (searched recursively), one file, a list of files, or a catalog
-    GeoParquet's imagery.
+    ``bands``: four for RGB + near-infrared, ``channels`` of them), from a folder (searched
+    recursively), one file, a list of files, or a catalog GeoParquet's imagery.
 
     With ``gsd`` (metres), a georeferenced file finer than it is read averaged down to it; files
     without a metric CRS are read as they are. A file gives ⌊area / window_px²⌋ windows per
@@ -40,6 +40,7 @@ class RasterWindows:
         from data_catalog.errors import CatalogError
 
         self.window_px, self.gsd, self.bands = window_px, gsd, tuple(bands)
+        self.channels = len(self.bands)
         self.files: list[tuple[str, int, int, float]] = []  # path, width, height, scale
         self.skipped: list[str] = []
         for path in _list_files(spec):
@@ -63,7 +64,8 @@ class RasterWindows:
                 continue
             self.files.append((path, w, h, scale))
         if not self.files:
-            raise OptionError("imagery", f"'{spec}' holds no readable 8-bit RGB image of at least "
+            raise OptionError("imagery", f"'{spec}' holds no readable 8-bit "
+                                         f"{'RGB' if self.channels == 3 else 'RGB+NIR'} image of at least "
                                          f"{window_px}×{window_px} px"
                               + (f" ({len(self.skipped)} left out)" if self.skipped else ""))
         counts = [max(1, w * h // window_px ** 2) for _, w, h, _ in self.files]
@@ -99,6 +101,7 @@ class CuratedWindows:
         if not meta:
             raise OptionError("imagery", f"'{table}' is not a table of curated windows")
         self.window_px, self.bands, self.meta = int(meta["window_px"]), tuple(meta["bands"]), meta
+        self.channels = len(self.bands)
         self.rows = t.select(["path", "col", "row", "scale"]).to_pylist()
         self.skipped: list[str] = []
         if not self.rows:
@@ -114,7 +117,8 @@ class CuratedWindows:
 
 def _read_window(ds, col, row, size, scale, bands) -> tuple[torch.Tensor, np.ndarray]:
     """One ``size``-px window at (col, row) of the grid ``scale`` times coarser than the open
-    dataset ``ds``: RGB [3,S,S] uint8, and where it holds imagery (the first band's mask)."""
+    dataset ``ds``: its ``bands`` [C,S,S] uint8, and where it holds imagery (the first band's
+    mask)."""
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
@@ -122,7 +126,7 @@ def _read_window(ds, col, row, size, scale, bands) -> tuple[torch.Tensor, np.nda
     rgb = ds.read(list(bands), window=win, out_shape=(len(bands), size, size),
                   resampling=Resampling.average if scale > 1 else Resampling.nearest)
     valid = ds.read_masks(1, window=win, out_shape=(size, size)) > 0
-    return torch.from_numpy(np.ascontiguousarray(rgb[:3])), valid
+    return torch.from_numpy(np.ascontiguousarray(rgb)), valid
 
 
 def _window_of(path, col, row, size, scale, bands) -> torch.Tensor:
@@ -192,6 +196,9 @@ def run_command(
     window: Annotated[int, typer.Option(help="Window read from the imagery, px.")] = 256,
     gsd: Annotated[Optional[float], typer.Option(
         help="Read georeferenced imagery averaged to this GSD, m (default: as stored).")] = None,
+    bands: Annotated[Optional[str], typer.Option(
+        help="Bands read as R,G,B or R,G,B,NIR, e.g. 1,2,3,4 (a 4-band backbone; an RGB --init "
+             "grows a near-infrared input).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         help="Stop after this many steps in this sitting (continue with --resume).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
@@ -221,12 +228,12 @@ def run_command(
     overrides = {"arch": arch, "init": str(init) if init else None, "epochs": epochs,
                  "batch_size": batch_size, "seed": seed, "prior_power": prior_power}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    _run(config_for(method, fields), imagery, out, window=window, gsd=gsd, max_steps=max_steps,
-         resume=resume, device=device, precision=precision, workers=workers, threads=threads,
-         quiet=quiet)
+    _run(config_for(method, fields), imagery, out, window=window, gsd=gsd, bands=bands,
+         max_steps=max_steps, resume=resume, device=device, precision=precision,
+         workers=workers, threads=threads, quiet=quiet)
 
 
-def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None,
+def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None, bands: str | None,
          max_steps: int | None, resume: bool, device: str, precision: str, workers: int,
          threads: int | None, quiet: bool) -> None:
     """One pretraining run of the method ``cfg`` belongs to, with progress lines and the exit
@@ -241,8 +248,16 @@ def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None,
     prec = training_precision(dev, precision)
     if threads:
         torch.set_num_threads(threads)
-    source = (CuratedWindows(imagery) if is_curated_table(imagery)
-              else RasterWindows(imagery, window_px=window, gsd=gsd))
+    from canopy.predict.options import parse_bands
+
+    band_list = parse_bands(bands) if bands else (1, 2, 3)
+    if is_curated_table(imagery):
+        source = CuratedWindows(imagery)
+        if bands and source.bands != band_list:
+            raise OptionError("bands", f"the curated table lists windows of bands "
+                                       f"{','.join(map(str, source.bands))}")
+    else:
+        source = RasterWindows(imagery, window_px=window, gsd=gsd, bands=band_list)
     for line in source.skipped:
         typer.echo(f"left out {line}", err=True)
 
@@ -280,6 +295,8 @@ def distill_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
     window: Annotated[int, typer.Option(help="Window read from the imagery, px.")] = 256,
     gsd: Annotated[Optional[float], typer.Option(help="Read averaged to this GSD, m.")] = None,
+    bands: Annotated[Optional[str], typer.Option(
+        help="Bands read as R,G,B or R,G,B,NIR (the teacher's bands).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         help="Stop after this many steps in this sitting (continue with --resume).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
@@ -299,7 +316,7 @@ def distill_command(
     overrides = {"teacher": str(teacher), "arch": arch, "init": str(init) if init else None,
                  "epochs": epochs, "batch_size": batch_size, "seed": seed}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    _run(config_for("distill", fields), imagery, out, window=window, gsd=gsd,
+    _run(config_for("distill", fields), imagery, out, window=window, gsd=gsd, bands=bands,
          max_steps=max_steps, resume=resume, device=device, precision=precision,
          workers=workers, threads=threads, quiet=quiet)
 

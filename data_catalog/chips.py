@@ -143,8 +143,8 @@ def _block_key(crs_tag: str, bx: int, by: int) -> str:
 # ------------------------------------------------------------------------------- raster helpers
 
 
-def _rgb_band_indexes(ds: rasterio.DatasetReader, path: str) -> tuple[int, int, int]:
-    bands = rgb_bands(ds, path)
+def _rgb_band_indexes(ds: rasterio.DatasetReader, path: str, bands=None) -> tuple[int, ...]:
+    bands = rgb_bands(ds, path, bands)
     check_rgb_dtype(ds, bands, path)
     return bands
 
@@ -197,6 +197,7 @@ class ChipSampler:
     gedi: object = None
     min_coverage: float = 0.5
     drop_cross_split: bool = True
+    bands: tuple[int, ...] | None = None  # imagery bands read (R,G,B or R,G,B,NIR); None: RGB
     _dropped_cross_split: int = field(default=0, init=False, repr=False)
     _pairs_without_overlap: list = field(default_factory=list, init=False, repr=False)
 
@@ -345,7 +346,7 @@ class ChipSampler:
                 continue
             shots = self._gedi_for(grid)
             with open_raster(grid.pair.imagery) as img:
-                bands = _rgb_band_indexes(img, grid.pair.imagery)
+                bands = _rgb_band_indexes(img, grid.pair.imagery, self.bands)
                 # Blocks of the lattice, as a prediction reads them: a chip's pixels are those
                 # every prediction cell over it sees. Chips come row by row, so the blocks of a
                 # few rows of chips are kept (64 blocks ≈ 64 MB).

@@ -302,30 +302,52 @@ def resampling_onto(ds, dst_crs, dst_transform: Affine, dst_shape: tuple[int, in
 # ------------------------------------------------------------------------------------ RGB
 
 
-def rgb_bands(ds, path=None, bands=None) -> tuple[int, int, int]:
-    """The band numbers (1-based) to read as red, green, blue.
+def rgb_bands(ds, path=None, bands=None, count: int | None = None) -> tuple[int, ...]:
+    """The band numbers (1-based) to read as red, green, blue — and near-infrared, for a model
+    that takes ``count`` = 4 bands.
 
-    ``bands`` (``"3,2,1"`` or three numbers) when given; else the bands tagged red, green and blue
-    when the file says so; else 1, 2, 3.
+    ``bands`` (``"3,2,1"`` or numbers) when given: ``count`` of them (3 or 4 when ``count`` is
+    None). Else the bands tagged red, green and blue when the file says so, else 1, 2, 3; for 4
+    bands the near-infrared one is the first band left over (band 4 of an RGBN file).
     """
     path = path or ds.name
     if bands is None:
-        if ds.count < 3:
-            raise RasterError(f"{path}: has {ds.count} band(s); RGB imagery needs 3 "
-                              "(choose them with bands, e.g. 1,2,3)")
+        n = count or 3
+        if ds.count < n:
+            raise RasterError(f"{path}: has {ds.count} band(s); "
+                              + ("RGB imagery needs 3 (choose them with bands, e.g. 1,2,3)"
+                                 if n == 3 else f"this model reads {n} (R,G,B,NIR)"))
         interp = [ci.name for ci in ds.colorinterp]
         if all(c in interp for c in ("red", "green", "blue")):
-            return tuple(interp.index(c) + 1 for c in ("red", "green", "blue"))
-        return (1, 2, 3)
+            rgb = tuple(interp.index(c) + 1 for c in ("red", "green", "blue"))
+        else:
+            rgb = (1, 2, 3)
+        rest = [b for b in range(1, ds.count + 1) if b not in rgb]
+        return _not_alpha(ds, path, rgb + tuple(rest[:n - 3]))
     if isinstance(bands, str):
         try:
             bands = tuple(int(b) for b in bands.split(","))
         except ValueError:
             raise RasterError(f"bands must be three band numbers like 1,2,3, got '{bands}'") from None
-    if len(bands) != 3 or any(b < 1 or b > ds.count for b in bands):
-        raise RasterError(f"bands {','.join(map(str, bands))}: need three band numbers in "
+    allowed = (count,) if count else (3, 4)
+    if len(bands) not in allowed or any(b < 1 or b > ds.count for b in bands):
+        words = {3: "three", 4: "four"}
+        asked = (len(bands),) if len(bands) in allowed else allowed
+        raise RasterError(f"bands {','.join(map(str, bands))}: need "
+                          f"{' or '.join(words[n] for n in asked)} band numbers in "
                           f"1..{ds.count} for '{path}'")
-    return tuple(int(b) for b in bands)
+    return _not_alpha(ds, path, tuple(int(b) for b in bands))
+
+
+def _not_alpha(ds, path, bands: tuple[int, ...]) -> tuple[int, ...]:
+    """Refuse a band tagged alpha as model input: GDAL reads it as the file's mask (pixels where
+    it is 0 become nodata), so a near-infrared band mis-tagged alpha — what a 4-band uint8
+    GeoTIFF gets by default — would mask the scene instead of feeding the model."""
+    for b in bands:
+        if ds.colorinterp[b - 1].name == "alpha":
+            raise RasterError(f"{path}: band {b} is tagged alpha (a mask), not imagery; if it is "
+                              f"near-infrared, retag it: gdal_edit.py -colorinterp_{b} undefined")
+    return bands
 
 
 def check_rgb_dtype(ds, bands, path=None, scale=None) -> None:
@@ -387,7 +409,8 @@ def needs_alpha(ds) -> bool:
 
 def read_rgb(ds, crs, transform: Affine, shape: tuple[int, int], *, src_crs=None, bands=None,
              scale: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """``ds``'s RGB on the grid (``crs``, ``transform``, ``shape``): (3×H×W uint8, H×W valid, method).
+    """``ds``'s RGB (or the bands ``bands`` names: RGB + NIR) on the grid (``crs``,
+    ``transform``, ``shape``): (C×H×W uint8, H×W valid, method).
 
     ``src_crs`` stands in for a file without a CRS. ``bands`` as :func:`rgb_bands`. ``scale``
     (MIN, MAX) maps MIN..MAX linearly onto 0..255 (clipped, rounded); without it the bands must
@@ -487,7 +510,8 @@ class LatticeReader:
 
     def read(self, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """A window of the lattice (``transform`` on it, ``shape`` rows × cols)."""
-        rgb = np.zeros((3, *shape), np.uint8)
+        n = len(self.bands) if self.bands is not None and not isinstance(self.bands, str) else 3
+        rgb = np.zeros((n, *shape), np.uint8)
         valid = np.zeros(shape, bool)
         for (br, bc), (rs, cs), (brs, bcs) in lattice_pieces(transform, shape, self.gsd,
                                                              anchor=self.anchor):

@@ -24,10 +24,17 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
+from ssl_backbone.vit import per_band
 
 # HighResCanopyHeight's input normalisation (the height models' default), on 0..1 RGB
 OVERHEAD_MEAN = (0.420, 0.411, 0.296)
 OVERHEAD_STD = (0.213, 0.156, 0.143)
+
+
+def band_stats(mean, std, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation mean and std as [n, 1, 1] tensors (:func:`per_band`)."""
+    return (torch.tensor(per_band(mean, n)).view(n, 1, 1),
+            torch.tensor(per_band(std, n)).view(n, 1, 1))
 
 
 @dataclass
@@ -114,16 +121,18 @@ def blur(img: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
 
 def multi_crop(img: torch.Tensor, cfg: CropConfig, gen: torch.Generator
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """uint8 [3, H, W] → (2 global, ``n_local`` local) normalised float crops."""
-    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(f"multi_crop takes a uint8 [3, H, W] tensor, got {img.dtype} "
+    """uint8 [C, H, W] (C = 3, RGB, or 4, RGB + near-infrared) → (2 global, ``n_local``
+    local) normalised float crops. Colour jitter and grayscale change the RGB bands only; crops,
+    orientations, blur and solarisation apply to every band alike."""
+    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] not in (3, 4):
+        raise ValueError(f"multi_crop takes a uint8 [3 or 4, H, W] tensor, got {img.dtype} "
                          f"{tuple(img.shape)}")
-    mean = torch.tensor(cfg.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1)
+    mean, std = band_stats(cfg.mean, cfg.std, img.shape[0])
 
     def view(size, scale, blur_p, solarize_p=0.0):
         x = dihedral(random_resized_crop(img, size, scale, gen), gen).float() / 255.0
-        x = blur(colour(x, cfg, gen), blur_p, gen)
+        x = torch.cat([colour(x[:3], cfg, gen), x[3:]])
+        x = blur(x, blur_p, gen)
         if solarize_p and _u(gen) < solarize_p:
             x = TF.solarize(x, 0.5)
         return (x - mean) / std

@@ -52,6 +52,8 @@ from torch import nn
 from ssl_backbone.errors import CheckpointError
 from ssl_backbone.vit import ViTConfig, build_vit, default_out_indices
 
+#: Input band counts a backbone may take: RGB, or RGB + near-infrared.
+INPUT_BANDS = (3, 4)
 #: Prefixes tools wrap around every key of a state dict; stripped wherever a file is read.
 WRAPPER_PREFIXES = ("chm_module_.", "module.", "teacher.", "student.", "model.", "encoder.")
 #: Containers a state dict may sit in, tried in this order.
@@ -233,14 +235,14 @@ def vit_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "backb
     depth = max(blocks) + 1
     if blocks != set(range(depth)):
         raise CheckpointError(f"{source}: blocks {sorted(set(range(depth)) - blocks)} are missing")
-    if patch.shape[1] != 3 or patch.shape[-1] != patch.shape[-2]:
+    if patch.shape[1] not in INPUT_BANDS or patch.shape[-1] != patch.shape[-2]:
         raise CheckpointError(f"{source}: patch embedding {tuple(patch.shape)} is not a square "
-                              "3-channel (RGB) kernel")
+                              "kernel over 3 (RGB) or 4 (RGB + near-infrared) bands")
     if embed_dim % 64:
         raise CheckpointError(f"{source}: width {embed_dim} is not a multiple of 64 (head size)")
     common = dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64,
                   patch_size=int(patch.shape[-1]), mlp_ratio=int(fc1.shape[0]) / embed_dim,
-                  qkv_bias="blocks.0.attn.qkv.bias" in sd)
+                  qkv_bias="blocks.0.attn.qkv.bias" in sd, in_chans=int(patch.shape[1]))
     if dinov3:
         regs = sd.get("reg_token")
         return ViTConfig(
@@ -324,10 +326,43 @@ def load_state_dict_strict(module: nn.Module, sd: dict, source: str, *, assign: 
                            assign=assign)
 
 
-def load_backbone(path: str | Path, source: str | None = None):
+def load_backbone(path: str | Path, source: str | None = None, in_chans: int | None = None):
     """A backbone (DinoViT or Dinov3ViT) holding the file's weights, and its config (read from
-    the shapes). ``source`` names the file in errors (default: the path)."""
+    the shapes). ``source`` names the file in errors (default: the path). ``in_chans``: the
+    bands the caller feeds; an RGB backbone grows a near-infrared input
+    (:func:`grow_input_channels`), any other mismatch is refused."""
     source = source or str(path)
+    vit, cfg = _load_backbone(path, source)
+    if in_chans is None or in_chans == cfg.in_chans:
+        return vit, cfg
+    if cfg.in_chans == 3 and in_chans in INPUT_BANDS:
+        vit = grow_input_channels(vit, in_chans)
+        return vit, vit.cfg
+    raise CheckpointError(f"{source}: takes {cfg.in_chans} input bands, not {in_chans} (a "
+                          "4-band backbone cannot read RGB alone)")
+
+
+def grow_input_channels(vit: nn.Module, in_chans: int) -> nn.Module:
+    """The same backbone with ``in_chans`` input bands: its RGB patch-embedding kernels are
+    kept and each added band's kernel is their mean over R, G and B, so a near-infrared band
+    starts as one more brightness-like channel. Normalised as :func:`ssl_backbone.vit.per_band`
+    says, an added band at its mean value is 0 and adds nothing: the grown backbone starts with
+    the RGB one's features. Every other tensor is copied unchanged."""
+    from dataclasses import replace
+
+    old = vit.cfg.in_chans
+    if in_chans < old:
+        raise ValueError(f"cannot shrink a {old}-band backbone to {in_chans} bands")
+    grown = build_vit(replace(vit.cfg, in_chans=in_chans))
+    sd = vit.state_dict()
+    w = sd["patch_embed.proj.weight"]
+    extra = w.mean(dim=1, keepdim=True).expand(-1, in_chans - old, -1, -1)
+    sd["patch_embed.proj.weight"] = torch.cat([w, extra], dim=1)
+    grown.load_state_dict(sd)
+    return grown
+
+
+def _load_backbone(path: str | Path, source: str):
     raw = read_state_dict(path, source)
     sd = filter_backbone_state_dict(raw, source)
     periods = next((v for k, v in raw.items() if k.endswith("rope_embed.periods")), None)

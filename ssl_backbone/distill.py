@@ -113,10 +113,11 @@ def distill_config(fields: dict) -> DistillConfig:
 
 
 def _load(ckpt: Path) -> dict:
-    from ssl_backbone.pretrain import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-    from ssl_backbone.runtime import load_checkpoint
+    from ssl_backbone.runtime import (
+        PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION, load_checkpoint)
 
-    return load_checkpoint(ckpt, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+    return load_checkpoint(ckpt, format=PRETRAIN_CHECKPOINT_FORMAT,
+                           version=PRETRAIN_CHECKPOINT_VERSION)
 
 
 def load_teacher(path: str | Path) -> tuple[nn.ModuleDict, DINOv2Config, dict]:
@@ -160,6 +161,10 @@ class DistillDINOv2(DINOv2):
         if tp != sp:
             raise ConfigError(f"the student's patch size ({sp}) must be the teacher's ({tp}): "
                               "the iBOT targets are per patch", field="arch")
+        tb, sb = frozen["backbone"].cfg.in_chans, backbone.cfg.in_chans
+        if tb != sb:
+            raise ConfigError(f"the student reads {sb} bands, the teacher {tb}: distil from a "
+                              "teacher pretrained on the same bands", field="teacher")
         super().__init__(cfg, backbone)
         object.__setattr__(self, "_frozen", frozen)  # outside the module tree: see docstring
         if cfg.centering == "centering" and centers:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ssl_backbone.augment import dihedral, multi_crop, random_resized_crop
+from ssl_backbone.augment import band_stats, dihedral, multi_crop, random_resized_crop
 from ssl_backbone.errors import ConfigError
 
 
@@ -34,7 +34,8 @@ def simple_param_groups(model, no_decay: Callable[[str], bool] = lambda name: Fa
 
 
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x.float() / 255.0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    m, s = band_stats(mean, std, x.shape[-3])
+    return (x.float() / 255.0 - m) / s
 
 
 @dataclass(frozen=True)

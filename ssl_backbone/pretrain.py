@@ -33,11 +33,10 @@ from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
 from ssl_backbone.methods import Method, method_of
 from ssl_backbone.monitors import collapse_report
 from ssl_backbone.runtime import (
-    DistInfo, barrier, capture_rng_state, init_distributed, load_checkpoint, restore_rng_state,
+    PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION, DistInfo, barrier, capture_rng_state, init_distributed, load_checkpoint, restore_rng_state,
     restore_training_state, save_checkpoint, seed_all, training_state)
 
-CHECKPOINT_FORMAT = "ssl-dinov2"  # the name predates the other methods; config.json says which
-CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -51,8 +50,9 @@ class TrainingStopped(BackboneError):
 
 class WindowSource(Protocol):
     """Windows of imagery: ``len()`` windows make an epoch; ``window(i, gen)`` is window i's
-    pixels (uint8 [3, S, S], S = ``window_px``), its position inside its image drawn from
-    ``gen`` only."""
+    pixels (uint8 [C, S, S], S = ``window_px``), its position inside its image drawn from
+    ``gen`` only. C is the source's ``channels`` attribute when it has one (4: RGB +
+    near-infrared; the backbone is built for it), else 3."""
 
     window_px: int
 
@@ -169,13 +169,14 @@ class _StepSampler(torch.utils.data.Sampler):
                                           for i in self.perm[first:first + self.batch]]
 
 
-def build_backbone(cfg):
-    """The student backbone: a variant from scratch, or continued from ``cfg.init``."""
+def build_backbone(cfg, in_chans: int = 3):
+    """The student backbone for ``in_chans`` input bands: a variant from scratch, or continued
+    from ``cfg.init`` (an RGB backbone grows a near-infrared input when ``in_chans`` is 4)."""
     from ssl_backbone.checkpoints import load_backbone
     from ssl_backbone.vit import VARIANTS, build_vit
 
     if cfg.init:
-        vit, vcfg = load_backbone(cfg.init, source=f"--init {cfg.init}")
+        vit, vcfg = load_backbone(cfg.init, source=f"--init {cfg.init}", in_chans=in_chans)
         if cfg.drop_path_rate:
             fresh = build_vit(replace(vcfg, drop_path_rate=cfg.drop_path_rate))
             fresh.load_state_dict(vit.state_dict())
@@ -184,7 +185,8 @@ def build_backbone(cfg):
     if cfg.arch not in VARIANTS:
         raise ConfigError(f"unknown arch {cfg.arch!r} (one of {', '.join(VARIANTS)})",
                           field="arch")
-    return build_vit(replace(VARIANTS[cfg.arch], drop_path_rate=cfg.drop_path_rate))
+    return build_vit(replace(VARIANTS[cfg.arch], drop_path_rate=cfg.drop_path_rate,
+                             in_chans=in_chans))
 
 
 @dataclass
@@ -232,7 +234,7 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
         raise DataError(f"the imagery gives {len(source)} windows per epoch, fewer than one "
                         f"batch of {glob_batch}")
     seed_all(cfg.seed)  # every rank builds the same initial weights
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, getattr(source, "channels", 3))
     model = method.build(cfg, backbone).to(device)
     optimizer = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999))
     sched = method.schedules(cfg, steps_per_epoch, glob_batch)

@@ -40,6 +40,11 @@ import torch.distributed as dist
 
 from ssl_backbone.errors import CheckpointError
 
+#: The checkpoint.pt of a pretraining run (ssl_backbone.pretrain; read by distillation too).
+#: The name predates the other methods; the run's config.json says which method wrote it.
+PRETRAIN_CHECKPOINT_FORMAT = "ssl-dinov2"
+PRETRAIN_CHECKPOINT_VERSION = 1
+
 # ------------------------------------------------------------------------------ processes
 
 

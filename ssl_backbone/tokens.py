@@ -137,6 +137,7 @@ class TokenAPI:
 def timm_args(cfg) -> dict:
     """The timm constructor arguments both families take from a ViTConfig the same way."""
     return dict(img_size=cfg.pos_grid * cfg.patch_size, patch_size=cfg.patch_size,
+                in_chans=cfg.in_chans,
                 embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                 mlp_ratio=cfg.mlp_ratio, init_values=cfg.layerscale_init, class_token=True,
                 num_classes=0, global_pool="token", dynamic_img_size=True,

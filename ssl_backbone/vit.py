@@ -60,6 +60,7 @@ class ViTConfig:
     rope_theta: float = 100.0  # RoPE base period (dinov3 only)
     norm_eps: float = 1e-6  # LayerNorm epsilon (DINOv2 1e-6; DINOv3 1e-5)
     tap_norm: bool = False  # taps pass through the final norm (CHMv2's use_backbone_norm)
+    in_chans: int = 3  # input bands: 3 (RGB) or 4 (RGB + near-infrared)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
@@ -67,6 +68,16 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
         return config_from_dict(cls, d, what="backbone config")
+
+
+def per_band(values, n: int) -> tuple[float, ...]:
+    """RGB normalisation values (mean or std, 0..1) for ``n`` input bands: a band past the
+    third (near-infrared) takes the average of the RGB ones, matching how a grown backbone
+    starts its kernel (the mean of the RGB kernels,
+    :func:`ssl_backbone.checkpoints.grow_input_channels`). Values already given per band are
+    kept."""
+    values = [float(v) for v in values]
+    return tuple((values + [sum(values[:3]) / 3] * max(0, n - len(values)))[:n])
 
 
 def default_out_indices(depth: int) -> tuple[int, ...]:

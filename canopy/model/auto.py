@@ -131,7 +131,8 @@ def probe_seconds_per_tile(model, precision: str, batch_size: int = 8) -> float:
     size = model.cfg.tile_size
     n = max(1, min(batch_size, 2))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    x = torch.randint(0, 256, (n, model.cfg.backbone.in_chans, size, size), dtype=torch.uint8,
+                      generator=gen)
     m = copy.deepcopy(model) if precision == "int8" else model
     m.predict_tensor(x, precision=precision)  # warm-up: kernels chosen, weights converted
     t0 = time.perf_counter()

@@ -16,7 +16,8 @@ from canopy.model.bins import MIXLOG_EPS
 from canopy.model.dpt import DPTConfig
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
-from ssl_backbone.vit import VARIANTS, ViTConfig
+from ssl_backbone.errors import ConfigError
+from ssl_backbone.vit import VARIANTS, ViTConfig, per_band
 
 # inference.py of the HRCH release (its notebook's 0.430 red mean is a slip: decimetres of change)
 HRCH_MEAN = (0.420, 0.411, 0.296)
@@ -41,14 +42,27 @@ class HeightModelConfig:
     version: str = "0"
     backbone: ViTConfig = field(default_factory=ViTConfig)
     decoder: DPTConfig = field(default_factory=DPTConfig)
-    mean: tuple[float, float, float] = HRCH_MEAN
-    std: tuple[float, float, float] = HRCH_STD
+    mean: tuple[float, ...] = HRCH_MEAN  # per input band, 0..1 (R, G, B[, NIR])
+    std: tuple[float, ...] = HRCH_STD
     gsd: float = MAXAR_GSD  # metres per pixel the model was trained at
     tile_size: int = 256
     trained: bool = True  # False for randomly initialised variants: outputs mean nothing
     source: str = ""  # where the weights came from
     licence: str = ""  # the weights' licence, written into every map's tags
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        # one normalisation value per input band: RGB's three extend to a near-infrared band by
+        # the rule the grown backbone's kernel follows (ssl_backbone.augment.per_band)
+        n = self.backbone.in_chans if isinstance(self.backbone, ViTConfig) else 3
+        for name in ("mean", "std"):
+            values = tuple(getattr(self, name))
+            if len(values) == 3 and n > 3:
+                values = per_band(values, n)
+            if len(values) != n:
+                raise ConfigError(f"model config {name} has {len(values)} values for a backbone "
+                                  f"of {n} input bands", field=name)
+            object.__setattr__(self, name, values)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

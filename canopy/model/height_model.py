@@ -81,16 +81,17 @@ class HeightModel(nn.Module):
                                                         device=device, spacing=d.bin_spacing),
                              persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean, device=device)
-                             .view(1, 3, 1, 1) * 255.0, persistent=False)
+                             .view(1, -1, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.std, device=device)
-                             .view(1, 3, 1, 1) * 255.0, persistent=False)
+                             .view(1, -1, 1, 1) * 255.0, persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self.bin_centres.device
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
-        """uint8-valued RGB [B,3,H,W] (any dtype, 0..255) → normalised float32."""
+        """uint8-valued RGB [B,3,H,W] (RGB + NIR [B,4,H,W] for a 4-band backbone; any dtype,
+        0..255) → normalised float32."""
         return (rgb.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,15 +194,18 @@ class HeightModel(nn.Module):
 
     @torch.no_grad()
     def predict_tensor(self, rgb: torch.Tensor, precision: str = "fp32", with_std: bool = False):
-        """uint8 RGB [B,3,H,W] → metres [B,H,W] (and spread [B,H,W] if ``with_std``): one
+        """uint8 RGB [B,3,H,W] (RGB + NIR [B,4,H,W] for a 4-band model) → metres [B,H,W] (and
+        spread [B,H,W] if ``with_std``): one
         forward pass, no tiling. Spread is the standard deviation of the head's distribution
         over height bins, in metres. Images of any size are tiled and blended by
         :func:`canopy.predict_image`."""
         if rgb.dtype != torch.uint8:
             # a float image in [0, 1] would silently give ~50 m everywhere
             raise TypeError(f"rgb must be a uint8 tensor (0..255), got {rgb.dtype}")
-        if rgb.ndim != 4 or rgb.shape[1] != 3:
-            raise ValueError(f"expected a B×3×H×W tensor, got shape {tuple(rgb.shape)}")
+        n_in = self.cfg.backbone.in_chans
+        if rgb.ndim != 4 or rgb.shape[1] != n_in:
+            raise ValueError(f"expected a B×{n_in}×H×W tensor (the model's bands), got shape "
+                             f"{tuple(rgb.shape)}")
         self.weights_for(precision)
         rgb = rgb.to(self.device)
         if precision in PER_TILE_PRECISIONS:

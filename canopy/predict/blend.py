@@ -119,7 +119,7 @@ def predict_array(
     progress: Callable[[int], None] | None = None,
     lanes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Blend overlapping model tiles over a ``3×H×W`` uint8 image.
+    """Blend overlapping model tiles over a ``C×H×W`` uint8 image (C: the model's bands, 3 or 4).
 
     Returns ``(height, spread)`` float32 arrays in metres over the image without its ``margin``
     (``H − 2·margin`` × ``W − 2·margin``), NaN where ``valid`` is False (``spread`` is None
@@ -135,8 +135,9 @@ def predict_array(
     ``lanes`` runs that many batches at once, each on its share of this thread's torch threads
     (:func:`lane_plan`; ``None`` chooses); the result does not depend on it.
     """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a 3×H×W image, got {image.shape}")
+    n_in = model.cfg.backbone.in_chans
+    if image.ndim != 3 or image.shape[0] != n_in:
+        raise ValueError(f"expected a {n_in}×H×W image (the model's bands), got {image.shape}")
     tile = model.cfg.tile_size
     stride = stride or default_stride(tile)
     if not 0 < stride <= tile:
@@ -159,7 +160,7 @@ def predict_array(
     if (r0, c0, ph, pw) == (0, 0, full_h, full_w):
         img_p, valid_p = image, valid
     else:
-        img_p = np.zeros((3, ph, pw), np.uint8)
+        img_p = np.zeros((image.shape[0], ph, pw), np.uint8)
         valid_p = np.zeros((ph, pw), bool)
         img_p[:, r0:r0 + full_h, c0:c0 + full_w] = image
         valid_p[r0:r0 + full_h, c0:c0 + full_w] = valid
@@ -238,7 +239,8 @@ def predict_array(
 def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size: int | None = None,
                   with_std: bool = False, stride: int | None = None, lanes: int | None = None,
                   progress: Callable[[int], None] | None = None):
-    """Canopy height (metres, float32 ``H×W``) of an ``H×W×3`` uint8 RGB array at the model's GSD.
+    """Canopy height (metres, float32 ``H×W``) of an ``H×W×3`` uint8 RGB array at the model's GSD
+    (``H×W×4``, RGB + near-infrared, for a 4-band model).
 
     Images of any size are cut into overlapping model tiles and blended (no seams), exactly as
     ``canopy predict`` does; an image of one tile is that tile's output. ``precision`` ``auto``
@@ -249,8 +251,10 @@ def predict_image(model, rgb: np.ndarray, *, precision: str = "auto", batch_size
     if getattr(rgb, "dtype", None) != np.uint8:
         # a float image in [0, 1] would silently give ~50 m everywhere
         raise TypeError(f"rgb must be a uint8 array (0..255), got {getattr(rgb, 'dtype', type(rgb))}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
+    n_in = model.cfg.backbone.in_chans
+    if rgb.ndim != 3 or rgb.shape[2] != n_in:
+        raise ValueError(f"expected an H×W×{n_in} {'RGB' if n_in == 3 else 'RGB+NIR'} array, "
+                         f"got shape {rgb.shape}")
     from canopy.model.auto import batch_size_for, choose_precision, own_model
 
     batch_size = batch_size_for(model.device, batch_size)

@@ -364,7 +364,12 @@ def predict_aoi(
                                           "selects bands)")
     checkpoint = _absolute_if_path(str(checkpoint))
     opts = opts.replace(gedi_correction=_absolute_if_path(opts.gedi_correction))
-    opts.check_for(load_config(checkpoint).tile_size)
+    model_cfg = load_config(checkpoint)
+    opts.check_for(model_cfg.tile_size)
+    if model_cfg.backbone.in_chans != 3:
+        raise OptionError("aoi", f"the model reads {model_cfg.backbone.in_chans} bands (R,G,B,NIR); "
+                                 "area-of-interest runs read RGB scenes: predict its rasters one "
+                                 "at a time with --bands")
     area = resolve_aoi(aoi)
     scenes, bad_scenes = index_imagery(imagery, skip_bad=skip_bad_scenes, aoi=area.geometry)
     scenes = [s for s in scenes if not Path(s.path).is_relative_to(out_dir)]

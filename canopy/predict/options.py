@@ -33,7 +33,7 @@ class PredictOptions:
     gedi_correction: str | None = None   # folder of a fitted GEDI correction model
     torch_threads: int | None = None     # torch threads per worker (None: torch's / the engine's)
     # reading the input (one raster only; a state run needs uint8 RGB scenes with a CRS)
-    bands: tuple[int, int, int] | None = None  # 1-based bands used as R, G, B
+    bands: tuple[int, ...] | None = None  # 1-based bands used as R, G, B (and NIR)
     crs: str | None = None               # CRS of an input that carries none
     scale: tuple[float, float] | None = None   # MIN MAX mapped linearly to 0..255
 
@@ -94,22 +94,23 @@ def _is_cuda_index(device: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
-def parse_bands(bands) -> tuple[int, int, int]:
-    """``"1,2,3"`` or a sequence of three 1-based band numbers → a tuple (their range is checked
-    against the raster when it is read)."""
+def parse_bands(bands) -> tuple[int, ...]:
+    """``"1,2,3"`` or a sequence of three 1-based band numbers (R, G, B), or four (R, G, B,
+    near-infrared, for a model that takes 4 bands) → a tuple (their range is checked against the
+    raster when it is read, their count against the model)."""
+    what = "three band numbers (R,G,B) or four (R,G,B,NIR) like 1,2,3"
     if isinstance(bands, str):
         try:
             bands = tuple(int(b) for b in bands.split(","))
         except ValueError:
-            raise OptionError("bands", f"must be three band numbers like 1,2,3, got '{bands}'") from None
+            raise OptionError("bands", f"must be {what}, got '{bands}'") from None
     try:
         bands = tuple(int(b) for b in bands)
     except (TypeError, ValueError):
-        raise OptionError("bands", f"must be three band numbers like 1,2,3, got {bands!r}") from None
-    if len(bands) != 3 or min(bands) < 1:
-        raise OptionError("bands", f"must be three band numbers ≥ 1 like 1,2,3, got "
-                                   f"{','.join(map(str, bands))}")
-    return bands  # type: ignore[return-value]
+        raise OptionError("bands", f"must be {what}, got {bands!r}") from None
+    if len(bands) not in (3, 4) or min(bands) < 1:
+        raise OptionError("bands", f"must be {what}, each ≥ 1; got {','.join(map(str, bands))}")
+    return bands
 
 
 def parse_crs(text: str) -> str:

@@ -57,6 +57,10 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     on it."""
     opts = opts or PredictOptions()
     output_path = Path(output_path)
+    n_in = model.cfg.backbone.in_chans
+    if opts.bands is not None and len(opts.bands) != n_in:
+        raise OptionError("bands", f"gives {len(opts.bands)} bands; the model reads {n_in} "
+                                   f"({'R,G,B,NIR' if n_in == 4 else 'R,G,B'})")
     if Path(input_path).resolve() == output_path.resolve():
         raise OutputError("output path is the input path; choose another -o")
     if not str(output_path).lower().endswith((".tif", ".tiff")):
@@ -98,7 +102,7 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
     lattice = outputs.TileLattice(tile, stride, count_row=len(rows), count_col=len(cols))
     with open_raster(input_path) as ds:
         src_crs = resolve_crs(input_path, ds.crs, opts.crs)
-        bands = rgb_bands(ds, input_path, opts.bands)
+        bands = rgb_bands(ds, input_path, opts.bands, count=model.cfg.backbone.in_chans)
         check_rgb_dtype(ds, bands, input_path, opts.scale)
         own_grid = (crs == src_crs and ds.transform == transform
                     and grids_coincide(ds.transform, src_crs, transform, crs))
@@ -234,7 +238,8 @@ def _read_window(grid: _Grid, window, trows, tcols, tile, correction, ood_tile=N
 
         wt = grid.transform @ Affine.translation(c0, r0)
         win = required_window(wt, (h, w), correction)
-        extra = (wt, win, *grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width))
+        rgb_c, valid_c = grid.read(r0 + win.row_off, c0 + win.col_off, win.height, win.width)
+        extra = (wt, win, rgb_c[:3], valid_c)  # the correction model reads RGB
     ood = None
     if ood_tile:
         from canopy.model.ood import window_tiles

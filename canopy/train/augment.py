@@ -81,9 +81,12 @@ def dihedral_points(points: torch.Tensor, k: int, flip: bool, height: int, width
 
 
 def photometric(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Brightness, contrast and per-channel gain on a float [3,H,W] image in 0..255."""
+    """Brightness, contrast and per-channel gain on a float [C,H,W] image in 0..255 (a band
+    past RGB, near-infrared, takes the mean of the RGB gains: exposure, not colour)."""
     x = image.float()
     gains = _uniform(gen, 1 - cfg.colour, 1 + cfg.colour, 3).view(3, 1, 1)
+    if x.shape[0] > 3:
+        gains = torch.cat([gains, gains.mean().expand(x.shape[0] - 3, 1, 1)])
     contrast = float(_uniform(gen, 1 - cfg.contrast, 1 + cfg.contrast))
     offset = float(_uniform(gen, -cfg.brightness, cfg.brightness)) * 255.0
     mean = x.mean()
@@ -113,8 +116,10 @@ def augment(image: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
 
 
 def appearance(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Coarser GSD, sensor colour and haze (module docstring) on a float [3,H,W] in 0..255.
-    Every random number is drawn whether or not its step applies (reproducible views)."""
+    """Coarser GSD, sensor colour and haze (module docstring) on a float [C,H,W] in 0..255;
+    the sensor's colour mix and haze change the RGB bands only (near-infrared sees through
+    thin haze). Every random number is drawn whether or not its step applies (reproducible
+    views)."""
     import torch.nn.functional as F
 
     coarse = bool(torch.rand(1, generator=gen) < 0.5)
@@ -132,9 +137,9 @@ def appearance(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) ->
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)[0]
     if cfg.sensor:
         mix = mix / mix.sum(1, keepdim=True)  # rows sum to 1: a grey stays grey
-        x = torch.einsum("ij,jhw->ihw", mix, x).clamp(0.0, 255.0)
-        x = 255.0 * (x / 255.0) ** gamma
+        rgb = torch.einsum("ij,jhw->ihw", mix, x[:3]).clamp(0.0, 255.0)
+        x = 255.0 * (torch.cat([rgb, x[3:]]) / 255.0) ** gamma
     if hazy and cfg.haze:
         tint = torch.tensor([1.0, 1.02, 1.06]).view(3, 1, 1) * level
-        x = x * (1 - amount) + tint * amount
+        x = torch.cat([x[:3] * (1 - amount) + tint * amount, x[3:]])
     return x.clamp(0.0, 255.0)

@@ -71,6 +71,9 @@ def train_command(
     block_size: Annotated[float, typer.Option(help="Spatial block for train/val/test splits, m.")] = 1000.0,
     split_fractions: Annotated[str, typer.Option(help="TRAIN,VAL,TEST shares of the blocks.")] = "0.8,0.1,0.1",
     chm_crs: Annotated[Optional[str], typer.Option(help="CRS of CHM files that carry none.")] = None,
+    bands: Annotated[Optional[str], typer.Option(
+        help="Imagery bands read as R,G,B or R,G,B,NIR, e.g. 1,2,3,4: four train a 4-band model "
+             "(an RGB --backbone grows a near-infrared input).")] = None,
     lidar_resolution: Annotated[float, typer.Option(help="CHM cell for LAS/LAZ pairs, m.")] = 1.0,
     max_date_gap_days: Annotated[float, typer.Option(
         help="Drop labels of imagery/CHM pairs acquired further apart (when the catalog knows).")] = 730.0,
@@ -87,9 +90,12 @@ def train_command(
     """Train the height decoder (and optionally the last backbone blocks) on lidar CHM chips."""
     from canopy.train.datasets import DataSpec, build_data
     from canopy.train.losses import LossConfig
+    from canopy.predict.options import parse_bands
     from canopy.train.loop import TrainConfig, _prepare_out_dir, train
 
+    band_list = parse_bands(bands) if bands else None
     cfg = TrainConfig(
+        in_bands=len(band_list) if band_list else 3,
         out_dir=str(out), arch=arch, backbone_path=str(backbone) if backbone else None,
         init_model=init_model, n_bins=n_bins, max_height_m=max_height, gsd=gsd,
         chip_size=chip_size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -106,7 +112,7 @@ def train_command(
         rh_column=gedi_rh, gsd=gsd, chip_size=chip_size, stride=stride, block_size_m=block_size,
         split_fractions=_parse_fractions(split_fractions), seed=seed,
         max_date_gap_days=max_date_gap_days, lidar_resolution=lidar_resolution, chm_crs=chm_crs,
-        work_dir=str(out),
+        work_dir=str(out), bands=band_list,
     )
     from canopy.console import ProgressBars
 

@@ -349,6 +349,7 @@ class DataSpec:
     max_date_gap_days: float | None = 730.0
     lidar_resolution: float = 1.0        # CHM cell for LAS/LAZ given as a pair's CHM
     chm_crs: str | None = None           # for CHMs without a CRS tag
+    bands: tuple[int, ...] | None = None  # imagery bands read as R,G,B(,NIR); None: RGB
     work_dir: str | None = None          # where CHMs derived from LAS/LAZ are written
 
 
@@ -454,6 +455,7 @@ def build_data(spec: DataSpec) -> tuple[list[ChipRecord], list[ChipRecord], dict
         gedi = _read_gedi(spec, catalog_gedi)
         try:
             sampler = ChipSampler(source, aoi=spec.aoi, chip_size=spec.chip_size, gsd=spec.gsd,
+                                  bands=spec.bands,
                                   stride=stride, split_fractions=spec.split_fractions,
                                   block_size_m=spec.block_size_m, seed=spec.seed,
                                   chm_mode="native", gedi=gedi)

@@ -90,6 +90,7 @@ class TrainConfig:
     backbone_path: str | None = None     # backbone-only weights (DINOv2, timm or canopy naming)
     init_model: str | None = None        # start from a whole height model (native/HRCH) instead
     decoder_channels: int | None = None  # DPT fusion width (default: by backbone width)
+    in_bands: int = 3                    # input bands: 3 (RGB) or 4 (RGB + near-infrared)
     n_bins: int = 256
     max_height_m: float = 100.0          # top bin centre (HRCH: 10 × 10 m)
     gsd: float = 0.25
@@ -166,6 +167,9 @@ class TrainConfig:
             raise OptionError("backbone_path", f"'{self.backbone_path}': file not found")
         if self.init_model and not Path(self.init_model).exists():
             raise OptionError("init_model", f"'{self.init_model}': not found")
+        if self.in_bands not in (3, 4):
+            raise OptionError("in_bands", f"must be 3 (RGB) or 4 (RGB + near-infrared), got "
+                                          f"{self.in_bands!r}")
         if self.arch not in VARIANTS and self.backbone_path is None and self.init_model is None:
             raise OptionError("arch", f"'{self.arch}' is unknown (one of {', '.join(VARIANTS)})")
 
@@ -201,6 +205,9 @@ def build_model(cfg: TrainConfig) -> tuple[HeightModel, bool]:
 
     if cfg.init_model:
         model = load_model(cfg.init_model)
+        if model.cfg.backbone.in_chans != cfg.in_bands:
+            raise OptionError("init_model", f"'{cfg.init_model}' reads {model.cfg.backbone.in_chans} "
+                                            f"bands; this run's data has {cfg.in_bands}")
         if abs(model.cfg.gsd - cfg.gsd) > 1e-9:
             warnings.warn(f"--init-model was trained at {model.cfg.gsd:g} m; this run trains it "
                           f"at {cfg.gsd:g} m and the result says so")
@@ -213,11 +220,13 @@ def build_model(cfg: TrainConfig) -> tuple[HeightModel, bool]:
     if cfg.backbone_path:
         from ssl_backbone.checkpoints import load_backbone
 
-        vit, vcfg = load_backbone(cfg.backbone_path, source=f"--backbone {cfg.backbone_path}")
+        # an RGB backbone grows a near-infrared input for 4-band data (its RGB kernels kept)
+        vit, vcfg = load_backbone(cfg.backbone_path, source=f"--backbone {cfg.backbone_path}",
+                                  in_chans=cfg.in_bands)
         backbone_sd = vit.state_dict()
         arch = f"vit{vcfg.embed_dim}x{vcfg.depth}/p{vcfg.patch_size}"
     else:
-        vcfg = ViTConfig.from_dict(VARIANTS[cfg.arch].to_dict())
+        vcfg = ViTConfig.from_dict({**VARIANTS[cfg.arch].to_dict(), "in_chans": cfg.in_bands})
         arch = cfg.arch
     dcfg = decoder_for(vcfg.embed_dim, cfg.arch if not cfg.backbone_path else arch, cfg.n_bins,
                        cfg.max_height_m, cfg.decoder_channels)
@@ -550,6 +559,10 @@ def train(cfg: TrainConfig, train_records: Sequence[ChipRecord],
     cfg.check()
     if not train_records:
         raise InputError("no training chips: nothing to learn from")
+    seen = {int(r.image.shape[0]) for r in (*train_records, *val_records)}
+    if seen != {cfg.in_bands}:
+        raise OptionError("in_bands", f"the model reads {cfg.in_bands} bands; the chips have "
+                                      f"{', '.join(map(str, sorted(seen)))}")
     info = init_distributed(cfg.device)
     device = resolve_device(cfg.device if not cfg.device.startswith("cuda") or info.world_size == 1
                             else f"cuda:{info.local_rank}")
