@@ -46,17 +46,31 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=0.01,
                     help="base lr of the distillation (its default, 2e-4, is for long runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=Path,
+                    help="folder of an earlier invocation's runs: finished ones are reused "
+                         "(resumed at their last step), their seconds read from their logs")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     source = RasterWindows(ROOT.parent / "shared" / "data" / "overhead_rgb", window_px=128)
-    work = Path(tempfile.mkdtemp(prefix="distill_compare_"))
+    work = args.runs or Path(tempfile.mkdtemp(prefix="distill_compare_"))
     runs = {}
 
     def run(name, cfg, steps):
         t0 = time.perf_counter()
-        result = pretrain(cfg, source, work / name, log_every=max(1, steps // 5))
-        runs[name] = {"seconds": round(time.perf_counter() - t0, 1),
+        resume = (work / name / "checkpoint.pt").exists()
+        before = (json.loads((work / name / "summary.json").read_text())
+                  if (work / name / "summary.json").exists() else None)
+        result = pretrain(cfg, source, work / name, log_every=max(1, steps // 5), resume=resume)
+        seconds = time.perf_counter() - t0
+        if resume:  # the earlier sitting's time, loss and monitors, from its log and summary
+            import csv
+
+            rows = list(csv.DictReader(open(work / name / "log.csv")))
+            seconds = float(rows[-1]["seconds"])
+            result.last.update(before["last"])
+            result.monitors.update(before["monitors"])
+        runs[name] = {"seconds": round(seconds, 1),
                       "images_seen": result.steps_done * args.batch, "last": result.last,
                       "monitors": {k: v for k, v in result.monitors.items()
                                    if k in ("rankme", "entropy_gap", "collapsed")}}

@@ -243,7 +243,8 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
     step = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
-        if (state.get("backbone") != backbone.cfg.to_dict() or state.get("config") != cfg.to_dict()
+        if (not _same_config(state.get("backbone"), backbone.cfg)
+                or not _same_config(state.get("config"), cfg)
                 or state.get("method", "dinov2") != method.name):
             raise CheckpointError(f"{ckpt_path}: written by a run with another architecture or "
                                   "settings; resume with the same settings or start a new folder")
@@ -340,6 +341,16 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
             {"steps_done": step, "total_steps": total, "last": last, "monitors": monitors},
             indent=2, default=str) + "\n")
     return PretrainResult(step, total, steps_per_epoch, last, monitors, path)
+
+
+def _same_config(saved, cfg) -> bool:
+    """Whether a checkpoint's config dict describes ``cfg``: read back through the config's own
+    reader, so a run saved before a field existed (it takes that field's default) still
+    resumes."""
+    try:
+        return type(cfg).from_dict(saved) == cfg
+    except (ConfigError, TypeError):
+        return False
 
 
 def _gather_rng(info: DistInfo) -> list | None:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from canopy.errors import (
-    CheckpointError, InputError, OptionError, OutputExistsError, RunInterrupted,
+    CheckpointError, ConfigError, InputError, OptionError, OutputExistsError, RunInterrupted,
     TrainingDivergedError)
 from canopy.model.auto import training_precision
 from canopy.model.device import resolve_device
@@ -405,6 +405,10 @@ def _load_checkpoint(path: Path) -> dict:
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
     now = cfg.to_dict()
+    try:  # a run saved before a field existed holds that field's default
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except ConfigError:
+        pass  # keys this version no longer has: compared as they are, and named below
     diffs = sorted(k for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k])
     if diffs:
         k = diffs[0]

@@ -323,3 +323,18 @@ def test_two_processes_resume_exactly_with_drop_path(tmp_path):
     wa, wb = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+    """Checkpoints written before ViTConfig.in_chans (bands) existed lack the key: the run is the
+    same (the field's default), so resuming it must not be refused as another architecture."""
+    cfg = cfg_of()
+    pretrain(cfg, Textures(), tmp_path / "r", max_steps=2)
+    path = tmp_path / "r" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    del state["backbone"]["in_chans"]
+    torch.save(state, path)
+    result = pretrain(cfg, Textures(), tmp_path / "r", resume=True)
+    assert result.steps_done == 8
+    with pytest.raises(CheckpointError, match="another architecture or settings"):
+        pretrain(cfg_of(prototypes=32), Textures(), tmp_path / "r", resume=True)
