@@ -169,13 +169,43 @@ def msn_loss(anchor_z: torch.Tensor, target_z: torch.Tensor, prototypes: torch.T
 # ---------------------------------------------------------------------------------- model
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training-mode statistics are those of the *global* batch when several
+    processes run: N processes of B samples normalise as one process of N·B, as the official
+    MSN gets by converting to SyncBatchNorm. Written here because torch's SyncBatchNorm runs on
+    CUDA only, and CPU runs under gloo (and the tests that hold DDP to one process) need it
+    too. Mean and variance come from sums all-reduced with their gradient (two passes: the
+    mean, then squared deviations from it), the running statistics as BatchNorm keeps them
+    (unbiased variance of the global batch). In one process, or in eval mode, it is
+    ``nn.BatchNorm1d`` itself; its state dict is BatchNorm1d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() <= 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
+        xf = x.float()
+        n = all_sum(torch.tensor(float(x.shape[0]), device=x.device))
+        mean = all_reduce_with_grad(xf.sum(dim=0)) / n
+        var = all_reduce_with_grad(((xf - mean) ** 2).sum(dim=0)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * n / (n - 1).clamp_min(1), alpha=m)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
 class Projection(nn.Module):
-    """MSN's projection head: Linear–BN–GELU, Linear–BN–GELU, Linear (hidden 2048 → 256)."""
+    """MSN's projection head: Linear–BN–GELU, Linear–BN–GELU, Linear (hidden 2048 → 256); the
+    BatchNorms over the global batch (:class:`GlobalBatchNorm1d`)."""
 
     def __init__(self, dim: int, hidden: int, out: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), GlobalBatchNorm1d(hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), GlobalBatchNorm1d(hidden), nn.GELU(),
                                  nn.Linear(hidden, out))
 
     def forward(self, x):

@@ -327,3 +327,51 @@ def test_init_continues_from_a_backbone_for_every_method(tmp_path, method):
             assert all(torch.equal(a, b) for a, b in zip(ref, out))
     r = pretrain(cfg, Textures(n=24, window_px=128), tmp_path / "run", max_steps=2)
     assert r.steps_done == 2
+
+
+def _head_rank(rank: int, port: int, x, state, out: str) -> None:
+    import torch.distributed as dist
+
+    from ssl_backbone.msn import Projection
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        head = Projection(8, 16, 4)
+        head.load_state_dict(state)
+        b = x.shape[0] // 2
+        y = head(x[rank * b:(rank + 1) * b])
+        (y.square().mean()).backward()
+        torch.save({"y": y.detach(), "grads": {k: p.grad for k, p in head.named_parameters()},
+                    "buffers": head.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_projection_heads_batchnorm_uses_the_global_batch_under_two_processes(tmp_path):
+    """As the official's SyncBatchNorm: two gloo processes with half the batch each give the
+    outputs, averaged gradients and running statistics of one process with the whole batch."""
+    import torch.multiprocessing as mp
+
+    from ssl_backbone.msn import Projection
+
+    torch.manual_seed(0)
+    head = Projection(8, 16, 4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g) * 3 + 2])
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    out = str(tmp_path / "head")
+    mp.spawn(_head_rank, args=(_free_port(), x, state, out), nprocs=2)
+    y = head(x)
+    (y.square().mean()).backward()
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-4)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close((ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2, p.grad,
+                                   atol=1e-5, rtol=1e-4)
+    for name, v in head.state_dict().items():
+        torch.testing.assert_close(ranks[0]["buffers"][name], v, atol=1e-5, rtol=1e-4)
+    # per-process BatchNorm would not: the halves are unlike (second one shifted and wider)
+    local = Projection(8, 16, 4)
+    local.load_state_dict(state)
+    assert not torch.allclose(local(x[:6]), y[:6].detach(), atol=1e-3)
