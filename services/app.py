@@ -9,6 +9,8 @@ errors; anything else is a 500 whose body says only "internal error" (the trace 
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -91,7 +93,22 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
     tile_cache_hits = Counter("canopy_tile_cache_hits_total", "rendered tiles served from the cache",
                               registry=metrics)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """Startup and shutdown (FastAPI's lifespan; its on_event hooks are deprecated): the
+        worker-thread limit, then the job runner, stopped when the server stops."""
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads
+        if run_jobs and config.imagery:
+            app.state.runner.start()
+        try:
+            yield
+        finally:
+            app.state.runner.stop()
+
     app = FastAPI(title="canopy-height server", version=canopy.__version__, responses=ERROR_RESPONSES,
+                  lifespan=lifespan,
                   description="Canopy-height maps made by `canopy predict`: tiles, statistics, "
                               "exports and prediction jobs. Layers are named by id only.")
     app.state.config, app.state.layers, app.state.cache = config, registry, cache
@@ -340,20 +357,6 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
     runner = JobRunner(config, store, on_done=layer_for_run)
     app.state.runner = runner
 
-    @app.on_event("startup")
-    async def _threads():
-        import anyio.to_thread
-
-        anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads
-
-    @app.on_event("startup")
-    def _start_jobs():
-        if run_jobs and config.imagery:
-            runner.start()
-
-    @app.on_event("shutdown")
-    def _stop_jobs():
-        runner.stop()
 
     @app.post("/jobs", tags=["jobs"], status_code=201)
     def submit_job(request: Request, body: Annotated[dict[str, Any], Body(
