@@ -64,7 +64,7 @@ class _ArrayGrid:
         self.transform, (self.height, self.width) = transform, shape
 
     def read(self, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        rgb = np.zeros((3, h, w), np.uint8)
+        rgb = np.zeros((self.block.shape[0], h, w), np.uint8)
         ok = np.zeros((h, w), bool)
         br, bc = self.offset
         bh, bw = self.valid.shape
@@ -96,7 +96,8 @@ def _chunk(block, valid, offset, window, trows, tcols, shape, transform, checkpo
 def predict(da, checkpoint: str = "default", *, precision: str = "fp32", batch_size: int = 8,
             chunk: int = 2048, bands=None, nodata=None):
     """Heights (``y``, ``x``) of ``da`` (``band``, ``y``, ``x``; uint8 RGB, or RGBN with
-    ``bands`` picking red, green, blue as 1-based numbers, default 1,2,3), lazily in ``chunk``
+    ``bands`` picking red, green, blue as 1-based numbers, default 1,2,3; four numbers, R, G, B,
+    NIR, default 1,2,3,4, for a model that reads four bands), lazily in ``chunk``
     px blocks. ``nodata`` (default: rioxarray's ``rio.nodata``, else ``attrs['nodata']``/
     ``_FillValue``): a pixel with that value in every band is no imagery (GDAL's dataset mask,
     the rule ``canopy predict`` reads files by), as is NaN in any band."""
@@ -118,9 +119,12 @@ def predict(da, checkpoint: str = "default", *, precision: str = "fp32", batch_s
         raise OptionError("imagery", f"the DataArray's pixels are {res:g} × {abs(transform.e):g}; "
                                      f"the model needs {cfg.gsd:g} m: resample it first (e.g. "
                                      f"odc.stac.load(..., resolution={cfg.gsd:g}))")
-    picks = [b - 1 for b in (bands or (1, 2, 3))]
-    if len(picks) != 3 or max(picks) >= da.sizes["band"] or min(picks) < 0:
-        raise OptionError("bands", f"need three band numbers in 1..{da.sizes['band']}")
+    n_in = cfg.backbone.in_chans  # 3, or 4 for a model trained on RGB + near-infrared
+    picks = [b - 1 for b in (bands or range(1, n_in + 1))]
+    if len(picks) != n_in or max(picks) >= da.sizes["band"] or min(picks) < 0:
+        raise OptionError("bands", f"need {'three' if n_in == 3 else 'four'} band numbers "
+                                   f"in 1..{da.sizes['band']} (the model reads "
+                                   f"{'R,G,B' if n_in == 3 else 'R,G,B,NIR'})")
     arr = da.transpose("band", "y", "x").data
     arr = arr if isinstance(arr, dsa.Array) else dsa.from_array(arr, chunks=(-1, chunk, chunk))
     rgb = arr[picks]

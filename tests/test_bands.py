@@ -161,6 +161,26 @@ def test_train_and_predict_a_four_band_model_on_real_rgb_plus_a_derived_band(tmp
         h, d, f = a.read(1), b.read(1), c.read(1)
     assert np.isfinite(h).all() and np.array_equal(h, d)
     assert np.abs(h - f).max() > 1e-4  # the fourth band is read and used, not dropped
+    # the xarray API reads the model's four bands too, as the CLI does (same pixels, same heights)
+    import rioxarray  # noqa: F401 - the .rio accessor
+    from affine import Affine
+
+    from canopy.predict.options import PredictOptions
+    from canopy.predict.raster import predict_raster
+    from canopy.xarray import predict as predict_da
+
+    at_gsd = tmp_path / "rgbn_05m.tif"  # the same pixels given the model's 0.5 m
+    with rasterio.open(img) as src:
+        data, profile = src.read(), src.profile
+    profile.update(transform=Affine(0.5, 0, 403200.0, 0, -0.5, 3285600.0), photometric="MINISBLACK")
+    with rasterio.open(at_gsd, "w", **profile) as dst:
+        dst.write(data)
+        dst.colorinterp = rasterio.open(img).colorinterp
+    want = rasterio.open(predict_raster(at_gsd, tmp_path / "one.tif", model,
+                                        PredictOptions(precision="fp32", batch_size=8))).read(1)
+    got = predict_da(rioxarray.open_rasterio(at_gsd), str(model_dir), precision="fp32",
+                     batch_size=8).compute().values
+    np.testing.assert_array_equal(got, want)
     rgb = shared(*OSBS, "OSBS_029.tif")
     alpha = rgbn_from_real_rgb(rgb, tmp_path / "alpha.tif", tag_nir=False)
     for args, message in [([img, "--bands", "1,2,3"], "--bands gives 3 bands; the model reads 4"),
