@@ -42,7 +42,7 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Model tiles per forward pass (default: 8 on a CPU, 64 on a GPU)."),
     dtype: str = typer.Option("float32", help="float32 (metres, NaN nodata) or uint8 (whole metres, nodata 255)."),
     uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),
-    ood_band: bool = typer.Option(False, "--ood-band", help="Add a band with the out-of-distribution score of each 48 m tile (> 1: unlike the model's training data; models with an ood.safetensors, such as the default). One raster only."),
+    ood_band: bool = typer.Option(False, "--ood-band", help="Add a band with the out-of-distribution score of each 48 m tile (> 1: unlike the model's training data; models with an ood.safetensors, such as the default). One raster or every --aoi cell."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     bands: Optional[str] = typer.Option(None, help="Bands to use as R,G,B, e.g. 1,2,3 for an RGBN image."),
     crs: Optional[str] = typer.Option(None, help="CRS for a raster without one, e.g. EPSG:32617."),
@@ -63,8 +63,6 @@ def predict(
         if input is not None and imagery is not None:
             raise CanopyError(f"give the imagery once: '{input}' and --imagery '{imagery}' were "
                               "both given (with --aoi, use --imagery)")
-        if ood_band:
-            raise CanopyError("--ood-band is for one raster; an --aoi run does not write it yet")
         if output.suffix.lower() in (".tif", ".tiff"):
             raise CanopyError(f"-o '{output}' ends in {output.suffix}, but --aoi writes a folder "
                               "(cells, mosaic, overview, STAC): give a folder name")

@@ -17,7 +17,7 @@ from affine import Affine
 from rasterio.windows import from_bounds
 from shapely.geometry import box
 
-from canopy.errors import InputError, OutputError
+from canopy.errors import InputError, OptionError, OutputError
 from canopy.predict.engine import predict_aoi
 from canopy.predict.options import PredictOptions
 from canopy.predict.grid import Cell, cells_for_aoi, tile_window
@@ -717,3 +717,39 @@ def test_a_state_run_says_how_much_of_its_map_is_unlike_the_training_data(tmp_pa
     assert summary["ood_unlike_share"] == pytest.approx(unlike / scored, abs=1e-3)
     assert s.ood_unlike_share == pytest.approx(summary["ood_unlike_share"])
     assert s.ood_unlike_share > 0.5
+
+
+def test_a_state_run_writes_the_out_of_distribution_band_in_every_cell(tmp_path, client):
+    """--ood-band with --aoi: each cell (and the mosaic) gets the score band after the heights,
+    unitless, mapped exactly where heights are, its share above 1 the cell's tag; a model
+    without a reference, or uint8 output, is refused before anything is written."""
+    from canopy.io.outputs import OOD_BAND, OOD_UNLIKE, OOD_UNLIKE_SHARE
+
+    lake = shared("overhead_rgb", "swissimage_lake_zurich_ref-img.tif")
+    with rasterio.open(lake) as ds:
+        from rasterio.warp import transform_bounds
+
+        w, s_, e, n = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    aoi = f"{w + 0.2 * (e - w)},{s_ + 0.2 * (n - s_)},{w + 0.45 * (e - w)},{s_ + 0.45 * (n - s_)}"
+    predict_aoi(aoi, lake, tmp_path / "o", "default",
+                PredictOptions(precision="fp32", ood_band=True), cell_px=256, client=client)
+    cells = list((tmp_path / "o" / "cells").glob("*.tif"))
+    assert cells
+    for cell in cells:
+        with rasterio.open(cell) as ds:
+            assert ds.count == 2 and ds.descriptions == ("canopy_height", OOD_BAND)
+            assert ds.units[0] == "m" and not ds.units[1]
+            h, score = ds.read(1), ds.read(2)
+            np.testing.assert_array_equal(np.isfinite(h), np.isfinite(score))
+            ok = np.isfinite(score)
+            share = float((score[ok] > OOD_UNLIKE).mean())
+            assert float(ds.tags()[OOD_UNLIKE_SHARE]) == pytest.approx(share, abs=1e-4)
+    with rasterio.open(tmp_path / "o" / "mosaic.vrt") as ds:
+        assert ds.count == 2 and ds.descriptions[1] == OOD_BAND and not ds.units[1]
+    for checkpoint, dtype, word in [("micro", "float32", "no out-of-distribution reference"),
+                                    ("default", "uint8", "needs --dtype float32")]:
+        with pytest.raises(OptionError, match=word):
+            predict_aoi(aoi, lake, tmp_path / word[:4], checkpoint,
+                        PredictOptions(precision="fp32", ood_band=True, dtype=dtype),
+                        cell_px=256, client=client)
+        assert not (tmp_path / word[:4]).exists()

@@ -128,12 +128,13 @@ def test_ood_band_needs_a_model_with_a_reference_and_float_output(micro_model,
     assert not (tmp_path / "x.tif").exists()
 
 
-def test_cli_refuses_ood_band_with_aoi(tmp_path, capsys):
+def test_cli_refuses_ood_band_with_aoi_for_a_model_without_a_reference(tmp_path, capsys):
     from tests.test_predict import run_cli
 
     code, _, err = run_cli("predict", "--aoi", "0,0,1,1", "--imagery", tmp_path, "--ood-band",
-                           "-o", tmp_path / "run", capsys=capsys)
-    assert code == 2 and "--ood-band is for one raster" in err and len(err.strip().splitlines()) == 1
+                           "--checkpoint", "micro", "-o", tmp_path / "run", capsys=capsys)
+    assert code == 2 and "--ood-band" in err and "no out-of-distribution reference" in err, err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

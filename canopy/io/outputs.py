@@ -172,10 +172,16 @@ def nodata_for(dtype: str) -> float | int:
     return UINT8_NODATA if dtype == "uint8" else math.nan
 
 
+def band_units(descriptions) -> list[str]:
+    """Each output band's unit: metres, except the out-of-distribution score (a ratio)."""
+    return ["" if d == OOD_BAND else UNITS for d in descriptions]
+
+
 def write_prediction(path: str | os.PathLike, height: np.ndarray, spread: np.ndarray | None, *,
                      crs, transform, dtype: str, tags: Mapping[str, str], overwrite: bool = False,
-                     qml: bool = True) -> Path:
-    """Heights (and their spread) as a COG with the contract's bands, units and nodata."""
+                     qml: bool = True, ood: np.ndarray | None = None) -> Path:
+    """Heights (and their spread, and the out-of-distribution score: float32 only) as a COG with
+    the contract's bands, units and nodata."""
     from canopy.io.cog import write_cog  # rasterio: only when writing (metrics import this module)
 
     data, nodata = to_output_dtype(height, dtype)
@@ -183,6 +189,11 @@ def write_prediction(path: str | os.PathLike, height: np.ndarray, spread: np.nda
     if spread is not None:
         bands.append(to_output_dtype(spread, dtype)[0])
         descriptions.append(STD_BAND)
+    if ood is not None:
+        if dtype != "float32":
+            raise ValueError("the out-of-distribution band is a fraction: it needs float32 output")
+        bands.append(ood.astype(np.float32))
+        descriptions.append(OOD_BAND)
     return write_cog(path, np.stack(bands), crs=crs, transform=transform, nodata=nodata,
-                     descriptions=descriptions, units=UNITS, tags=dict(tags),
+                     descriptions=descriptions, units=band_units(descriptions), tags=dict(tags),
                      overwrite=overwrite, qml=qml)

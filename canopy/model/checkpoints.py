@@ -468,6 +468,21 @@ def load_model(path_or_name, device="cpu") -> HeightModel:
     return load_hrch_checkpoint(path, device)
 
 
+def has_ood_reference(path_or_name) -> bool:
+    """Whether loading this checkpoint gives a model with an out-of-distribution reference (an
+    ``ood.safetensors`` beside native weights), without loading it."""
+    if isinstance(path_or_name, str) and path_or_name in RANDOM_VARIANTS:
+        return False
+    if path_or_name in (None, "default"):
+        path_or_name = DEFAULT_MODEL_DIR
+    path = Path(path_or_name)
+    if not (path.is_dir() or path.suffix == ".safetensors") or not path.exists():
+        return False
+    if is_hf_chmv2(path) or _dinov3_repo_files(path) is not None:
+        return False
+    return _native_paths(path)[0].with_name(ood.FILE_NAME).exists()
+
+
 def load_config(path_or_name) -> HeightModelConfig:
     """The model's configuration without building the model (cheap for any size)."""
     if isinstance(path_or_name, str) and path_or_name in RANDOM_VARIANTS:

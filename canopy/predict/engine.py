@@ -173,7 +173,7 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     if not np.isfinite(height).any():
         return {**record, "status": "empty", "reason": "outside AOI", "seconds": time.time() - t0}
 
-    ood = None
+    ood, scores = None, None
     if getattr(model, "ood", None) is not None:
         # the cell's own tiles (canopy.model.ood), read from what was read for its heights
         r_off, c_off = margin - dr, margin - dc
@@ -182,8 +182,10 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
             rs, cs = slice(r_off + r, r_off + r + h), slice(c_off + c, c_off + c + w)
             return rgb[:, rs, cs], valid[rs, cs]
 
-        ood = unlike_counts(window_scores(model, cell_pixels, (0, 0, cell.cell_px, cell.cell_px),
-                                          cell.cell_px, cell.cell_px), height)
+        scores = window_scores(model, cell_pixels, (0, 0, cell.cell_px, cell.cell_px),
+                               cell.cell_px, cell.cell_px)
+        ood = unlike_counts(scores, height)
+        scores[~np.isfinite(height)] = np.nan  # the band covers the mapped pixels only
     dates = [d for s in scenes if s.path in used for d in _scene_dates(s)]
     # the tiles this cell computed: its window's, from the first halo tile on (cell pixels)
     lattice = TileLattice(tile, stride, origin_col=dc, origin_row=dr,
@@ -197,7 +199,8 @@ def predict_cell(cell: Cell, aoi_wkb: bytes, scenes: list[Scene], checkpoint: st
     rel = f"{CELLS_DIR}/{cell.id}.tif"
     path = write_prediction(Path(out_dir) / rel, height, spread, crs=cell.crs,
                             transform=cell.transform, dtype=opts.dtype, tags=tags, overwrite=True,
-                            qml=True)  # each cell opens styled in QGIS too
+                            qml=True,  # each cell opens styled in QGIS too
+                            ood=scores if opts.ood_band else None)
     st = path.stat()
     return {**record, "status": "done", "path": rel, "bytes": st.st_size,
             "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path), "sources": used,
@@ -366,6 +369,14 @@ def predict_aoi(
     opts = opts.replace(gedi_correction=_absolute_if_path(opts.gedi_correction))
     model_cfg = load_config(checkpoint)
     opts.check_for(model_cfg.tile_size)
+    if opts.ood_band:
+        from canopy.model.checkpoints import has_ood_reference
+
+        if not has_ood_reference(checkpoint):
+            raise OptionError("ood_band", "this model carries no out-of-distribution reference "
+                                          "(ood.safetensors beside its weights)")
+        if opts.dtype != "float32":
+            raise OptionError("ood_band", "the score band is a fraction; it needs --dtype float32")
     if model_cfg.backbone.in_chans != 3:
         raise OptionError("aoi", f"the model reads {model_cfg.backbone.in_chans} bands (R,G,B,NIR); "
                                  "area-of-interest runs read RGB scenes: predict its rasters one "
@@ -455,6 +466,8 @@ def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, 
         "model_ref": model_ref, "model_sha256": model_sha, "gsd": cfg.gsd, "cell_px": cell_px,
         "stride": stride, "dtype": opts.dtype, "precision": opts.precision,
         "uncertainty": opts.uncertainty, "imagery_sha256": _imagery_sha(scenes),
+        # written only when on: a run from before the option had none, and is the same run
+        **({"ood_band": True} if opts.ood_band else {}),
         "gedi_correction_sha256": _correction_identity(opts.gedi_correction),
         "imagery": sorted(s.path for s in scenes), "trained": cfg.trained,
         # a different batch shape or device can change the last bits (see blend.fixed_batch)
@@ -504,7 +517,7 @@ def _run_cells(client, area, scenes, coverage, bad_scenes, out_dir, checkpoint, 
         todo.append((cell, aoi_wkb, hit))
 
     # a full disk would stop the run hours in: say so now (cells + the overview's sixteenth)
-    bands = 2 if opts.uncertainty else 1
+    bands = 1 + opts.uncertainty + opts.ood_band
     check_free_space(out_dir, estimated_cog_bytes(len(todo) * cell_px * cell_px * 17 // 16,
                                                   opts.dtype, bands),
                      f"{len(todo)} cell(s) of {cell_px}² px")

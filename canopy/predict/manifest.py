@@ -24,7 +24,7 @@ RUN_FORMAT = 1
 # fields that change the output bytes: a run that differs in any of them is another run
 IDENTITY_KEYS = ("format", "software", "aoi_sha256", "model", "model_sha256", "gsd", "cell_px",
                  "stride", "dtype", "precision", "uncertainty", "imagery_sha256",
-                 "gedi_correction_sha256", "batch_size", "device")
+                 "gedi_correction_sha256", "batch_size", "device", "ood_band")
 # what a run leaves besides its cells: removed when --overwrite starts another run in the folder
 DERIVED = ("mosaic.vrt", "mosaic.qml", "mosaic.gti.gpkg", "mosaic.gti.qml", "overview.tif",
            "overview.qml", "summary.json")

@@ -140,7 +140,7 @@ def write_vrt(out_dir: Path, records: list[dict], vrt_path: Path, overview: Path
             f'  <VRTRasterBand dataType="{_gdal_type(profile["dtype"])}" band="{b}">\n'
             f"    <NoDataValue>{nod}</NoDataValue>\n"
             f"    <Description>{escape(descriptions[b - 1] or '')}</Description>\n"
-            f"    <UnitType>{outputs.UNITS}</UnitType>\n{ov}" + "\n".join(sources) + "\n  </VRTRasterBand>"
+            f"    <UnitType>{outputs.band_units([descriptions[b - 1]])[0]}</UnitType>\n{ov}" + "\n".join(sources) + "\n  </VRTRasterBand>"
         )
     xml = (
         f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
@@ -230,9 +230,9 @@ def write_overview(out_dir: Path, records: list[dict], epsg: int, gsd: float,
         data = np.where(np.isfinite(mean), np.clip(np.rint(mean), 0, 254), nodata).astype(np.uint8)
     else:
         data = mean.astype(np.float32)
+    names = [d or outputs.HEIGHT_BAND for d in descriptions]
     return write_cog(out_dir / "overview.tif", data, crs=f"EPSG:{epsg}", transform=transform,
-                     nodata=nodata, descriptions=[d or outputs.HEIGHT_BAND for d in descriptions],
-                     units=outputs.UNITS, tags={outputs.OVERVIEW_FACTOR: str(factor)},
+                     nodata=nodata, descriptions=names, units=outputs.band_units(names), tags={outputs.OVERVIEW_FACTOR: str(factor)},
                      overwrite=True)
 
 

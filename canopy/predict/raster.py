@@ -133,7 +133,8 @@ def predict_raster(input_path, output_path, model, opts: PredictOptions | None =
                         nodata=outputs.nodata_for(opts.dtype),
                         descriptions=[outputs.HEIGHT_BAND, outputs.STD_BAND][:1 + opts.uncertainty]
                         + [outputs.OOD_BAND] * opts.ood_band,
-                        units=[outputs.UNITS] * (1 + opts.uncertainty) + [""] * opts.ood_band,
+                        units=outputs.band_units([outputs.HEIGHT_BAND] * (1 + opts.uncertainty)
+                                                 + [outputs.OOD_BAND] * opts.ood_band),
                         tags=tags, overwrite=overwrite,
                         stage_on_disk=staged, threads="ALL_CPUS") as dst:  # one command: all cores
             def write(window, result):
