@@ -175,6 +175,24 @@ def _list_files(spec: str | Path | list) -> list[str]:
 pretrain_app = typer.Typer(no_args_is_help=True)
 
 
+# options `canopy pretrain` and `canopy pretrain distill` share (declared once)
+WindowOpt = Annotated[int, typer.Option("--window", help="Window read from the imagery, px.")]
+GsdOpt = Annotated[Optional[float], typer.Option(
+    "--gsd", help="Read georeferenced imagery averaged to this GSD, m (default: as stored).")]
+BandsOpt = Annotated[Optional[str], typer.Option(
+    "--bands", help="Bands read as R,G,B or R,G,B,NIR, e.g. 1,2,3,4 (a 4-band backbone; an RGB "
+                    "--init grows a near-infrared input; distillation: the teacher's bands).")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(
+    "--max-steps", help="Stop after this many steps in this sitting (continue with --resume).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Data loader worker processes.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, order and crops.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
+
+
 @pretrain_app.callback(invoke_without_command=True)
 def run_command(
     ctx: typer.Context,
@@ -193,21 +211,17 @@ def run_command(
         help="Continue from this backbone (HRCH v1 .pth, DINOv2/DINOv3 weights, an export).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs (one = every window once).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
-    window: Annotated[int, typer.Option(help="Window read from the imagery, px.")] = 256,
-    gsd: Annotated[Optional[float], typer.Option(
-        help="Read georeferenced imagery averaged to this GSD, m (default: as stored).")] = None,
-    bands: Annotated[Optional[str], typer.Option(
-        help="Bands read as R,G,B or R,G,B,NIR, e.g. 1,2,3,4 (a 4-band backbone; an RGB --init "
-             "grows a near-infrared input).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="Stop after this many steps in this sitting (continue with --resume).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, order and crops.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    window: WindowOpt = 256,
+    gsd: GsdOpt = None,
+    bands: BandsOpt = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 0,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a ViT backbone on overhead imagery with DINOv2, I-JEPA, MSN or PMSN (one CPU, a
     GPU, or torchrun); `canopy pretrain export RUN -o FILE` writes its backbone."""
@@ -293,19 +307,17 @@ def distill_command(
         help="YAML or JSON of ssl_backbone.distill.DistillConfig fields; flags override.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs (default 20).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
-    window: Annotated[int, typer.Option(help="Window read from the imagery, px.")] = 256,
-    gsd: Annotated[Optional[float], typer.Option(help="Read averaged to this GSD, m.")] = None,
-    bands: Annotated[Optional[str], typer.Option(
-        help="Bands read as R,G,B or R,G,B,NIR (the teacher's bands).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="Stop after this many steps in this sitting (continue with --resume).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, order and crops.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    window: WindowOpt = 256,
+    gsd: GsdOpt = None,
+    bands: BandsOpt = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 0,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Distil a DINOv2 run into a smaller student (DINOv2 §5): the DINOv2 step against the
     frozen teacher's targets, no masking or drop path; the backbone written is the student's
