@@ -358,6 +358,7 @@ def curate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="The .parquet table to write.")],
     window: Annotated[int, typer.Option(help="Window px (candidates tile each image).")] = 256,
     gsd: Annotated[Optional[float], typer.Option(help="Read averaged to this GSD, m.")] = None,
+    bands: BandsOpt = None,
     clusters: Annotated[str, typer.Option(
         help="k-means clusters per level, finest first, e.g. 1000,100.")] = "64,8",
     dedup: Annotated[float, typer.Option(help="Cosine similarity at which a window is a "
@@ -388,8 +389,14 @@ def curate_command(
     if not 0 < dedup <= 1.0:
         raise OptionError("dedup", f"{{dedup}} is a cosine similarity in (0, 1], got {dedup}")
     check_output_path(out, overwrite)
+    from canopy.predict.options import parse_bands
+
     backbone = _embedder(embedder)
-    source = RasterWindows(imagery, window_px=window, gsd=gsd)
+    band_list = parse_bands(bands) if bands else tuple(range(1, backbone.cfg.in_chans + 1))
+    if len(band_list) != backbone.cfg.in_chans:
+        raise OptionError("bands", f"gives {len(band_list)} bands; the embedder reads "
+                                   f"{backbone.cfg.in_chans}")
+    source = RasterWindows(imagery, window_px=window, gsd=gsd, bands=band_list)
     cands = [(path, c, r, scale) for path, w, h, scale in source.files
              for r in range(0, h - window + 1, window) for c in range(0, w - window + 1, window)]
     emb = embed_batches(backbone, (_window_of(p, c, r, window, sc, source.bands)

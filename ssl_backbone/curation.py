@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 
 def embed_batches(backbone, windows, batch: int = 32, mean=None, std=None) -> torch.Tensor:
-    """[N, D] L2-normalised CLS embeddings of uint8 windows (an iterable of [3,S,S] tensors),
-    from the backbone's last block, input normalised with ``mean``/``std`` (0..1 scale)."""
-    from ssl_backbone.augment import OVERHEAD_MEAN, OVERHEAD_STD
+    """[N, D] L2-normalised CLS embeddings of uint8 windows (an iterable of [C,S,S] tensors, C
+    the backbone's bands), from the backbone's last block, input normalised with ``mean``/``std``
+    (0..1 scale; a near-infrared band by :func:`ssl_backbone.vit.per_band`)."""
+    from ssl_backbone.augment import OVERHEAD_MEAN, OVERHEAD_STD, band_stats
 
-    m = torch.tensor(mean or OVERHEAD_MEAN).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std or OVERHEAD_STD).view(1, 3, 1, 1) * 255.0
+    m, s = band_stats(mean or OVERHEAD_MEAN, std or OVERHEAD_STD, backbone.cfg.in_chans)
+    m, s = m[None] * 255.0, s[None] * 255.0
     out, chunk = [], []
 
     def flush():

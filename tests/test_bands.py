@@ -191,3 +191,28 @@ def test_train_and_predict_a_four_band_model_on_real_rgb_plus_a_derived_band(tmp
         lines = [line for line in err.splitlines() if line.strip()]
         assert code != 0 and len(lines) == 1 and message in lines[0], err
         assert not (tmp_path / "bad.tif").exists()
+
+
+def test_curation_with_a_four_band_embedder_feeds_four_band_pretraining(tmp_path, capsys):
+    """`canopy pretrain curate` embeds the bands its embedder reads (R,G,B,NIR by default for a
+    4-band one); the table keeps them, so pretraining on it builds a 4-band backbone."""
+    img = rgbn_from_real_rgb(shared(*OSBS, "OSBS_029.tif"), tmp_path / "osbs_rgbn.tif")
+    torch.manual_seed(0)
+    save_safetensors(grow_input_channels(build_vit("vit_micro"), 4).state_dict(),
+                     tmp_path / "rgbn.safetensors")
+    args = ["pretrain", "curate", "--imagery", img, "--embedder", tmp_path / "rgbn.safetensors",
+            "--target-size", 4, "--window", 96, "--clusters", "2", "--dedup", 0.999]
+    code, out, err = run_cli(*args, "-o", tmp_path / "c.parquet", capsys=capsys)
+    assert code == 0, err
+    code, out, err = run_cli(*args, "--bands", "1,2,3", "-o", tmp_path / "bad.parquet",
+                             capsys=capsys)
+    assert code != 0 and "--bands gives 3 bands; the embedder reads 4" in err, err
+    assert not (tmp_path / "bad.parquet").exists()
+    (tmp_path / "p.yaml").write_text(
+        "arch: vit_micro\nprototypes: 64\nhead_hidden: 32\nhead_bottleneck: 16\nbatch_size: 2\n"
+        "epochs: 1\ndrop_path_rate: 0.0\ncrops: {global_size: 64, local_size: 32, n_local: 2}\n")
+    code, out, err = run_cli("pretrain", "--config", tmp_path / "p.yaml", "--imagery",
+                             tmp_path / "c.parquet", "-o", tmp_path / "run", "--device", "cpu",
+                             "--precision", "fp32", capsys=capsys)
+    assert code == 0, err
+    assert load_backbone(tmp_path / "run" / "backbone.safetensors")[1].in_chans == 4
