@@ -216,3 +216,21 @@ def test_curation_with_a_four_band_embedder_feeds_four_band_pretraining(tmp_path
                              "--precision", "fp32", capsys=capsys)
     assert code == 0, err
     assert load_backbone(tmp_path / "run" / "backbone.safetensors")[1].in_chans == 4
+
+
+def test_fitting_a_gedi_correction_on_a_four_band_decoder_is_refused_by_name():
+    """The correction's scenes are read as RGB: a 4-band decoder is one clear error, not a shape
+    error from inside the tiler."""
+    from dataclasses import replace
+
+    from canopy.errors import OptionError
+    from canopy.model.checkpoints import load_model
+    from canopy.model.gedi_correction import CorrectionConfig
+    from canopy.model.height_model import HeightModel
+    from canopy.train.gedi_samples import TrainingScene, samples_from_scenes
+
+    micro = load_model("micro")
+    four = HeightModel(replace(micro.cfg, backbone=replace(micro.cfg.backbone, in_chans=4))).eval()
+    scene = TrainingScene(str(shared(*OSBS, "OSBS_029.tif")), shots=None)
+    with pytest.raises(OptionError, match="reads 4 bands; fitting a GEDI correction takes an RGB"):
+        samples_from_scenes([scene], CorrectionConfig(), decoder=four)

@@ -243,6 +243,10 @@ def samples_from_scenes(scenes: Sequence[TrainingScene], cfg: CorrectionConfig, 
         from canopy.model.checkpoints import load_model
 
         model = decoder if hasattr(decoder, "predict_tensor") else load_model(decoder, device=device)
+        if model.cfg.backbone.in_chans != 3:  # the scenes are read as RGB here
+            raise OptionError("model", f"{{model}} reads {model.cfg.backbone.in_chans} bands; "
+                                       "fitting a GEDI correction takes an RGB decoder (or give "
+                                       "its heights with {heights})")
         batch_size = batch_size_for(model.device, batch_size)
         if precision == "auto":
             choice = choose_precision(model, precision, batch_size=batch_size)
