@@ -44,7 +44,7 @@ def predict(
     uncertainty: bool = typer.Option(False, "--uncertainty", help="Add a band with the per-pixel spread (std, m) of the height distribution."),
     ood_band: bool = typer.Option(False, "--ood-band", help="Add a band with the out-of-distribution score of each 48 m tile (> 1: unlike the model's training data; models with an ood.safetensors, such as the default). One raster or every --aoi cell."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    bands: Optional[str] = typer.Option(None, help="Bands to use as R,G,B, e.g. 1,2,3 for an RGBN image."),
+    bands: Optional[str] = typer.Option(None, help="Bands read as R,G,B (e.g. 1,2,3 for an RGBN image), or R,G,B,NIR for a 4-band model (1,2,3,4)."),
     crs: Optional[str] = typer.Option(None, help="CRS for a raster without one, e.g. EPSG:32617."),
     scale: Optional[Tuple[float, float]] = typer.Option(None, help="MIN MAX: map non-uint8 data linearly to 0..255."),
     stride: Optional[int] = typer.Option(None, min=1, help="Model-tile stride in pixels (default: tile size × 3/4)."),

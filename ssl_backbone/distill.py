@@ -82,15 +82,15 @@ def _checkpoint_of(path: str | Path) -> Path:
     return ckpt
 
 
-def teacher_run(path: str | Path) -> dict:
+def teacher_run(path: str | Path, state: dict | None = None) -> dict:
     """The teacher run's method, config and backbone config (from its ``config.json`` when the
-    run folder has one, else from the checkpoint)."""
+    run folder has one, else from the checkpoint, or ``state`` when it is already loaded)."""
     ckpt = _checkpoint_of(path)
     meta = ckpt.parent / "config.json"
     if meta.is_file():
         info = json.loads(meta.read_text())
     else:
-        info = _load(ckpt)
+        info = state if state is not None else _load(ckpt)
     method = info.get("method", "dinov2")
     if method not in ("dinov2", "distill"):
         raise CheckpointError(f"teacher {path}: a {method} run; distillation needs a DINOv2 run "
@@ -127,9 +127,8 @@ def load_teacher(path: str | Path) -> tuple[nn.ModuleDict, DINOv2Config, dict]:
     from ssl_backbone.checkpoints import load_state_dict_strict
     from ssl_backbone.vit import ViTConfig, build_vit
 
-    ckpt = _checkpoint_of(path)
-    run = teacher_run(path)
-    state = _load(ckpt)
+    state = _load(_checkpoint_of(path))  # read once: teacher_run takes it when there is no config.json
+    run = teacher_run(path, state)
     cfg = (DistillConfig if run["method"] == "distill" else DINOv2Config).from_dict(run["config"])
     vit = build_vit(ViTConfig.from_dict(state["backbone"]))
     heads = {"dino_head": DINOHead(vit.cfg.embed_dim, cfg.prototypes, cfg.head_hidden,

@@ -53,7 +53,7 @@ class HeightModelConfig:
 
     def __post_init__(self) -> None:
         # one normalisation value per input band: RGB's three extend to a near-infrared band by
-        # the rule the grown backbone's kernel follows (ssl_backbone.augment.per_band)
+        # the rule the grown backbone's kernel follows (ssl_backbone.vit.per_band)
         n = self.backbone.in_chans if isinstance(self.backbone, ViTConfig) else 3
         for name in ("mean", "std"):
             values = tuple(getattr(self, name))

@@ -27,7 +27,7 @@ class PredictOptions:
     batch_size: int | None = None        # model tiles per forward pass (None: by device, auto.py)
     dtype: str = "float32"               # float32 metres (NaN nodata) or uint8 whole metres (255)
     uncertainty: bool = False            # add the spread band (std of the bin distribution, m)
-    ood_band: bool = False               # add the out-of-distribution score band (one raster)
+    ood_band: bool = False               # add the out-of-distribution score band
     stride: int | None = None            # model-tile stride in px (None: 3/4 of the tile)
     lanes: int | None = None             # CPU batches run at once (blend.lane_plan; None: auto)
     gedi_correction: str | None = None   # folder of a fitted GEDI correction model
