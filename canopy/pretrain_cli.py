@@ -32,12 +32,13 @@ class RasterWindows:
 
     With ``gsd`` (metres), a georeferenced file finer than it is read averaged down to it; files
     without a metric CRS are read as they are. A file gives ⌊area / window_px²⌋ windows per
-    epoch (at least one); files smaller than a window, unreadable or not 8-bit RGB are left out
-    and listed in ``skipped``. A window that is mostly nodata is drawn again (up to 8 times)."""
+    epoch (at least one); files smaller than a window, unreadable, not 8-bit RGB or with a chosen
+    band tagged alpha are left out and listed in ``skipped``. A window that is mostly nodata is drawn again (up to 8 times)."""
 
     def __init__(self, spec: str | Path | list, window_px: int = 256, gsd: float | None = None,
                  bands: tuple[int, ...] = (1, 2, 3)):
         from data_catalog.errors import CatalogError
+        from data_catalog.raster import rgb_bands
 
         self.window_px, self.gsd, self.bands = window_px, gsd, tuple(bands)
         self.channels = len(self.bands)
@@ -50,6 +51,8 @@ class RasterWindows:
                         self.skipped.append(f"{path}: {ds.count} band(s) of {ds.dtypes[0]}, not "
                                             f"8-bit with bands {','.join(map(str, self.bands))}")
                         continue
+                    # the same check as training and prediction: a band tagged alpha is a mask
+                    rgb_bands(ds, path, self.bands, count=self.channels)
                     scale = 1.0
                     if gsd and ds.crs is not None and ds.crs.is_projected:
                         res = abs(ds.transform.a) * ds.crs.linear_units_factor[1]
@@ -67,7 +70,8 @@ class RasterWindows:
             raise OptionError("imagery", f"'{spec}' holds no readable 8-bit "
                                          f"{'RGB' if self.channels == 3 else 'RGB+NIR'} image of at least "
                                          f"{window_px}×{window_px} px"
-                              + (f" ({len(self.skipped)} left out)" if self.skipped else ""))
+                              + (f" ({len(self.skipped)} left out; the first: {self.skipped[0]})"
+                                 if self.skipped else ""))
         counts = [max(1, w * h // window_px ** 2) for _, w, h, _ in self.files]
         self.starts = torch.tensor([0] + counts).cumsum(0)
 
@@ -321,9 +325,14 @@ def distill_command(
 ) -> None:
     """Distil a DINOv2 run into a smaller student (DINOv2 §5): the DINOv2 step against the
     frozen teacher's targets, no masking or drop path; the backbone written is the student's
-    EMA. Export and --resume work as for `canopy pretrain`."""
+    EMA. --bands defaults to the teacher's (R,G,B,NIR for a 4-band teacher). Export and
+    --resume work as for `canopy pretrain`."""
+    from ssl_backbone.distill import teacher_run
     from ssl_backbone.methods import config_for
 
+    if bands is None:  # the student reads what its teacher reads
+        n = int(teacher_run(teacher)["backbone"].get("in_chans", 3))
+        bands = ",".join(map(str, range(1, n + 1))) if n != 3 else None
     fields = _read_config(config) if config else {}
     overrides = {"teacher": str(teacher), "arch": arch, "init": str(init) if init else None,
                  "epochs": epochs, "batch_size": batch_size, "seed": seed}
