@@ -13,6 +13,11 @@ writes back the same JSON as one built in Python. A field called ``format_versio
 versioned file format: its default is the version this code writes, and a larger number in the
 file means a newer writer whose meaning this code cannot know, so it is refused rather than
 half-read; an older one is read and the result carries the current version.
+
+A field declared with :func:`added_field` (one added after files of its config were first
+written) is left out of ``to_dict`` while it holds its default: a file that does not use the
+feature stays readable by a release that predates the field (whose reader refuses unknown
+keys), and the invariant above still holds because a missing key reads as the default.
 """
 
 from __future__ import annotations
@@ -28,13 +33,20 @@ from ssl_backbone.errors import ConfigError
 T = TypeVar("T")
 
 FORMAT_FIELD = "format_version"
+_ADDED = "canopy_added_field"  # field metadata key of added_field
+
+
+def added_field(default: Any) -> Any:
+    """A dataclass field with ``default`` that :func:`to_dict` omits while it holds it."""
+    return dataclasses.field(default=default, metadata={_ADDED: True})
 
 
 def to_dict(cfg: Any) -> dict:
     """Plain JSON-ready dict of a dataclass config: nested configs as dicts, tuples as lists."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"to_dict needs a dataclass instance, got {type(cfg).__name__}")
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if not (f.metadata.get(_ADDED) and getattr(cfg, f.name) == f.default)}
 
 
 def _plain(value: Any) -> Any:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ssl_backbone.config import added_field
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.dinov3 import Dinov3ViT
@@ -60,7 +61,7 @@ class ViTConfig:
     rope_theta: float = 100.0  # RoPE base period (dinov3 only)
     norm_eps: float = 1e-6  # LayerNorm epsilon (DINOv2 1e-6; DINOv3 1e-5)
     tap_norm: bool = False  # taps pass through the final norm (CHMv2's use_backbone_norm)
-    in_chans: int = 3  # input bands: 3 (RGB) or 4 (RGB + near-infrared)
+    in_chans: int = added_field(3)  # input bands: 3 (RGB) or 4 (RGB + near-infrared)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

@@ -63,6 +63,7 @@ from canopy.train.datasets import (
 from canopy.train.losses import (
     LeakyGradReLU, LossConfig, dense_loss, gedi_loss, logit_scale_penalty, loss_from_pairs,
     paired_pixels, relu_leaky_grad, train_bin_probabilities, train_heights)
+from ssl_backbone.config import added_field
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.runtime import (
@@ -90,7 +91,7 @@ class TrainConfig:
     backbone_path: str | None = None     # backbone-only weights (DINOv2, timm or canopy naming)
     init_model: str | None = None        # start from a whole height model (native/HRCH) instead
     decoder_channels: int | None = None  # DPT fusion width (default: by backbone width)
-    in_bands: int = 3                    # input bands: 3 (RGB) or 4 (RGB + near-infrared)
+    in_bands: int = added_field(3)       # input bands: 3 (RGB) or 4 (RGB + near-infrared)
     n_bins: int = 256
     max_height_m: float = 100.0          # top bin centre (HRCH: 10 × 10 m)
     gsd: float = 0.25
