@@ -31,6 +31,20 @@ OVERHEAD_MEAN = (0.420, 0.411, 0.296)
 OVERHEAD_STD = (0.213, 0.156, 0.143)
 
 
+def check_band_stats(mean, std, what: str) -> None:
+    """Refuse a normalisation that is not one value per band (3 for RGB, 4 with near-infrared:
+    a 4th value normalises the NIR band, else :func:`per_band` gives it the RGB average) or a
+    std that is not positive, naming the field."""
+    from ssl_backbone.errors import ConfigError
+
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (3, 4):
+            raise ConfigError(f"{what} {name} needs 3 values (R,G,B) or 4 (R,G,B,NIR), got "
+                              f"{len(values)}", field=name)
+    if min(std) <= 0:
+        raise ConfigError(f"{what} std must be > 0, got {list(std)}", field="std")
+
+
 def band_stats(mean, std, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalisation mean and std as [n, 1, 1] tensors (:func:`per_band`)."""
     return (torch.tensor(per_band(mean, n)).view(n, 1, 1),
@@ -52,8 +66,11 @@ class CropConfig:
     grayscale_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, locals
     solarize_p: float = 0.2  # global 2 only
-    mean: tuple[float, float, float] = OVERHEAD_MEAN
-    std: tuple[float, float, float] = OVERHEAD_STD
+    mean: tuple[float, ...] = OVERHEAD_MEAN  # per band, 0..1: R,G,B (+ NIR; else their average)
+    std: tuple[float, ...] = OVERHEAD_STD
+
+    def __post_init__(self):
+        check_band_stats(self.mean, self.std, "crops")
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

@@ -99,8 +99,9 @@ def teacher_run(path: str | Path, state: dict | None = None) -> dict:
 
 
 def distill_config(fields: dict) -> DistillConfig:
-    """A :class:`DistillConfig` from ``fields``, the head settings of :data:`HEAD_FIELDS` taken
-    from the teacher run (a value given that differs from the teacher's is refused)."""
+    """A :class:`DistillConfig` from ``fields``, the head settings of :data:`HEAD_FIELDS` and the
+    input normalisation (``crops.mean``/``crops.std``) taken from the teacher run (a value given
+    that differs from the teacher's is refused)."""
     if not fields.get("teacher"):
         return DistillConfig.from_dict(fields)  # the one "teacher is required" message
     teacher = teacher_run(fields["teacher"])["config"]
@@ -108,8 +109,18 @@ def distill_config(fields: dict) -> DistillConfig:
         if name in fields and name in teacher and fields[name] != teacher[name]:
             raise ConfigError(f"distill {name} must be the teacher's ({teacher[name]}), got "
                               f"{fields[name]}", field=name)
+    # the teacher sees the student's crops: normalised as in its own run, or its inputs drift
+    crops, taught = fields.get("crops") or {}, teacher.get("crops") or {}
+    crops = crops.to_dict() if hasattr(crops, "to_dict") else dict(crops)
+    for name in ("mean", "std"):
+        if name not in taught:
+            continue
+        if name in crops and [float(v) for v in crops[name]] != [float(v) for v in taught[name]]:
+            raise ConfigError(f"distill crops.{name} must be the teacher's ({list(taught[name])}), "
+                              f"got {list(crops[name])}", field=f"crops.{name}")
+        crops[name] = taught[name]
     return DistillConfig.from_dict({**{k: teacher[k] for k in HEAD_FIELDS if k in teacher},
-                                    **fields})
+                                    **fields, **({"crops": crops} if crops else {})})
 
 
 def _load(ckpt: Path) -> dict:

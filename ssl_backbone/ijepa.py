@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_backbone.augment import OVERHEAD_MEAN, OVERHEAD_STD, check_band_stats
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
 from ssl_backbone.errors import ConfigError
@@ -67,8 +68,8 @@ class IJEPAConfig:
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     freeze_backbone_blocks: int = 0
-    mean: tuple[float, float, float] = (0.420, 0.411, 0.296)
-    std: tuple[float, float, float] = (0.213, 0.156, 0.143)
+    mean: tuple[float, ...] = OVERHEAD_MEAN  # per band, 0..1: R,G,B (+ NIR; else their average)
+    std: tuple[float, ...] = OVERHEAD_STD
     batch_size: int = 64
     seed: int = 0
     format_version: int = FORMAT_VERSION
@@ -92,6 +93,7 @@ class IJEPAConfig:
             bad("epochs", f"must be > 0, got {self.epochs}")
         if self.predictor_dim % self.predictor_heads:
             bad("predictor_heads", f"must divide predictor_dim {self.predictor_dim}")
+        check_band_stats(self.mean, self.std, "ijepa")
 
     def to_dict(self) -> dict:
         return config_to_dict(self)

@@ -79,24 +79,29 @@ def test_the_student_learns_to_say_what_the_frozen_teacher_says(teacher_run, tmp
 
 
 def test_the_teacher_never_moves_nor_enters_the_checkpoint_and_runs_resume_exactly(
-        teacher_run, tmp_path):
+        teacher_run, tmp_path, monkeypatch):
     cfg = distill_cfg(teacher_run, epochs=1, batch_size=4, drop_path_rate=0.1)
     before, _, _ = load_teacher(teacher_run)
+    made, init = [], DistillDINOv2.__init__
+
+    def keep(self, *args, **kwargs):  # the very model the trainer steps, to inspect after
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DistillDINOv2, "__init__", keep)
     src = Textures(window_px=64)
     a = pretrain(cfg, src, tmp_path / "a")
+    model = made[0]  # the frozen teacher in memory after 8 optimiser and EMA steps
+    after = model.frozen_teacher.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items())
+    assert not any(p.requires_grad for p in model.frozen_teacher.parameters())
+    assert not set(map(id, model.frozen_teacher.parameters())) & set(map(id, model.parameters()))
     pretrain(cfg, src, tmp_path / "b", max_steps=3)
     b = pretrain(cfg, src, tmp_path / "b", resume=True)
     assert a.steps_done == b.steps_done == 8
     wa, wb = weights(tmp_path / "a" / "checkpoint.pt"), weights(tmp_path / "b" / "checkpoint.pt")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert {k.split(".")[0] for k in wa} == {"student", "teacher", "dino_center", "ibot_center"}
-    torch.manual_seed(0)
-    model = DistillDINOv2(cfg, build_backbone(cfg))
-    model.load_state_dict(wa)
-    after = model.frozen_teacher.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items())
-    assert not any(p.requires_grad for p in model.frozen_teacher.parameters())
-    assert not set(map(id, model.frozen_teacher.parameters())) & set(map(id, model.parameters()))
 
 
 def test_a_centring_student_starts_from_the_teachers_centre(teacher_run):
@@ -154,3 +159,60 @@ def test_canopy_pretrain_distill_on_real_imagery_and_its_bad_input(teacher_run, 
         lines = [line for line in err.splitlines() if line.strip()]
         assert code != 0 and len(lines) == 1 and message in lines[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def edited_teacher(teacher_run, out, crops=None, grow=False):
+    """A copy of the teacher run with its crops settings changed, or grown to read 4 bands
+    (the 4th kernel the mean of the RGB ones, as `--init` grows a backbone)."""
+    import shutil
+
+    shutil.copytree(teacher_run, out)
+    meta = json.loads((out / "config.json").read_text())
+    meta["config"]["crops"].update(crops or {})
+    if grow:
+        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        for k, v in ck["model"].items():
+            if k.endswith("backbone.patch_embed.proj.weight"):
+                ck["model"][k] = torch.cat([v, v.mean(dim=1, keepdim=True)], dim=1)
+        ck["backbone"]["in_chans"] = meta["backbone"]["in_chans"] = 4
+        torch.save(ck, out / "checkpoint.pt")
+    (out / "config.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_the_student_normalises_its_crops_as_the_teacher_run_did(teacher_run, tmp_path):
+    """The teacher sees the student's crops: they must be normalised as in the teacher's own
+    run. Its mean/std are inherited; another value is refused by name."""
+    mean, std = [0.5, 0.45, 0.4], [0.2, 0.2, 0.2]
+    other = edited_teacher(teacher_run, tmp_path / "t", crops={"mean": mean, "std": std})
+    cfg = config_for("distill", {"teacher": str(other), "arch": "vit_micro",
+                                 "crops": {"global_size": 64, "local_size": 32}})
+    assert cfg.crops.mean == tuple(mean) and cfg.crops.std == tuple(std)
+    assert cfg.crops.global_size == 64  # what the student gives is kept
+    with pytest.raises(ConfigError, match=r"crops.mean must be the teacher's") as e:
+        config_for("distill", {"teacher": str(other), "crops": {"mean": list(OVERHEAD_MEAN)}})
+    assert e.value.field == "crops.mean"
+    with pytest.raises(ConfigError, match="crops mean needs 3 values .R,G,B. or 4"):
+        CropConfig(mean=(0.5, 0.5))
+
+
+def test_distill_reads_the_teachers_bands_by_default(teacher_run, tmp_path, capsys):
+    """A 4-band teacher gives a 4-band student on R,G,B,NIR imagery with no --bands."""
+    from tests.test_bands import OSBS, rgbn_from_real_rgb
+    from tests.test_predict import run_cli
+
+    four = edited_teacher(teacher_run, tmp_path / "t4", grow=True)
+    img = rgbn_from_real_rgb(shared(*OSBS, "OSBS_029.tif"), tmp_path / "rgbn.tif")
+    (tmp_path / "s.yaml").write_text(
+        "head_hidden: 32\nhead_bottleneck: 16\nbatch_size: 2\nepochs: 1\n"
+        "crops: {global_size: 64, local_size: 32, n_local: 2}\n")
+    common = ["--window", 64, "--config", tmp_path / "s.yaml", "--arch", "vit_micro",
+              "--device", "cpu", "--precision", "fp32", "--max-steps", 1]
+    code, out, err = run_cli("pretrain", "distill", "--teacher", four, "--imagery", img, *common,
+                             "-o", tmp_path / "run", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["backbone"]["in_chans"] == 4
+    code, out, err = run_cli("pretrain", "distill", "--teacher", four, "--imagery",
+                             shared(*OSBS, "OSBS_029.tif"), *common, "-o", tmp_path / "bad",
+                             capsys=capsys)
+    assert code != 0 and "RGB+NIR" in err, err
