@@ -328,7 +328,8 @@ def rgb_bands(ds, path=None, bands=None, count: int | None = None) -> tuple[int,
         try:
             bands = tuple(int(b) for b in bands.split(","))
         except ValueError:
-            raise RasterError(f"bands must be three band numbers like 1,2,3, got '{bands}'") from None
+            raise RasterError(f"bands must be band numbers like 1,2,3 (or 1,2,3,4 with "
+                              f"near-infrared), got '{bands}'") from None
     allowed = (count,) if count else (3, 4)
     if len(bands) not in allowed or any(b < 1 or b > ds.count for b in bands):
         words = {3: "three", 4: "four"}

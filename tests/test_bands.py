@@ -234,3 +234,76 @@ def test_fitting_a_gedi_correction_on_a_four_band_decoder_is_refused_by_name():
     scene = TrainingScene(str(shared(*OSBS, "OSBS_029.tif")), shots=None)
     with pytest.raises(OptionError, match="reads 4 bands; fitting a GEDI correction takes an RGB"):
         samples_from_scenes([scene], CorrectionConfig(), decoder=four)
+
+
+def test_pretraining_refuses_a_fourth_band_tagged_alpha_as_training_and_prediction_do(tmp_path,
+                                                                                     capsys):
+    """GDAL reads a band tagged alpha as the file's mask: pretraining on it as near-infrared
+    would feed the model a mask. The file is left out with the reason, in one line."""
+    alpha = rgbn_from_real_rgb(shared(*OSBS, "OSBS_029.tif"), tmp_path / "alpha.tif",
+                               tag_nir=False)
+    code, out, err = run_cli("pretrain", "--method", "dinov2", "--arch", "vit_micro", "--imagery",
+                             alpha, "--bands", "1,2,3,4", "-o", tmp_path / "run", "--device",
+                             "cpu", capsys=capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1, err
+    assert "band 4 is tagged alpha (a mask), not imagery" in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_rgb_models_files_stay_readable_by_a_release_without_band_counts(tmp_path,
+                                                                           micro_model):
+    """The band count was added to the configs after models were first shipped. A 3-band model
+    and run write no band-count key, so the release before it (whose strict readers refuse
+    unknown keys) still loads them; a 4-band model says its count."""
+    import dataclasses
+    import json
+    import typing
+
+    from canopy.model.checkpoints import save_native
+    from canopy.model.height_model import HeightModel
+    from canopy.train.loop import TrainConfig
+    from ssl_backbone.config import from_dict
+    from ssl_backbone.vit import ViTConfig
+
+    def before(cls, drop):  # the same config as the release before the field had it
+        hints = typing.get_type_hints(cls)
+        fields = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls) if f.name != drop]
+        return dataclasses.make_dataclass(cls.__name__, fields)
+
+    OldViT = before(ViTConfig, "in_chans")
+    rgb = json.loads((save_native(micro_model, tmp_path / "rgb") / "config.json")
+                     .read_text())
+    assert from_dict(OldViT, rgb["backbone"], what="backbone config").embed_dim == 128
+    assert from_dict(before(TrainConfig, "in_bands"), TrainConfig(out_dir="r").to_dict(),
+                     what="train config").out_dir == "r"
+    cfg4 = dataclasses.replace(micro_model.cfg,
+                               backbone=dataclasses.replace(micro_model.cfg.backbone, in_chans=4))
+    four = json.loads((save_native(HeightModel(cfg4), tmp_path / "rgbn") / "config.json")
+                      .read_text())
+    assert four["backbone"]["in_chans"] == 4
+    assert ViTConfig.from_dict(four["backbone"]).in_chans == 4
+    assert TrainConfig.from_dict(TrainConfig(out_dir="r", in_bands=4).to_dict()).in_bands == 4
+
+
+def test_pretraining_takes_a_near_infrared_mean_and_std_of_its_own():
+    """A 4th crops mean/std value normalises the NIR band (read from YAML as for any field);
+    without one the band takes the RGB average. Other lengths are refused by name."""
+    from ssl_backbone.augment import CropConfig, multi_crop
+    from ssl_backbone.errors import ConfigError
+
+    img = torch.full((4, 64, 64), 100, dtype=torch.uint8)
+    img[3] = 200  # NIR: vegetation is bright in it
+    nir_mean, nir_std = 200 / 255, 0.25
+    plain = dict(global_size=32, local_size=16, n_local=1, jitter_p=0.0, grayscale_p=0.0,
+                 blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    cfg = CropConfig.from_dict({**plain, "mean": [0.4, 0.4, 0.3, nir_mean],
+                                "std": [0.2, 0.15, 0.15, nir_std]})
+    (g, _), _ = multi_crop(img, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(g[3], torch.zeros(32, 32), atol=1e-5)  # at the NIR mean: 0
+    (g, _), _ = multi_crop(img, CropConfig(**plain), torch.Generator().manual_seed(0))
+    avg_mean, avg_std = per_band(CropConfig().mean, 4)[3], per_band(CropConfig().std, 4)[3]
+    assert torch.allclose(g[3], torch.full((32, 32), (nir_mean - avg_mean) / avg_std), atol=1e-4)
+    for bad in ([0.4, 0.4], [0.4] * 5):
+        with pytest.raises(ConfigError, match="crops mean needs 3 values"):
+            CropConfig.from_dict({"mean": bad})

@@ -100,12 +100,13 @@ def _filled(model, rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _pad_to(rgb: np.ndarray, valid: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """An image smaller than a tile, grown to one with the added pixels marked invalid."""
+    """An image (any band count) smaller than a tile, grown to one with the added pixels marked
+    invalid."""
     h, w = rgb.shape[1:]
     if h >= tile and w >= tile:
         return rgb, valid
     H, W = max(h, tile), max(w, tile)
-    out, ok = np.zeros((3, H, W), rgb.dtype), np.zeros((H, W), bool)
+    out, ok = np.zeros((rgb.shape[0], H, W), rgb.dtype), np.zeros((H, W), bool)
     out[:, :h, :w], ok[:h, :w] = rgb, valid
     return out, ok
 
