@@ -96,10 +96,14 @@ def create_app(config: ServiceConfig | None = None, *, run_jobs: bool = True) ->
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         """Startup and shutdown (FastAPI's lifespan; its on_event hooks are deprecated): the
-        worker-thread limit, then the job runner, stopped when the server stops."""
+        worker-thread limit, stale export folders removed, then the job runner, stopped when
+        the server stops."""
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads
+        from services.stats import sweep_stale_exports
+
+        sweep_stale_exports()  # what a killed server left between writing and sending
         if run_jobs and config.imagery:
             app.state.runner.start()
         try:

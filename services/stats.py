@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ BIN = 0.01  # m, histogram resolution of the quantiles
 LOW, HIGH = -50.0, 200.0  # m, histogram range; heights outside land in its end bins
 CLASSES = ((0.0, 2.0), (2.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, math.inf))
 COVER_AT = (2.0, 5.0)
+EXPORT_PREFIX = "canopy-export-"  # temporary folder of one export, removed once it is sent
+STALE_EXPORT_S = 3600.0  # an export folder older than this was left by a killed server
 
 
 def _class_name(lo: float, hi: float) -> str:
@@ -331,20 +335,24 @@ def export(layer: Layer, feature: Feature, limits: Limits, fmt: str) -> tuple[Pa
                             all_touched=True)
     data[:, outside] = fill
     tags = {k: v for k, v in first.tags().items() if k in _KEEP_TAGS}
-    folder = Path(tempfile.mkdtemp(prefix="canopy-export-"))
+    folder = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX))
     name = f"{layer.id}_export"
-    tif = write_cog(folder / f"{name}.tif", data, crs=crs, transform=transform, nodata=nodata,
-                    descriptions=[d or outputs.HEIGHT_BAND for d in first.descriptions],
-                    units=outputs.UNITS, tags=tags, qml=True)
-    if fmt == "tif":
-        return tif, "image/tiff"
-    zpath = folder / f"{name}.zip"
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:
-        z.write(tif, tif.name)
-        qml = tif.with_suffix(".qml")
-        if qml.exists():
-            z.write(qml, qml.name)
-    return zpath, "application/zip"
+    try:
+        tif = write_cog(folder / f"{name}.tif", data, crs=crs, transform=transform, nodata=nodata,
+                        descriptions=[d or outputs.HEIGHT_BAND for d in first.descriptions],
+                        units=outputs.UNITS, tags=tags, qml=True)
+        if fmt == "tif":
+            return tif, "image/tiff"
+        zpath = folder / f"{name}.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:
+            z.write(tif, tif.name)
+            qml = tif.with_suffix(".qml")
+            if qml.exists():
+                z.write(qml, qml.name)
+        return zpath, "application/zip"
+    except BaseException:  # nothing half-written stays behind (the response removes the rest)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def remove_export(path: Path) -> None:
@@ -352,3 +360,18 @@ def remove_export(path: Path) -> None:
     for p in folder.iterdir():
         os.unlink(p)
     os.rmdir(folder)
+
+
+def sweep_stale_exports(max_age_s: float = STALE_EXPORT_S) -> int:
+    """Remove export folders older than ``max_age_s`` that a server killed between writing an
+    export and sending it left in the temporary folder; returns how many. An export is written
+    and sent in seconds, so no live request (of this or another worker) owns one that old."""
+    now, removed = time.time(), 0
+    for folder in Path(tempfile.gettempdir()).glob(EXPORT_PREFIX + "*"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > max_age_s:
+                shutil.rmtree(folder)
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed

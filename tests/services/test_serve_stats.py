@@ -229,3 +229,40 @@ def test_export_size_limit(layers_dir):
         assert ds.width * ds.height <= 6400
     with pytest.raises(TooLarge, match="at most 1,000 px"):
         export(layer, big, Limits(max_export_pixels=1000), "tif")
+
+
+def test_an_export_that_fails_or_is_orphaned_leaves_no_folder_behind(layers_dir, tmp_path,
+                                                                    monkeypatch):
+    """A failed write removes its folder at once; folders a killed server left between writing
+    and sending are removed at the next start once they are an hour old (fresh ones are a live
+    request's)."""
+    import os
+    import tempfile
+    import time
+
+    import services.stats as stats
+    from services.config import Limits
+    from services.geojson import parse_polygons
+    from services.layers import LayerRegistry
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    layer = LayerRegistry(layers_dir).get("osbs")
+    w, s, e, n = layer.bounds_ll
+    poly = parse_polygons(geo_polygon(w, s, (w + e) / 2, (s + n) / 2), Limits())[0]
+
+    def full_disk(path, *args, **kwargs):
+        path.write_bytes(b"half a COG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stats, "write_cog", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        stats.export(layer, poly, Limits(), "zip")
+    assert not list(tmp_path.glob(stats.EXPORT_PREFIX + "*"))
+    old, fresh = (tmp_path / f"{stats.EXPORT_PREFIX}old", tmp_path / f"{stats.EXPORT_PREFIX}new")
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "osbs_export.tif").write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert stats.sweep_stale_exports() == 1
+    assert not old.exists() and fresh.exists()
