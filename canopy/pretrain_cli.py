@@ -192,6 +192,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in -
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Data loader worker processes.")]
+FsdpOpt = Annotated[bool, typer.Option(
+    "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP) instead of a whole copy on each; same checkpoints.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, order and crops.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
@@ -223,6 +226,7 @@ def run_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = 0,
+    fsdp: FsdpOpt = False,
     threads: ThreadsOpt = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
@@ -248,12 +252,12 @@ def run_command(
     fields.update({k: v for k, v in overrides.items() if v is not None})
     _run(config_for(method, fields), imagery, out, window=window, gsd=gsd, bands=bands,
          max_steps=max_steps, resume=resume, device=device, precision=precision,
-         workers=workers, threads=threads, quiet=quiet)
+         workers=workers, threads=threads, quiet=quiet, fsdp=fsdp)
 
 
 def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None, bands: str | None,
          max_steps: int | None, resume: bool, device: str, precision: str, workers: int,
-         threads: int | None, quiet: bool) -> None:
+         threads: int | None, quiet: bool, fsdp: bool = False) -> None:
     """One pretraining run of the method ``cfg`` belongs to, with progress lines and the exit
     summary (shared by `canopy pretrain` and `canopy pretrain distill`)."""
     from canopy.model.auto import training_precision
@@ -287,7 +291,7 @@ def _run(cfg, imagery: Path, out: Path, *, window: int, gsd: float | None, bands
                        f"({parts}); RankMe {row['rankme']:.1f}{bad}", err=True)
 
     result = pretrain(cfg, source, out, device=str(dev), precision=prec, resume=resume,
-                      max_steps=max_steps, num_workers=workers, progress=show)
+                      max_steps=max_steps, num_workers=workers, progress=show, fsdp=fsdp)
     verdict = (f"; collapse monitors out of band: {', '.join(result.collapsed)}"
                if result.collapsed else "; monitors healthy")
     if result.backbone_path:
@@ -319,6 +323,7 @@ def distill_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = 0,
+    fsdp: FsdpOpt = False,
     threads: ThreadsOpt = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
@@ -339,7 +344,7 @@ def distill_command(
     fields.update({k: v for k, v in overrides.items() if v is not None})
     _run(config_for("distill", fields), imagery, out, window=window, gsd=gsd, bands=bands,
          max_steps=max_steps, resume=resume, device=device, precision=precision,
-         workers=workers, threads=threads, quiet=quiet)
+         workers=workers, threads=threads, quiet=quiet, fsdp=fsdp)
 
 
 def _read_config(path: Path) -> dict:

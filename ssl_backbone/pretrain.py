@@ -1,8 +1,9 @@
 """The self-supervised pretraining loop: data order, steps, resume, logs, monitors, export.
 
 Runs in one CPU process, on one GPU, or in N processes under ``torchrun`` (gradients averaged
-over ranks after each backward, as DDP does; the teacher targets' batch statistics are
-all-reduced in :mod:`ssl_backbone.losses`). Imagery comes from any :class:`WindowSource`:
+over ranks after each backward, as DDP does, or parameters sharded with ``fsdp``:
+:mod:`ssl_backbone.sharding`; the teacher targets' batch statistics are all-reduced in
+:mod:`ssl_backbone.losses`). Imagery comes from any :class:`WindowSource`:
 :class:`ImageFolderWindows` here (JPEG/PNG through torchvision), or the georeferenced readers
 ``canopy pretrain`` passes in (this package imports nothing from ``canopy``).
 
@@ -18,6 +19,7 @@ window of the source once (DINOv2 fixed it at 1,250 iterations, whatever the dat
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import time
@@ -33,8 +35,11 @@ from ssl_backbone.errors import BackboneError, CheckpointError, ConfigError
 from ssl_backbone.methods import Method, method_of
 from ssl_backbone.monitors import collapse_report
 from ssl_backbone.runtime import (
-    PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION, DistInfo, barrier, capture_rng_state, init_distributed, load_checkpoint, restore_rng_state,
-    restore_training_state, save_checkpoint, seed_all, training_state)
+    PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION, DistInfo, barrier, capture_rng_state,
+    init_distributed, load_checkpoint, restore_rng_state, restore_training_state,
+    save_checkpoint, seed_all, training_state)
+from ssl_backbone.sharding import (
+    ShardedModelState, ShardedOptimizerState, local_elements, shard_model)
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -206,14 +211,16 @@ class PretrainResult:
 def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
              device: str = "cpu", precision: str = "fp32", resume: bool = False,
              max_steps: int | None = None, num_workers: int = 0, log_every: int = 10,
-             checkpoint_every: int = 100, progress: Callable[[dict], None] | None = None
-             ) -> PretrainResult:
+             checkpoint_every: int = 100, progress: Callable[[dict], None] | None = None,
+             fsdp: bool = False) -> PretrainResult:
     """Run (or resume) pretraining with the method of ``cfg`` (a DINOv2, I-JEPA or MSN
     config: :mod:`ssl_backbone.methods`); writes ``checkpoint.pt`` (everything, heads
     included), ``log.csv``, ``config.json`` and, at the end, ``backbone.safetensors`` (the
     teacher's/target encoder's backbone, what the methods release) and ``summary.json``.
     ``max_steps`` stops early (the schedules still span ``cfg.epochs``), so a run can be done
-    in several sittings."""
+    in several sittings. ``fsdp`` shards parameters, gradients and optimizer state over the
+    processes (:mod:`ssl_backbone.sharding`; one process has nothing to shard) instead of
+    keeping a whole copy on each; the checkpoint is the same either way."""
     method = method_of(cfg)
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}", field="precision")
@@ -236,10 +243,15 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
     seed_all(cfg.seed)  # every rank builds the same initial weights
     backbone = build_backbone(cfg, getattr(source, "channels", 3))
     model = method.build(cfg, backbone).to(device)
+    sharded = fsdp and info.world_size > 1
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        shard_model(model)
     optimizer = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999))
     sched = method.schedules(cfg, steps_per_epoch, glob_batch)
     total = method.run_steps(cfg, steps_per_epoch)
-    stateful = {"model": model, "optimizer": optimizer}
+    stateful = ({"model": ShardedModelState(model),
+                 "optimizer": ShardedOptimizerState(model, optimizer)} if sharded
+                else {"model": model, "optimizer": optimizer})
     step = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
@@ -259,7 +271,7 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
         (out / "config.json").write_text(json.dumps(
             {"method": method.name, "config": cfg.to_dict(), "backbone": backbone.cfg.to_dict(),
              "steps_per_epoch": steps_per_epoch, "total_steps": total,
-             "world_size": info.world_size}, indent=2) + "\n")
+             "world_size": info.world_size, "fsdp": sharded}, indent=2) + "\n")
     stop = total if max_steps is None else min(total, step + max_steps)
     views = _Views(source, method, cfg, cfg.seed)
     collate = _Collate(method, cfg, backbone.cfg.patch_size, info.rank)
@@ -296,7 +308,8 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
                 raise TrainingStopped(f"the loss became {float(loss)} at step {step + 1}; lower "
                                       "base_lr or raise warmup_epochs")
             loss.backward()
-            _average_gradients(model, info)
+            if not sharded:  # FSDP reduce-scatters the averaged gradients itself
+                _average_gradients(model, info)
             norms = model.clip_gradients(cfg.clip_grad)
             optimizer.step()
             model.update_teacher(sched.momentum(step))
@@ -323,13 +336,15 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
                     progress(row)
             if step % checkpoint_every == 0 or step == stop:
                 ranks = _gather_rng(info)
+                # a sharded state is gathered by every process (whole on the first)
+                state = (training_state(step, stateful, config=cfg.to_dict(),
+                                        backbone=backbone.cfg.to_dict(), method=method.name,
+                                        rng_ranks=ranks) if info.is_main or sharded else None)
                 if info.is_main:
                     _append_log(out / "log.csv", log_rows)
                     log_rows = []
-                    save_checkpoint(ckpt_path, training_state(
-                        step, stateful, config=cfg.to_dict(), backbone=backbone.cfg.to_dict(),
-                        method=method.name, rng_ranks=ranks),
-                        format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+                    save_checkpoint(ckpt_path, state, format=CHECKPOINT_FORMAT,
+                                    version=CHECKPOINT_VERSION)
                 barrier(info)
     path = None
     if info.is_main:
@@ -338,8 +353,15 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
         if step >= total:
             path = export_backbone(ckpt_path, out / "backbone.safetensors")
         (out / "summary.json").write_text(json.dumps(
-            {"steps_done": step, "total_steps": total, "last": last, "monitors": monitors},
+            {"steps_done": step, "total_steps": total, "last": last, "monitors": monitors,
+             "parameter_elements_per_process": local_elements(model)},
             indent=2, default=str) + "\n")
+    if sharded:
+        # FSDP's modules hold communication handles in reference cycles: free them while the
+        # process group lives, not at interpreter exit (where gloo's threads abort the process)
+        del stateful, optimizer, model
+        gc.collect()
+        barrier(info)
     return PretrainResult(step, total, steps_per_epoch, last, monitors, path)
 
 

@@ -166,12 +166,16 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, cfg_dict: dict, steps: int = 2,
-               resume: bool = False) -> None:
+               resume: bool = False, fsdp: bool = False, method: str = "dinov2",
+               window: int = 32) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        pretrain(DINOv2Config.from_dict(cfg_dict), Textures(), out, max_steps=steps, resume=resume)
+        from ssl_backbone.methods import config_for
+
+        pretrain(config_for(method, cfg_dict), Textures(window_px=window), out, max_steps=steps,
+                 resume=resume, fsdp=fsdp)
     finally:
         import torch.distributed as dist
 
@@ -201,6 +205,98 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, cente
     for k in wd:
         if wd[k].is_floating_point():
             torch.testing.assert_close(wd[k], wo[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_fsdp_shards_the_run_and_computes_the_step_data_parallel_does(tmp_path):
+    """Two gloo processes with FSDP hold half the parameters each, and two steps give the
+    weights one process gets on the whole batch; a sharded run stopped after one step resumes
+    sharded or unsharded (one checkpoint format) as if it had not stopped."""
+    import torch.multiprocessing as mp
+
+    common = dict(koleo_weight=0.0, mask_probability=0.0, epochs=2, drop_path_rate=0.0)
+    two = cfg_of(batch_size=4, **common)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "fsdp"), two.to_dict(), 2, False,
+                               True), nprocs=2)
+    pretrain(cfg_of(batch_size=8, base_lr=two.base_lr, **common), Textures(), tmp_path / "one",
+             max_steps=2)
+    wf, wo = weights(tmp_path / "fsdp" / "checkpoint.pt"), weights(tmp_path / "one" / "checkpoint.pt")
+    assert wf.keys() == wo.keys()
+    for k in wf:
+        if wf[k].is_floating_point():
+            torch.testing.assert_close(wf[k], wo[k], atol=2e-5, rtol=1e-4, msg=k)
+    held = {r: json.loads((tmp_path / r / "summary.json").read_text())[
+        "parameter_elements_per_process"] for r in ("fsdp", "one")}
+    # half each, but for tensors whose first dimension does not split (a [1, N, D] position
+    # table stays on the first process)
+    assert held["fsdp"] < 0.53 * held["one"]
+    assert json.loads((tmp_path / "fsdp" / "config.json").read_text())["fsdp"] is True
+    # resume: one sharded step, then one more sharded and, from the same file, one unsharded
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "b"), two.to_dict(), 1, False,
+                               True), nprocs=2)
+    import shutil
+
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "b"), two.to_dict(), 1, True,
+                               True), nprocs=2)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "c"), two.to_dict(), 1, True,
+                               False), nprocs=2)
+    for run in ("b", "c"):
+        wr = weights(tmp_path / run / "checkpoint.pt")
+        for k in wf:
+            if wf[k].is_floating_point():
+                torch.testing.assert_close(wr[k], wf[k], atol=1e-6, rtol=1e-5, msg=f"{run}: {k}")
+
+
+def test_canopy_pretrain_fsdp_under_torchrun_on_real_imagery(tmp_path):
+    """What a user types: torchrun, two processes, --fsdp, on real overhead images."""
+    import subprocess
+    import sys
+
+    from tests.conftest import SHARED_DATA, shared
+
+    shared("overhead_rgb")
+    (tmp_path / "s.yaml").write_text(
+        "arch: vit_micro\nprototypes: 64\nhead_hidden: 32\nhead_bottleneck: 16\nbatch_size: 2\n"
+        "epochs: 1\ncrops: {global_size: 64, local_size: 32, n_local: 2}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "canopy.cli", "pretrain", "--config",
+         str(tmp_path / "s.yaml"), "--imagery", str(SHARED_DATA / "overhead_rgb"), "--window", "64",
+         "--max-steps", "2", "--fsdp", "--device", "cpu", "--precision", "fp32", "--quiet",
+         "-o", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "stopped at step 2/" in run.stdout
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["fsdp"] is True and meta["world_size"] == 2
+    assert set(weights(tmp_path / "run" / "checkpoint.pt")) >= {"student.backbone.pos_embed"}
+
+
+@pytest.mark.parametrize("method", ["ijepa", "msn", "distill"])
+def test_fsdp_runs_every_method_as_data_parallel_does(method, tmp_path):
+    """The same two processes with and without sharding: the same weights after two steps
+    (I-JEPA's predictor blocks are sharded units too; MSN's prototypes sit in the root; a
+    distillation teacher stays whole on each process)."""
+    import torch.multiprocessing as mp
+
+    small = {"ijepa": dict(image_size=64, predictor_dim=64, predictor_heads=2, predictor_depth=1,
+                           min_keep=2),
+             "msn": dict(prototypes=16, proj_hidden=32, proj_dim=16,
+                         crops={"global_size": 32, "local_size": 16, "n_local": 2})}.get(method)
+    if method == "distill":
+        pretrain(cfg_of(batch_size=4, epochs=1), Textures(), tmp_path / "teacher")
+        small = dict(teacher=str(tmp_path / "teacher"), head_hidden=32, head_bottleneck=16,
+                     koleo_weight=0.0, crops={"global_size": 32, "local_size": 16, "n_local": 2})
+    cfg = dict(arch="vit_micro", batch_size=4, epochs=2, drop_path_rate=0.0, **small)
+    for run, fsdp in (("ddp", False), ("fsdp", True)):
+        mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / run), cfg, 2, False, fsdp,
+                                   method, 64), nprocs=2)
+    wd, wf = (weights(tmp_path / r / "checkpoint.pt") for r in ("ddp", "fsdp"))
+    assert wd.keys() == wf.keys()
+    for k in wd:
+        if wd[k].is_floating_point():
+            torch.testing.assert_close(wf[k], wd[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
 def test_image_folder_source_and_its_errors(tmp_path):

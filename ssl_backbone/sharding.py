@@ -1,0 +1,110 @@
+"""Fully sharded data parallel pretraining (FSDP, PyTorch's per-parameter ``fully_shard``):
+each of N processes keeps 1/N of every parameter, gradient and optimizer moment, gathering a
+block's weights only while the block runs. For backbones whose student, teacher and AdamW
+state do not fit one device; the step computed is the one data-parallel (DDP) pretraining
+computes, in the same checkpoint format.
+
+Units: every transformer block (``…blocks.N``: backbones of student, teacher and Gram teacher,
+the I-JEPA predictor) is its own unit, and the method's module is the root unit holding the rest
+(embeddings, heads, prototypes). The trainer calls the method's ``losses``, not ``forward``, so
+that method is registered as a forward method of the root: its weights are gathered when it
+starts and the gradients reduce-scattered (averaged over processes) after backward. A
+distillation teacher is outside the module tree and stays whole on every process.
+
+Invariant: a sharded run's checkpoint is the file an unsharded run writes: the full state dict
+(the same names) and the optimizer state keyed by parameter index, group by group. Why it holds:
+the state is gathered whole through ``torch.distributed.checkpoint.state_dict`` and its
+name-keyed optimizer state is renumbered in the optimizer's own parameter order (what
+``Optimizer.state_dict`` does); loading runs the same mapping backwards and hands each process
+its shard. So a run may be resumed with or without sharding, and the trainer's export reads
+either.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+_BLOCK = re.compile(r"(^|.*\.)blocks\.\d+$")
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` (a method's module) in place over the default process group."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for name, module in list(model.named_modules()):
+        if _BLOCK.match(name):
+            fully_shard(module)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "losses")
+    return model
+
+
+def local_elements(model: nn.Module) -> int:
+    """Parameter elements this process holds (its shards under FSDP, everything otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+               for p in model.parameters())
+
+
+def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the optimizer's order (the order its state_dict numbers them)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+class ShardedModelState:
+    """``state_dict``/``load_state_dict`` of a sharded model as its full state dict (every
+    process takes part in gathering; the full dict lands on the first process, others get an
+    empty one)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+
+
+class ShardedOptimizerState:
+    """The optimizer's state of a sharded model in ``Optimizer.state_dict``'s own format
+    (parameters numbered in order), gathered whole; see the module docstring."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_optimizer_state_dict)
+
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not osd:  # not the first process
+            return {}
+        index = {n: i for i, n in enumerate(_names(self.model, self.optimizer))}
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+        return {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_optimizer_state_dict)
+
+        names = _names(self.model, self.optimizer)
+        osd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                for g in sd["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, osd,
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+__all__ = ["ShardedModelState", "ShardedOptimizerState", "local_elements", "shard_model"]
