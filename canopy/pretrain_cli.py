@@ -33,7 +33,8 @@ class RasterWindows:
     With ``gsd`` (metres), a georeferenced file finer than it is read averaged down to it; files
     without a metric CRS are read as they are. A file gives ⌊area / window_px²⌋ windows per
     epoch (at least one); files smaller than a window, unreadable, not 8-bit RGB or with a chosen
-    band tagged alpha are left out and listed in ``skipped``. A window that is mostly nodata is drawn again (up to 8 times)."""
+    band tagged alpha are left out and listed in ``skipped``. A window that is mostly nodata is
+    drawn again (up to 8 times)."""
 
     def __init__(self, spec: str | Path | list, window_px: int = 256, gsd: float | None = None,
                  bands: tuple[int, ...] = (1, 2, 3)):
