@@ -47,6 +47,17 @@ def configs(batch: int, epochs: float) -> dict:
     }
 
 
+def curves(log_csv: Path) -> list[dict]:
+    """The run's logged rows: loss and the collapse monitors step by step."""
+    import csv
+
+    keep = ("step", "total", "rankme", "normalised_std", "entropy_gap", "distinct_argmax",
+            "collapsed")
+    with open(log_csv) as f:
+        return [{k: (v if k == "collapsed" else float(v)) for k, v in row.items()
+                 if k in keep and v != ""} for row in csv.DictReader(f)]
+
+
 def main() -> None:
     from canopy.pretrain_cli import RasterWindows
     from ssl_backbone.methods import config_for
@@ -69,12 +80,13 @@ def main() -> None:
     for method in args.methods:
         cfg = config_for(method, configs(args.batch, epochs)[method])
         t0 = time.perf_counter()
-        result = pretrain(cfg, source, work / method, log_every=max(1, args.steps // 5))
+        result = pretrain(cfg, source, work / method, log_every=max(1, args.steps // 10))
         pretraining[method] = {"seconds": round(time.perf_counter() - t0, 1),
                                "images_seen": result.steps_done * args.batch,
                                "last": result.last, "monitors": {
                                    k: v for k, v in result.monitors.items()
-                                   if k in ("rankme", "entropy_gap", "collapsed")}}
+                                   if k in ("rankme", "entropy_gap", "collapsed")},
+                               "curves": curves(work / method / "log.csv")}
         backbones[method] = result.backbone_path
         print(method, json.dumps(pretraining[method], default=str), flush=True)
     scores = compare(backbones, args.decoder_steps, threads=args.threads)
