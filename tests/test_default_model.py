@@ -35,6 +35,15 @@ def test_default_model_ships_small_with_its_reference_and_a_true_card(evaluation
         assert f"| {site} | **this recipe** | {scores['model']['mae']:.2f} |" in card
     assert f"{chosen['ood']['auroc_large_error']:.2f}" in card
     assert "python -m canopy.train.default_model" in card and "CC0" in card
+    # the shipped record names files, not paths on the machine that trained it
+    record = (DEFAULT_MODEL_DIR / "evaluation.json").read_text()
+    assert "/tmp/" not in record and "/tmp/" not in card
+    assert evaluation["recipe"]["backbone"] == "dinov2_vit_tiny_overhead_no_osbs.safetensors"
+    from canopy.train.default_model import Recipe
+
+    trained = Recipe(backbone="/scratch/run/pretrain/run/backbone.safetensors")
+    assert trained.recorded()["backbone"] == "backbone.safetensors"
+    assert Recipe(**trained.recorded()).key() == trained.key()  # the card is remade from it
 
 
 def test_no_fold_trained_on_the_site_it_was_judged_on(evaluation):

@@ -82,6 +82,11 @@ class Recipe:
         bb = "pretrained" if self.backbone else "random"
         return f"{bb}_syn{self.synthetic_scenes}"
 
+    def recorded(self) -> dict:
+        """The recipe as the shipped files record it: the backbone by file name (the card's
+        command says where it comes from), not a path on the machine that trained it."""
+        return {**asdict(self), "backbone": Path(self.backbone).name if self.backbone else None}
+
 
 log = logging.getLogger(__name__)
 _say = log.info  # progress lines; main() shows them on stdout
@@ -367,7 +372,7 @@ def run_fold(site: str, recipe: Recipe, run_dir: Path) -> dict:
     scores, pixels = evaluate_site(model, gbm, mean_h, test_pairs, vdir / f"fold_{site}")
     large = pixels["abs_err"] > LARGE_ERROR_M
     ood = pixels["ood"]
-    out = {"site": site, "recipe": asdict(recipe), "scores": scores, "train_mean_m": mean_h,
+    out = {"site": site, "recipe": recipe.recorded(), "scores": scores, "train_mean_m": mean_h,
            "trained_on": sorted({p.name for p, _ in train_pairs}),
            "held_out": [p.name for p, _ in test_pairs], "data": summary,
            "train_seconds": result.seconds, "seconds": time.perf_counter() - t0,
@@ -461,7 +466,8 @@ def run_final(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     save_native(model, tmp)
     evaluation = {
-        "recipe": asdict(recipe), "variant": recipe.key(), "trained_on": sorted(p.name for p, _ in train_pairs),
+        "recipe": recipe.recorded(), "variant": recipe.key(),
+        "trained_on": sorted(p.name for p, _ in train_pairs),
         "not_trained_on_coregistration": sorted(k for k, v in checked.items() if not v["accepted"]),
         "coregistration": checked, "data": summary, "train_mean_m": mean_h,
         "kootenay": {"scores": kootenay, "ood": koot_ood}, "leave_one_site_out": variants,
