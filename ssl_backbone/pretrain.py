@@ -245,7 +245,7 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
     model = method.build(cfg, backbone).to(device)
     sharded = fsdp and info.world_size > 1
     if sharded:  # before the optimizer: sharding replaces the parameters
-        shard_model(model)
+        shard_model(model, device)
     optimizer = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999))
     sched = method.schedules(cfg, steps_per_epoch, glob_batch)
     total = method.run_steps(cfg, steps_per_epoch)
@@ -271,7 +271,9 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
         (out / "config.json").write_text(json.dumps(
             {"method": method.name, "config": cfg.to_dict(), "backbone": backbone.cfg.to_dict(),
              "steps_per_epoch": steps_per_epoch, "total_steps": total,
-             "world_size": info.world_size, "fsdp": sharded}, indent=2) + "\n")
+             "world_size": info.world_size, "fsdp": sharded,
+             # the imagery bands the source read, when it says (a distilled student reads them)
+             "bands": list(getattr(source, "bands", None) or []) or None}, indent=2) + "\n")
     stop = total if max_steps is None else min(total, step + max_steps)
     views = _Views(source, method, cfg, cfg.seed)
     collate = _Collate(method, cfg, backbone.cfg.patch_size, info.rank)
@@ -358,8 +360,10 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
             indent=2, default=str) + "\n")
     if sharded:
         # FSDP's modules hold communication handles in reference cycles: free them while the
-        # process group lives, not at interpreter exit (where gloo's threads abort the process)
-        del stateful, optimizer, model
+        # process group lives, not at interpreter exit (where gloo's threads abort the process);
+        # the last step's loss terms reach the model through their autograd graph
+        terms = loss = batch = None  # noqa: F841
+        del stateful, optimizer, model, backbone
         gc.collect()
         barrier(info)
     return PretrainResult(step, total, steps_per_epoch, last, monitors, path)

@@ -63,13 +63,18 @@ class DistInfo:
 
 def init_distributed(device: str) -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL for a CUDA
-    ``device``, gloo otherwise. A single process gets ``DistInfo()`` and no process group."""
+    ``device``, gloo otherwise; on CUDA each process's current device is its local rank's GPU
+    (collectives that place buffers on the current device, and FSDP, would all use GPU 0
+    otherwise). A single process gets ``DistInfo()`` and no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def barrier(info: DistInfo) -> None:

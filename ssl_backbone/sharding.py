@@ -30,14 +30,19 @@ from torch import nn
 _BLOCK = re.compile(r"(^|.*\.)blocks\.\d+$")
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """Shard ``model`` (a method's module) in place over the default process group."""
+def shard_model(model: nn.Module, device: str) -> nn.Module:
+    """Shard ``model`` (a method's module, on ``device``) in place over the default process
+    group. The mesh is made for ``device``'s type: left to itself FSDP picks the machine's
+    accelerator, which moves a CPU run onto the GPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for name, module in list(model.named_modules()):
         if _BLOCK.match(name):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "losses")
     return model
 
@@ -103,8 +108,10 @@ class ShardedOptimizerState:
         osd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
                "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
                                 for g in sd["param_groups"]]}
+        # not strict: a parameter a method never uses (I-JEPA's and MSN's mask token) has no
+        # moments, in the file as in the optimizer
         set_optimizer_state_dict(self.model, self.optimizer, osd,
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 __all__ = ["ShardedModelState", "ShardedOptimizerState", "local_elements", "shard_model"]

@@ -275,9 +275,10 @@ def test_canopy_pretrain_fsdp_under_torchrun_on_real_imagery(tmp_path):
 
 @pytest.mark.parametrize("method", ["ijepa", "msn", "distill"])
 def test_fsdp_runs_every_method_as_data_parallel_does(method, tmp_path):
-    """The same two processes with and without sharding: the same weights after two steps
-    (I-JEPA's predictor blocks are sharded units too; MSN's prototypes sit in the root; a
-    distillation teacher stays whole on each process)."""
+    """The same two processes with and without sharding: the same weights after two steps, the
+    sharded run stopped after one and resumed (I-JEPA's predictor blocks are sharded units too;
+    MSN's prototypes sit in the root; a distillation teacher stays whole on each process; the
+    mask token I-JEPA and MSN never use has no optimizer state to restore)."""
     import torch.multiprocessing as mp
 
     small = {"ijepa": dict(image_size=64, predictor_dim=64, predictor_heads=2, predictor_depth=1,
@@ -289,9 +290,10 @@ def test_fsdp_runs_every_method_as_data_parallel_does(method, tmp_path):
         small = dict(teacher=str(tmp_path / "teacher"), head_hidden=32, head_bottleneck=16,
                      koleo_weight=0.0, crops={"global_size": 32, "local_size": 16, "n_local": 2})
     cfg = dict(arch="vit_micro", batch_size=4, epochs=2, drop_path_rate=0.0, **small)
-    for run, fsdp in (("ddp", False), ("fsdp", True)):
-        mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / run), cfg, 2, False, fsdp,
-                                   method, 64), nprocs=2)
+    for run, fsdp, steps, resume in (("ddp", False, 2, False), ("fsdp", True, 1, False),
+                                     ("fsdp", True, 1, True)):
+        mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / run), cfg, steps, resume,
+                                   fsdp, method, 64), nprocs=2)
     wd, wf = (weights(tmp_path / r / "checkpoint.pt") for r in ("ddp", "fsdp"))
     assert wd.keys() == wf.keys()
     for k in wd:
