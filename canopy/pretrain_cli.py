@@ -331,14 +331,16 @@ def distill_command(
 ) -> None:
     """Distil a DINOv2 run into a smaller student (DINOv2 §5): the DINOv2 step against the
     frozen teacher's targets, no masking or drop path; the backbone written is the student's
-    EMA. --bands defaults to the teacher's (R,G,B,NIR for a 4-band teacher). Export and
-    --resume work as for `canopy pretrain`."""
+    EMA. --bands defaults to the bands the teacher run read (a curated table's are its own).
+    Export and --resume work as for `canopy pretrain`."""
     from ssl_backbone.distill import teacher_run
     from ssl_backbone.methods import config_for
 
-    if bands is None:  # the student reads what its teacher reads
-        n = int(teacher_run(teacher)["backbone"].get("in_chans", 3))
-        bands = ",".join(map(str, range(1, n + 1))) if n != 3 else None
+    if bands is None and not is_curated_table(imagery):  # the student reads what its teacher
+        run = teacher_run(teacher)                          # read (a table names its own bands)
+        n = int(run["backbone"].get("in_chans", 3))
+        taught = run["bands"] or list(range(1, n + 1))
+        bands = ",".join(map(str, taught)) if list(taught) != [1, 2, 3] else None
     fields = _read_config(config) if config else {}
     overrides = {"teacher": str(teacher), "arch": arch, "init": str(init) if init else None,
                  "epochs": epochs, "batch_size": batch_size, "seed": seed}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssl_backbone.augment import CropConfig
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.dinov2 import DINOv2, DINOv2Config
 from ssl_backbone.errors import CheckpointError, ConfigError
@@ -83,8 +84,9 @@ def _checkpoint_of(path: str | Path) -> Path:
 
 
 def teacher_run(path: str | Path, state: dict | None = None) -> dict:
-    """The teacher run's method, config and backbone config (from its ``config.json`` when the
-    run folder has one, else from the checkpoint, or ``state`` when it is already loaded)."""
+    """The teacher run's method, config, backbone config and the imagery bands it read (None
+    when not recorded), from its ``config.json`` when the run folder has one, else from the
+    checkpoint (or ``state`` when it is already loaded)."""
     ckpt = _checkpoint_of(path)
     meta = ckpt.parent / "config.json"
     if meta.is_file():
@@ -95,7 +97,8 @@ def teacher_run(path: str | Path, state: dict | None = None) -> dict:
     if method not in ("dinov2", "distill"):
         raise CheckpointError(f"teacher {path}: a {method} run; distillation needs a DINOv2 run "
                               "(its DINO head gives the targets)")
-    return {"method": method, "config": info["config"], "backbone": info["backbone"]}
+    return {"method": method, "config": info["config"], "backbone": info["backbone"],
+            "bands": info.get("bands")}
 
 
 def distill_config(fields: dict) -> DistillConfig:
@@ -111,7 +114,11 @@ def distill_config(fields: dict) -> DistillConfig:
                               f"{fields[name]}", field=name)
     # the teacher sees the student's crops: normalised as in its own run, or its inputs drift
     crops, taught = fields.get("crops") or {}, teacher.get("crops") or {}
-    crops = crops.to_dict() if hasattr(crops, "to_dict") else dict(crops)
+    if isinstance(crops, CropConfig):  # a built config always holds mean/std: its defaults say
+        plain = CropConfig()           # nothing was chosen
+        crops = {k: v for k, v in crops.to_dict().items()
+                 if k not in ("mean", "std") or list(v) != list(getattr(plain, k))}
+    crops = dict(crops)
     for name in ("mean", "std"):
         if name not in taught:
             continue

@@ -161,14 +161,16 @@ def test_canopy_pretrain_distill_on_real_imagery_and_its_bad_input(teacher_run, 
         assert not (tmp_path / "bad").exists()
 
 
-def edited_teacher(teacher_run, out, crops=None, grow=False):
-    """A copy of the teacher run with its crops settings changed, or grown to read 4 bands
-    (the 4th kernel the mean of the RGB ones, as `--init` grows a backbone)."""
+def edited_teacher(teacher_run, out, crops=None, grow=False, bands=None):
+    """A copy of the teacher run with its crops settings or recorded bands changed, or grown to
+    read 4 bands (the 4th kernel the mean of the RGB ones, as `--init` grows a backbone)."""
     import shutil
 
     shutil.copytree(teacher_run, out)
     meta = json.loads((out / "config.json").read_text())
     meta["config"]["crops"].update(crops or {})
+    if bands:
+        meta["bands"] = bands
     if grow:
         ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
         for k, v in ck["model"].items():
@@ -189,6 +191,8 @@ def test_the_student_normalises_its_crops_as_the_teacher_run_did(teacher_run, tm
                                  "crops": {"global_size": 64, "local_size": 32}})
     assert cfg.crops.mean == tuple(mean) and cfg.crops.std == tuple(std)
     assert cfg.crops.global_size == 64  # what the student gives is kept
+    built = config_for("distill", {"teacher": str(other), "crops": CropConfig(global_size=64)})
+    assert built.crops.mean == tuple(mean)  # a built CropConfig's default mean chose nothing
     with pytest.raises(ConfigError, match=r"crops.mean must be the teacher's") as e:
         config_for("distill", {"teacher": str(other), "crops": {"mean": list(OVERHEAD_MEAN)}})
     assert e.value.field == "crops.mean"
@@ -197,7 +201,8 @@ def test_the_student_normalises_its_crops_as_the_teacher_run_did(teacher_run, tm
 
 
 def test_distill_reads_the_teachers_bands_by_default(teacher_run, tmp_path, capsys):
-    """A 4-band teacher gives a 4-band student on R,G,B,NIR imagery with no --bands."""
+    """A 4-band teacher gives a 4-band student on R,G,B,NIR imagery with no --bands, and a
+    teacher that read its imagery as bands 3,2,1 gives a student that reads it so too."""
     from tests.test_bands import OSBS, rgbn_from_real_rgb
     from tests.test_predict import run_cli
 
@@ -216,3 +221,9 @@ def test_distill_reads_the_teachers_bands_by_default(teacher_run, tmp_path, caps
                              shared(*OSBS, "OSBS_029.tif"), *common, "-o", tmp_path / "bad",
                              capsys=capsys)
     assert code != 0 and "RGB+NIR" in err, err
+    bgr = edited_teacher(teacher_run, tmp_path / "t321", bands=[3, 2, 1])
+    code, out, err = run_cli("pretrain", "distill", "--teacher", bgr, "--imagery",
+                             shared(*OSBS, "OSBS_029.tif"), *common, "-o", tmp_path / "r321",
+                             capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r321" / "config.json").read_text())["bands"] == [3, 2, 1]
