@@ -356,10 +356,8 @@ def export(layer: Layer, feature: Feature, limits: Limits, fmt: str) -> tuple[Pa
 
 
 def remove_export(path: Path) -> None:
-    folder = path.parent
-    for p in folder.iterdir():
-        os.unlink(p)
-    os.rmdir(folder)
+    """After the response: the export's folder (unless a sweep removed it meanwhile)."""
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def sweep_stale_exports(max_age_s: float = STALE_EXPORT_S) -> int:

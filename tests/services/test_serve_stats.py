@@ -266,3 +266,4 @@ def test_an_export_that_fails_or_is_orphaned_leaves_no_folder_behind(layers_dir,
     os.utime(old, (two_hours_ago, two_hours_ago))
     assert stats.sweep_stale_exports() == 1
     assert not old.exists() and fresh.exists()
+    stats.remove_export(old / "osbs_export.tif")  # a response's cleanup after a sweep: no error
