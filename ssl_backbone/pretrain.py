@@ -39,7 +39,7 @@ from ssl_backbone.runtime import (
     init_distributed, load_checkpoint, restore_rng_state, restore_training_state,
     save_checkpoint, seed_all, training_state)
 from ssl_backbone.sharding import (
-    ShardedModelState, ShardedOptimizerState, local_elements, shard_model)
+    ShardedModelState, ShardedOptimizerState, local_elements, read_on_first, shard_model)
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -254,7 +254,8 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
                 else {"model": model, "optimizer": optimizer})
     step = 0
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+        state = (read_on_first(ckpt_path, info) if sharded else
+                 load_checkpoint(ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION))
         if (not _same_config(state.get("backbone"), backbone.cfg)
                 or not _same_config(state.get("config"), cfg)
                 or state.get("method", "dinov2") != method.name):

@@ -11,6 +11,10 @@ that method is registered as a forward method of the root: its weights are gathe
 starts and the gradients reduce-scattered (averaged over processes) after backward. A
 distillation teacher is outside the module tree and stays whole on every process.
 
+A resumed sharded run reads its checkpoint on the first process only (N copies of a model too
+big for one device may not fit one host either): the others get everything but the weights and
+moments, which FSDP then sends out shard by shard.
+
 Invariant: a sharded run's checkpoint is the file an unsharded run writes: the full state dict
 (the same names) and the optimizer state keyed by parameter index, group by group. Why it holds:
 the state is gathered whole through ``torch.distributed.checkpoint.state_dict`` and its
@@ -55,6 +59,30 @@ def local_elements(model: nn.Module) -> int:
                for p in model.parameters())
 
 
+def read_on_first(path, info) -> dict:
+    """A pretraining checkpoint read by the first process; every other process gets its small
+    entries (step, configs, RNG streams) and empty ``model``/``optimizer`` entries. A file the
+    first process cannot read raises the same error everywhere (the others would wait forever)."""
+    import torch.distributed as dist
+
+    from ssl_backbone.errors import CheckpointError
+    from ssl_backbone.runtime import (
+        PRETRAIN_CHECKPOINT_FORMAT, PRETRAIN_CHECKPOINT_VERSION, load_checkpoint)
+
+    state, header = None, [None]
+    if info.is_main:
+        try:
+            state = load_checkpoint(path, format=PRETRAIN_CHECKPOINT_FORMAT,
+                                    version=PRETRAIN_CHECKPOINT_VERSION)
+            header[0] = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        except CheckpointError as exc:
+            header[0] = {"error": str(exc)}
+    dist.broadcast_object_list(header, src=0)
+    if "error" in header[0]:
+        raise CheckpointError(header[0]["error"])
+    return state if info.is_main else {**header[0], "model": {}, "optimizer": {}}
+
+
 def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter names in the optimizer's order (the order its state_dict numbers them)."""
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -63,8 +91,8 @@ def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
 
 class ShardedModelState:
     """``state_dict``/``load_state_dict`` of a sharded model as its full state dict (every
-    process takes part in gathering; the full dict lands on the first process, others get an
-    empty one)."""
+    process takes part; the full dict lands on, and is loaded from, the first process: the
+    others give and get an empty one)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -78,7 +106,8 @@ class ShardedModelState:
     def load_state_dict(self, sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(self.model, sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
 
 
 class ShardedOptimizerState:
@@ -107,11 +136,12 @@ class ShardedOptimizerState:
         names = _names(self.model, self.optimizer)
         osd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
                "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
-                                for g in sd["param_groups"]]}
+                                for g in sd["param_groups"]]} if sd else {}
         # not strict: a parameter a method never uses (I-JEPA's and MSN's mask token) has no
         # moments, in the file as in the optimizer
-        set_optimizer_state_dict(self.model, self.optimizer, osd,
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
 
 
-__all__ = ["ShardedModelState", "ShardedOptimizerState", "local_elements", "shard_model"]
+__all__ = ["ShardedModelState", "ShardedOptimizerState", "local_elements", "read_on_first",
+           "shard_model"]

@@ -171,6 +171,16 @@ def _rank_main(rank: int, world: int, port: int, out: str, cfg_dict: dict, steps
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import ssl_backbone.runtime as runtime
+
+    read = runtime.load_checkpoint
+
+    def noted(path, **kw):  # which processes read the run's checkpoint
+        with open(f"{out}.reads", "a") as f:
+            f.write(f"{rank}\n")
+        return read(path, **kw)
+
+    runtime.load_checkpoint = noted
     try:
         from ssl_backbone.methods import config_for
 
@@ -238,6 +248,13 @@ def test_fsdp_shards_the_run_and_computes_the_step_data_parallel_does(tmp_path):
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "b"), two.to_dict(), 1, True,
                                True), nprocs=2)
+    # the sharded resume read the file on the first process only (the others got shards)
+    assert (tmp_path / "b.reads").read_text().split() == ["0"]
+    (tmp_path / "d").mkdir()  # a file the first process cannot read stops every process
+    (tmp_path / "d" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(mp.ProcessRaisedException, match="cannot read"):
+        mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "d"), two.to_dict(), 1, True,
+                                   True), nprocs=2)
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "c"), two.to_dict(), 1, True,
                                False), nprocs=2)
     for run in ("b", "c"):
