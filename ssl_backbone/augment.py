@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl_backbone.config import from_dict as config_from_dict
 from ssl_backbone.config import to_dict as config_to_dict
+from ssl_backbone.errors import ConfigError
 from ssl_backbone.vit import per_band
 
 # HighResCanopyHeight's input normalisation (the height models' default), on 0..1 RGB
@@ -35,8 +36,6 @@ def check_band_stats(mean, std, what: str) -> None:
     """Refuse a normalisation that is not one value per band (3 for RGB, 4 with near-infrared:
     a 4th value normalises the NIR band, else :func:`per_band` gives it the RGB average) or a
     std that is not positive, naming the field."""
-    from ssl_backbone.errors import ConfigError
-
     for name, values in (("mean", mean), ("std", std)):
         if len(values) not in (3, 4):
             raise ConfigError(f"{what} {name} needs 3 values (R,G,B) or 4 (R,G,B,NIR), got "

@@ -274,7 +274,8 @@ def pretrain(cfg, source: WindowSource, out_dir: str | os.PathLike, *,
              "steps_per_epoch": steps_per_epoch, "total_steps": total,
              "world_size": info.world_size, "fsdp": sharded,
              # the imagery bands the source read, when it says (a distilled student reads them)
-             "bands": list(getattr(source, "bands", None) or []) or None}, indent=2) + "\n")
+             "bands": list(source.bands) if getattr(source, "bands", None) else None},
+            indent=2) + "\n")
     stop = total if max_steps is None else min(total, step + max_steps)
     views = _Views(source, method, cfg, cfg.seed)
     collate = _Collate(method, cfg, backbone.cfg.patch_size, info.rank)
